@@ -1,0 +1,89 @@
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::pb;
+use crate::features;
+use crate::pipeline::{self, Pipeline};
+
+pub struct RecommenderService {
+    pub pipeline: Arc<OnceLock<Arc<Pipeline>>>,
+}
+
+pub(crate) fn ready<T>(cell: &OnceLock<Arc<T>>) -> Result<Arc<T>, Status> {
+    cell.get().cloned().ok_or_else(|| Status::unavailable("node is loading its partitions; retry shortly"))
+}
+
+#[tonic::async_trait]
+impl pb::recommender_server::Recommender for RecommenderService {
+    async fn recommend(&self, req: Request<pb::RecommendRequest>) -> Result<Response<pb::RecommendResponse>, Status> {
+        let p = ready(&self.pipeline)?;
+        let serving = &p.cfg.serving;
+        let timeout = super::grpc_timeout(req.metadata())
+            .unwrap_or(Duration::from_millis(serving.default_deadline_ms))
+            .min(Duration::from_millis(serving.max_deadline_ms));
+        let r = req.into_inner();
+        let explain = r.explain;
+        let reply = p
+            .recommend(
+                pipeline::Request {
+                    user_id: r.user_id,
+                    surface: r.surface,
+                    k: r.k as usize,
+                    page_token: r.page_token,
+                    geo: r.context.map(|c| c.geo).unwrap_or_default(),
+                    explain,
+                },
+                timeout,
+            )
+            .await?;
+        let items = reply
+            .items
+            .into_iter()
+            .map(|(rank, s)| pb::RankedItem {
+                item_id: s.item.to_string(),
+                score: s.score,
+                rank,
+                sources: features::source_names(s.sources),
+                author_id: s.author.to_string(),
+                explanation: explain.then(|| pb::Explanation {
+                    stage1_score: s.stage1,
+                    heads: s.heads.into_iter().collect(),
+                    scored_by: s.scored_by.to_string(),
+                    defaulted_features: s.defaulted,
+                }),
+            })
+            .collect();
+        let c = reply.coverage;
+        Ok(Response::new(pb::RecommendResponse {
+            request_id: reply.request_id,
+            items,
+            next_page_token: reply.next_page_token,
+            coverage: Some(pb::Coverage {
+                stages: c
+                    .stages
+                    .into_iter()
+                    .map(|s| pb::StageCoverage {
+                        stage: s.stage.to_string(),
+                        partitions_asked: s.asked,
+                        partitions_answered: s.answered,
+                        missing_partitions: s.missing,
+                    })
+                    .collect(),
+                fallbacks: c.fallbacks.into_iter().map(String::from).collect(),
+                degraded: c.degraded,
+                filter_removed: c.filter_removed.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                generator_candidates: c.generator_candidates.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            }),
+            timings: reply
+                .timings
+                .into_iter()
+                .map(|(s, d)| pb::StageTiming { stage: s.to_string(), micros: d.as_micros() as u64 })
+                .collect(),
+            models: Some(pb::ModelVersions { stage1: reply.stage1_version, stage2: reply.stage2_version }),
+            diversity_relaxed: reply.diversity_relaxed,
+            from_page_cache: reply.from_page_cache,
+        }))
+    }
+}

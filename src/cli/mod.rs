@@ -1,0 +1,82 @@
+//! Client-side subcommands: load, recommend, status, bench, simulate, demo.
+pub mod bench;
+pub mod demo;
+pub mod load;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::pb;
+
+pub async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    let url = if addr.starts_with("http") { addr.to_string() } else { format!("http://{addr}") };
+    Endpoint::from_shared(url.clone())?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .initial_connection_window_size(Some(4 * 1024 * 1024))
+        .initial_stream_window_size(Some(2 * 1024 * 1024))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+/// Waits until the node's health check says SERVING, up to `limit`.
+pub async fn wait_serving(addr: &str, limit: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        if let Ok(ch) = connect(addr).await {
+            let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+            let r = h.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
+            if let Ok(r) = r {
+                if r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                    return Ok(());
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("node at {addr} not SERVING after {limit:?}");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+}
+
+pub fn print_recommendation(r: &pb::RecommendResponse) {
+    println!("request {}  models {:?}", r.request_id, r.models.as_ref().map(|m| (&m.stage1, &m.stage2)));
+    for it in &r.items {
+        let ex = it
+            .explanation
+            .as_ref()
+            .map(|e| {
+                let mut heads: Vec<_> = e.heads.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
+                heads.sort();
+                format!(" stage1={:.3} {} by={} defaulted={}", e.stage1_score, heads.join(" "), e.scored_by, e.defaulted_features)
+            })
+            .unwrap_or_default();
+        println!(
+            "  #{:<3} {:<8} author={:<7} score={:>8.4} sources={}{}",
+            it.rank,
+            it.item_id,
+            it.author_id,
+            it.score,
+            it.sources.join("+"),
+            ex
+        );
+    }
+    if let Some(c) = &r.coverage {
+        let mut gens: Vec<_> = c.generator_candidates.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        gens.sort();
+        let mut filt: Vec<_> = c.filter_removed.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        filt.sort();
+        println!("  candidates: {}  removed: {}", gens.join(" "), filt.join(" "));
+        println!("  degraded={} fallbacks={:?} diversity_relaxed={}", c.degraded, c.fallbacks, r.diversity_relaxed);
+    }
+    let t: Vec<_> = r.timings.iter().map(|t| format!("{}={:.2}ms", t.stage, t.micros as f64 / 1000.0)).collect();
+    println!("  timings: {}", t.join(" "));
+    if !r.next_page_token.is_empty() {
+        println!("  next_page_token: {}", r.next_page_token);
+    }
+}

@@ -1,0 +1,616 @@
+//! A feature partition: item rows and user profiles for the entities hashed to it, held in
+//! dense in-memory blocks (one `Vec` per column family, indexed by row number). Runs as a ractor
+//! actor; sled is the durable copy and is replayed into it on start.
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use fastbloom::BloomFilter;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::{ItemFeat, UserFeat};
+use crate::counters::{self, Window};
+use crate::ids::{key_of, Key};
+use crate::store::{Action, ItemRecord, UserRecord};
+
+/// Fixed item attributes before the embedding, in `attrs` row order.
+const A_PRICE: usize = 0;
+const A_QUALITY: usize = 1;
+const A_DURATION: usize = 2;
+const A_VIDEO: usize = 3;
+const A_TOPIC: usize = 4;
+const A_FIXED: usize = 5;
+
+const FLAG_DELETED: u8 = 1;
+const FLAG_IN_STOCK: u8 = 2;
+
+/// What filters and the ingest path need to know about an item.
+#[derive(Debug, Clone)]
+pub struct ItemBrief {
+    pub author_key: Key,
+    pub topic: u32,
+    pub deleted: bool,
+    pub in_stock: bool,
+    pub embedding: Arc<[f32]>,
+}
+
+/// Identity and cross-feature inputs of a fetched item.
+#[derive(Debug, Clone)]
+pub struct ItemMeta {
+    pub id: Arc<str>,
+    pub author: Arc<str>,
+    pub author_key: Key,
+    pub topic: u32,
+    pub geo_key: Key,
+    pub created_at: i64,
+    pub embedding: Arc<[f32]>,
+}
+
+/// Item-side feature values for a batch: `values` is row-major with one row per requested key.
+#[derive(Debug, Default)]
+pub struct ItemFeatureRows {
+    pub stride: usize,
+    pub values: Vec<f32>,
+    pub meta: Vec<Option<ItemMeta>>,
+}
+
+/// One engagement as it lands on the user's partition, with the item facts it needs.
+#[derive(Debug, Clone)]
+pub struct UserEvent {
+    pub user: Key,
+    pub user_id: String,
+    pub item: Key,
+    pub author_key: Key,
+    pub topic: u32,
+    pub embedding: Arc<[f32]>,
+    pub action: Action,
+    pub ts: i64,
+}
+
+/// Two rotating bloom filters: when the current one reaches capacity the older one is dropped,
+/// so memory per user is bounded and the oldest impressions are forgotten first.
+#[derive(Clone)]
+pub struct SeenFilter {
+    current: BloomFilter,
+    previous: Option<BloomFilter>,
+    inserted: usize,
+    capacity: usize,
+    fp: f64,
+}
+
+impl SeenFilter {
+    pub fn new(capacity: usize, fp: f64) -> Self {
+        Self { current: Self::fresh(capacity, fp), previous: None, inserted: 0, capacity, fp }
+    }
+    fn fresh(capacity: usize, fp: f64) -> BloomFilter {
+        BloomFilter::with_false_pos(fp).seed(&0x5eed).expected_items(capacity.max(16))
+    }
+    pub fn insert(&mut self, item: Key) {
+        if self.current.contains(&item) {
+            return;
+        }
+        if self.inserted >= self.capacity {
+            let full = std::mem::replace(&mut self.current, Self::fresh(self.capacity, self.fp));
+            self.previous = Some(full);
+            self.inserted = 0;
+        }
+        self.current.insert(&item);
+        self.inserted += 1;
+    }
+    pub fn contains(&self, item: Key) -> bool {
+        self.current.contains(&item) || self.previous.as_ref().is_some_and(|p| p.contains(&item))
+    }
+}
+
+pub struct UserState {
+    pub id: String,
+    pub geo: String,
+    pub signup_at: i64,
+    pub follows: Vec<Key>,
+    pub blocked: Vec<Key>,
+    pub recent_likes: VecDeque<Key>,
+    pub seen: SeenFilter,
+    pub topic_affinity: Vec<f32>,
+    pub emb_sum: Vec<f32>,
+    pub emb_weight: f32,
+    pub author_affinity: HashMap<Key, f32>,
+    pub counters: Vec<u32>,
+}
+
+/// A copy of what a request needs from the user's profile.
+#[derive(Clone)]
+pub struct UserSnapshot {
+    pub known: bool,
+    pub geo: String,
+    pub signup_at: i64,
+    pub follows: Vec<Key>,
+    pub blocked: Vec<Key>,
+    pub recent_likes: Vec<Key>,
+    pub seen: Option<SeenFilter>,
+    pub topic_affinity: Vec<f32>,
+    pub embedding: Vec<f32>,
+    pub author_affinity: HashMap<Key, f32>,
+    pub counters: Vec<u32>,
+}
+
+impl UserSnapshot {
+    pub fn unknown() -> Self {
+        Self {
+            known: false,
+            geo: String::new(),
+            signup_at: 0,
+            follows: vec![],
+            blocked: vec![],
+            recent_likes: vec![],
+            seen: None,
+            topic_affinity: vec![],
+            embedding: vec![],
+            author_affinity: HashMap::new(),
+            counters: vec![],
+        }
+    }
+
+    pub fn feature(&self, f: UserFeat, now: i64) -> Option<f32> {
+        if !self.known {
+            return None;
+        }
+        let count = |c: usize, w: Window| {
+            counters::sum(&self.counters[c * counters::WIDTH..(c + 1) * counters::WIDTH], now, w) as f32
+        };
+        Some(match f {
+            UserFeat::AgeDays => ((now - self.signup_at).max(0) as f32) / 86_400.0,
+            UserFeat::NumFollows => self.follows.len() as f32,
+            UserFeat::RecentLikes => self.recent_likes.len() as f32,
+            UserFeat::Count { counter, window } => count(counter, window),
+            UserFeat::Ctr7d => count(1, Window::Week) / (count(0, Window::Week) + 1.0),
+        })
+    }
+}
+
+/// Settings a partition needs, shared by all partitions of a node.
+#[derive(Debug, Clone)]
+pub struct ShardSettings {
+    pub emb_dim: usize,
+    pub topics: usize,
+    pub recent_likes: usize,
+    pub seen_capacity: usize,
+    pub seen_fp: f64,
+}
+
+pub struct FeatureShardState {
+    pub settings: ShardSettings,
+    index: HashMap<Key, u32>,
+    ids: Vec<Arc<str>>,
+    authors: Vec<Arc<str>>,
+    author_keys: Vec<Key>,
+    geo_keys: Vec<Key>,
+    created_at: Vec<i64>,
+    flags: Vec<u8>,
+    attrs: Vec<f32>,
+    embeddings: Vec<Arc<[f32]>>,
+    counters: Vec<u32>,
+    users: HashMap<Key, UserState>,
+}
+
+const ITEM_COUNTER_WIDTH: usize = Action::COUNTERS * counters::WIDTH;
+
+impl FeatureShardState {
+    pub fn new(settings: ShardSettings) -> Self {
+        Self {
+            settings,
+            index: HashMap::new(),
+            ids: vec![],
+            authors: vec![],
+            author_keys: vec![],
+            geo_keys: vec![],
+            created_at: vec![],
+            flags: vec![],
+            attrs: vec![],
+            embeddings: vec![],
+            counters: vec![],
+            users: HashMap::new(),
+        }
+    }
+
+    fn attr_width(&self) -> usize {
+        A_FIXED + self.settings.emb_dim
+    }
+
+    pub fn item_count(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn upsert_item(&mut self, it: &ItemRecord) {
+        let key = key_of(&it.id);
+        let w = self.attr_width();
+        let row = match self.index.get(&key) {
+            Some(&r) => r as usize,
+            None => {
+                let r = self.ids.len();
+                self.index.insert(key, r as u32);
+                self.ids.push(Arc::from(it.id.as_str()));
+                self.authors.push(Arc::from(""));
+                self.author_keys.push(0);
+                self.geo_keys.push(0);
+                self.created_at.push(0);
+                self.flags.push(0);
+                self.attrs.resize(self.attrs.len() + w, 0.0);
+                self.embeddings.push(Arc::from(Vec::new()));
+                self.counters.resize(self.counters.len() + ITEM_COUNTER_WIDTH, 0);
+                r
+            }
+        };
+        self.authors[row] = Arc::from(it.author.as_str());
+        self.author_keys[row] = key_of(&it.author);
+        self.geo_keys[row] = key_of(&it.geo);
+        self.created_at[row] = it.created_at;
+        self.flags[row] = (if it.deleted { FLAG_DELETED } else { 0 }) | (if it.in_stock { FLAG_IN_STOCK } else { 0 });
+        let a = &mut self.attrs[row * w..(row + 1) * w];
+        a[A_PRICE] = it.price;
+        a[A_QUALITY] = it.quality;
+        a[A_DURATION] = it.duration_secs;
+        a[A_VIDEO] = if it.is_video { 1.0 } else { 0.0 };
+        a[A_TOPIC] = it.topic as f32;
+        let mut emb = vec![0.0; self.settings.emb_dim];
+        for (d, v) in emb.iter_mut().zip(&it.embedding) {
+            *d = *v;
+        }
+        a[A_FIXED..].copy_from_slice(&emb);
+        self.embeddings[row] = Arc::from(emb);
+    }
+
+    /// Marks items deleted (rows stay so that late events and filters still resolve them).
+    pub fn delete_items(&mut self, keys: &[Key]) -> u32 {
+        let mut found = 0;
+        for k in keys {
+            if let Some(&r) = self.index.get(k) {
+                self.flags[r as usize] |= FLAG_DELETED;
+                found += 1;
+            }
+        }
+        found
+    }
+
+    pub fn upsert_user(&mut self, u: &UserRecord) {
+        let key = key_of(&u.id);
+        let s = self.settings.clone();
+        let state = self.users.entry(key).or_insert_with(|| new_user(&u.id, &s));
+        state.geo = u.geo.clone();
+        state.signup_at = u.signup_at;
+        state.follows = u.follows.iter().map(|a| key_of(a)).collect();
+        state.follows.sort_unstable();
+        state.follows.dedup();
+        state.blocked = u.blocked_authors.iter().map(|a| key_of(a)).collect();
+        state.blocked.sort_unstable();
+        state.blocked.dedup();
+    }
+
+    pub fn apply_item_event(&mut self, item: Key, action: Action, ts: i64) {
+        if let Some(&r) = self.index.get(&item) {
+            let base = r as usize * ITEM_COUNTER_WIDTH + action.counter() * counters::WIDTH;
+            counters::add(&mut self.counters[base..base + counters::WIDTH], ts, 1);
+        }
+    }
+
+    pub fn apply_user_event(&mut self, e: &UserEvent) {
+        let s = self.settings.clone();
+        let u = self.users.entry(e.user).or_insert_with(|| new_user(&e.user_id, &s));
+        let base = e.action.counter() * counters::WIDTH;
+        counters::add(&mut u.counters[base..base + counters::WIDTH], e.ts, 1);
+        let weight = match e.action {
+            Action::Impression => {
+                u.seen.insert(e.item);
+                return;
+            }
+            Action::Click => 1.0,
+            Action::Like => {
+                if !u.recent_likes.contains(&e.item) {
+                    u.recent_likes.push_front(e.item);
+                    u.recent_likes.truncate(s.recent_likes);
+                }
+                2.0
+            }
+            Action::Share => 3.0,
+            Action::Hide | Action::Report => -3.0,
+        };
+        if let Some(t) = u.topic_affinity.get_mut(e.topic as usize) {
+            *t += weight;
+        }
+        if weight > 0.0 {
+            for (d, v) in u.emb_sum.iter_mut().zip(e.embedding.iter()) {
+                *d += weight * v;
+            }
+            u.emb_weight += weight;
+        }
+        // Bounded per user: past the cap the weakest author is forgotten.
+        if u.author_affinity.len() >= 128 && !u.author_affinity.contains_key(&e.author_key) {
+            if let Some((&weakest, _)) =
+                u.author_affinity.iter().min_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            {
+                u.author_affinity.remove(&weakest);
+            }
+        }
+        *u.author_affinity.entry(e.author_key).or_insert(0.0) += weight;
+    }
+
+    pub fn recent_likes(&self, user: Key) -> Vec<Key> {
+        self.users.get(&user).map(|u| u.recent_likes.iter().copied().collect()).unwrap_or_default()
+    }
+
+    pub fn brief(&self, key: Key) -> Option<ItemBrief> {
+        let r = *self.index.get(&key)? as usize;
+        Some(ItemBrief {
+            author_key: self.author_keys[r],
+            topic: self.attrs[r * self.attr_width() + A_TOPIC] as u32,
+            deleted: self.flags[r] & FLAG_DELETED != 0,
+            in_stock: self.flags[r] & FLAG_IN_STOCK != 0,
+            embedding: self.embeddings[r].clone(),
+        })
+    }
+
+    pub fn snapshot(&self, user: Key) -> UserSnapshot {
+        let Some(u) = self.users.get(&user) else { return UserSnapshot::unknown() };
+        let embedding = if u.emb_weight > 0.0 {
+            u.emb_sum.iter().map(|v| v / u.emb_weight).collect()
+        } else {
+            vec![0.0; u.emb_sum.len()]
+        };
+        UserSnapshot {
+            known: true,
+            geo: u.geo.clone(),
+            signup_at: u.signup_at,
+            follows: u.follows.clone(),
+            blocked: u.blocked.clone(),
+            recent_likes: u.recent_likes.iter().copied().collect(),
+            seen: Some(u.seen.clone()),
+            topic_affinity: u.topic_affinity.clone(),
+            embedding,
+            author_affinity: u.author_affinity.clone(),
+            counters: u.counters.clone(),
+        }
+    }
+
+    /// Gathers the requested item features for a batch straight from the dense blocks.
+    pub fn item_features(&self, keys: &[Key], feats: &[ItemFeat], now: i64) -> ItemFeatureRows {
+        let stride = feats.len();
+        let w = self.attr_width();
+        let mut values = vec![0.0f32; keys.len() * stride];
+        let mut meta = Vec::with_capacity(keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            let Some(&r) = self.index.get(key) else {
+                meta.push(None);
+                continue;
+            };
+            let r = r as usize;
+            let attrs = &self.attrs[r * w..(r + 1) * w];
+            let ctr = &self.counters[r * ITEM_COUNTER_WIDTH..(r + 1) * ITEM_COUNTER_WIDTH];
+            let count = |c: usize, win: Window| {
+                counters::sum(&ctr[c * counters::WIDTH..(c + 1) * counters::WIDTH], now, win) as f32
+            };
+            let out = &mut values[i * stride..(i + 1) * stride];
+            for (o, f) in out.iter_mut().zip(feats) {
+                *o = match *f {
+                    ItemFeat::AgeHours => ((now - self.created_at[r]).max(0) as f32) / 3600.0,
+                    ItemFeat::Price => attrs[A_PRICE],
+                    ItemFeat::Quality => attrs[A_QUALITY],
+                    ItemFeat::DurationSecs => attrs[A_DURATION],
+                    ItemFeat::IsVideo => attrs[A_VIDEO],
+                    ItemFeat::Topic => attrs[A_TOPIC],
+                    ItemFeat::Emb(d) => attrs[A_FIXED + d],
+                    ItemFeat::Count { counter, window } => count(counter, window),
+                    ItemFeat::Rate { num, den, window } => count(num, window) / (count(den, window) + 1.0),
+                };
+            }
+            meta.push(Some(ItemMeta {
+                id: self.ids[r].clone(),
+                author: self.authors[r].clone(),
+                author_key: self.author_keys[r],
+                topic: attrs[A_TOPIC] as u32,
+                geo_key: self.geo_keys[r],
+                created_at: self.created_at[r],
+                embedding: self.embeddings[r].clone(),
+            }));
+        }
+        ItemFeatureRows { stride, values, meta }
+    }
+}
+
+fn new_user(id: &str, s: &ShardSettings) -> UserState {
+    UserState {
+        id: id.to_string(),
+        geo: String::new(),
+        signup_at: 0,
+        follows: vec![],
+        blocked: vec![],
+        recent_likes: VecDeque::with_capacity(s.recent_likes),
+        seen: SeenFilter::new(s.seen_capacity, s.seen_fp),
+        topic_affinity: vec![0.0; s.topics],
+        emb_sum: vec![0.0; s.emb_dim],
+        emb_weight: 0.0,
+        author_affinity: HashMap::new(),
+        counters: vec![0; Action::COUNTERS * counters::WIDTH],
+    }
+}
+
+pub enum FeatureMsg {
+    UpsertItems(Arc<Vec<ItemRecord>>, RpcReplyPort<()>),
+    DeleteItems(Vec<Key>, RpcReplyPort<u32>),
+    UpsertUsers(Arc<Vec<UserRecord>>, RpcReplyPort<()>),
+    ItemEvents(Vec<(Key, Action, i64)>, RpcReplyPort<()>),
+    UserEvents(Vec<UserEvent>, RpcReplyPort<()>),
+    Briefs(Vec<Key>, RpcReplyPort<Vec<Option<ItemBrief>>>),
+    RecentLikes(Vec<Key>, RpcReplyPort<Vec<Vec<Key>>>),
+    Profile(Key, RpcReplyPort<UserSnapshot>),
+    ItemFeatures { keys: Vec<Key>, feats: Arc<Vec<ItemFeat>>, now: i64, reply: RpcReplyPort<ItemFeatureRows> },
+    Counts(RpcReplyPort<(usize, usize)>),
+    /// Test hook for supervision: the handler panics, the supervisor restarts the partition.
+    Crash,
+}
+
+/// Arguments: the partition number and a loader that rebuilds the partition's state from the
+/// durable store (used at first start and after a crash restart).
+pub struct FeatureShardArgs {
+    pub partition: u32,
+    /// State built by the node's startup replay; None rebuilds this partition from the store.
+    pub initial: Option<FeatureShardState>,
+    pub load: Arc<dyn Fn(u32) -> FeatureShardState + Send + Sync>,
+}
+
+pub struct FeatureShard;
+
+impl Actor for FeatureShard {
+    type Msg = FeatureMsg;
+    type State = FeatureShardState;
+    type Arguments = FeatureShardArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        if let Some(state) = args.initial {
+            return Ok(state);
+        }
+        let load = args.load.clone();
+        let p = args.partition;
+        // The reload scans sled: blocking work, off the async workers.
+        Ok(tokio::task::spawn_blocking(move || load(p)).await?)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            FeatureMsg::UpsertItems(items, reply) => {
+                for it in items.iter() {
+                    st.upsert_item(it);
+                }
+                let _ = reply.send(());
+            }
+            FeatureMsg::DeleteItems(keys, reply) => {
+                let _ = reply.send(st.delete_items(&keys));
+            }
+            FeatureMsg::UpsertUsers(users, reply) => {
+                for u in users.iter() {
+                    st.upsert_user(u);
+                }
+                let _ = reply.send(());
+            }
+            FeatureMsg::ItemEvents(events, reply) => {
+                for (k, a, ts) in events {
+                    st.apply_item_event(k, a, ts);
+                }
+                let _ = reply.send(());
+            }
+            FeatureMsg::UserEvents(events, reply) => {
+                for e in &events {
+                    st.apply_user_event(e);
+                }
+                let _ = reply.send(());
+            }
+            FeatureMsg::Briefs(keys, reply) => {
+                let _ = reply.send(keys.iter().map(|k| st.brief(*k)).collect());
+            }
+            FeatureMsg::RecentLikes(users, reply) => {
+                let _ = reply.send(users.iter().map(|u| st.recent_likes(*u)).collect());
+            }
+            FeatureMsg::Profile(user, reply) => {
+                let _ = reply.send(st.snapshot(user));
+            }
+            FeatureMsg::ItemFeatures { keys, feats, now, reply } => {
+                let _ = reply.send(st.item_features(&keys, &feats, now));
+            }
+            FeatureMsg::Counts(reply) => {
+                let _ = reply.send((st.item_count(), st.user_count()));
+            }
+            FeatureMsg::Crash => panic!("crash requested for a supervision test"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ShardSettings {
+        ShardSettings { emb_dim: 4, topics: 3, recent_likes: 2, seen_capacity: 4, seen_fp: 0.01 }
+    }
+
+    fn item(id: &str) -> ItemRecord {
+        ItemRecord {
+            id: id.into(),
+            author: "a1".into(),
+            topic: 1,
+            geo: "us".into(),
+            price: 9.5,
+            quality: 0.5,
+            duration_secs: 30.0,
+            is_video: true,
+            in_stock: true,
+            created_at: 1000,
+            embedding: vec![1.0, 0.0, 0.0, 0.0],
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn item_features_come_from_dense_rows() {
+        let mut s = FeatureShardState::new(settings());
+        s.upsert_item(&item("i1"));
+        let k = key_of("i1");
+        s.apply_item_event(k, Action::Click, 5000);
+        s.apply_item_event(k, Action::Impression, 5000);
+        let feats = [
+            ItemFeat::Price,
+            ItemFeat::Emb(0),
+            ItemFeat::Count { counter: 1, window: Window::Hour },
+            ItemFeat::AgeHours,
+        ];
+        let rows = s.item_features(&[k, key_of("missing")], &feats, 4600);
+        assert_eq!(&rows.values[..4], &[9.5, 1.0, 1.0, 1.0]);
+        assert!(rows.meta[1].is_none());
+    }
+
+    #[test]
+    fn seen_filter_is_bounded_and_rotates() {
+        let mut f = SeenFilter::new(4, 0.01);
+        for i in 0..6u64 {
+            f.insert(i);
+        }
+        assert!(f.contains(5) && f.contains(3));
+        for i in 100..120u64 {
+            f.insert(i);
+        }
+        // The oldest generation was dropped.
+        assert!(!(0..4u64).all(|i| f.contains(i)));
+    }
+
+    #[test]
+    fn user_events_update_profile() {
+        let mut s = FeatureShardState::new(settings());
+        let ev = |item: &str, action| UserEvent {
+            user: key_of("u1"),
+            user_id: "u1".into(),
+            item: key_of(item),
+            author_key: key_of("a1"),
+            topic: 2,
+            embedding: Arc::from(vec![0.0, 1.0, 0.0, 0.0]),
+            action,
+            ts: 100,
+        };
+        for (i, a) in [("i1", Action::Impression), ("i1", Action::Like), ("i2", Action::Like), ("i3", Action::Like)] {
+            s.apply_user_event(&ev(i, a));
+        }
+        let snap = s.snapshot(key_of("u1"));
+        assert!(snap.seen.as_ref().unwrap().contains(key_of("i1")));
+        assert_eq!(snap.recent_likes, vec![key_of("i3"), key_of("i2")]);
+        assert_eq!(snap.topic_affinity[2], 6.0);
+        assert_eq!(snap.embedding[1], 1.0);
+    }
+}

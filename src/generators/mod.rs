@@ -1,0 +1,287 @@
+//! Candidate generators, partitioned by their index key. One generator partition holds three
+//! indexes for the keys hashed to it:
+//! - trending: per geo, a sliding event-time window (hourly ring) of weighted engagement per item;
+//! - follows: per author, the most recent items;
+//! - co-engagement: per item, the items most often liked by the same users (bounded neighbours).
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::counters::HourRing;
+use crate::ids::Key;
+use crate::store::Action;
+
+/// A candidate from one generator: item, source bit, and the generator's own score.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub item: Key,
+    pub source: u8,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone)]
+pub struct GeneratorSettings {
+    pub trending_window_hours: u32,
+    pub author_recent_items: usize,
+    pub coengagement_neighbors: usize,
+}
+
+/// Engagement weight of an action for trending; impressions count a little so that a brand-new
+/// world still has a ranking, negative feedback subtracts.
+pub fn trending_weight(a: Action) -> f32 {
+    match a {
+        Action::Impression => 0.1,
+        Action::Click => 1.0,
+        Action::Like => 2.0,
+        Action::Share => 3.0,
+        Action::Hide | Action::Report => -2.0,
+    }
+}
+
+#[derive(Default)]
+struct GeoTrending {
+    items: HashMap<Key, HourRing>,
+    top: Vec<Candidate>,
+    computed_at: Option<Instant>,
+    dirty: bool,
+}
+
+/// The ranked trending list is recomputed at most this often, so a write shows within a second.
+const TRENDING_REFRESH: Duration = Duration::from_millis(500);
+
+pub struct GeneratorState {
+    settings: GeneratorSettings,
+    trending: HashMap<Key, GeoTrending>,
+    authors: HashMap<Key, Vec<(i64, Key)>>,
+    coengaged: HashMap<Key, Vec<(Key, u32)>>,
+}
+
+impl GeneratorState {
+    pub fn new(settings: GeneratorSettings) -> Self {
+        Self { settings, trending: HashMap::new(), authors: HashMap::new(), coengaged: HashMap::new() }
+    }
+
+    pub fn add_engagement(&mut self, geo: Key, item: Key, action: Action, ts: i64) {
+        let g = self.trending.entry(geo).or_default();
+        g.items.entry(item).or_default().add(ts, trending_weight(action));
+        g.dirty = true;
+    }
+
+    pub fn add_author_item(&mut self, author: Key, item: Key, created_at: i64) {
+        let cap = self.settings.author_recent_items;
+        let list = self.authors.entry(author).or_default();
+        list.retain(|(_, i)| *i != item);
+        let pos = list.partition_point(|(t, _)| *t > created_at);
+        list.insert(pos, (created_at, item));
+        list.truncate(cap);
+    }
+
+    pub fn add_pair(&mut self, item: Key, other: Key) {
+        let cap = self.settings.coengagement_neighbors;
+        let list = self.coengaged.entry(item).or_default();
+        if let Some(e) = list.iter_mut().find(|(k, _)| *k == other) {
+            e.1 += 1;
+        } else if list.len() < cap {
+            list.push((other, 1));
+        } else if let Some(min) = list.iter_mut().min_by_key(|(_, c)| *c) {
+            // Space-saving style replacement keeps the list bounded while letting new pairs in.
+            *min = (other, min.1 + 1);
+        }
+    }
+
+    pub fn trending(&mut self, geo: Key, now: i64, limit: usize) -> Vec<Candidate> {
+        let hours = self.settings.trending_window_hours;
+        let Some(g) = self.trending.get_mut(&geo) else { return vec![] };
+        let stale = g.computed_at.is_none_or(|t| t.elapsed() >= TRENDING_REFRESH);
+        if (g.dirty && stale) || g.computed_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            let mut all: Vec<Candidate> = g
+                .items
+                .iter()
+                .filter_map(|(k, ring)| {
+                    let s = ring.sum(now, hours);
+                    (s > 0.0).then_some(Candidate { item: *k, source: crate::features::SRC_TRENDING, score: s })
+                })
+                .collect();
+            let keep = limit.max(1000).min(all.len());
+            if keep > 0 && keep < all.len() {
+                all.select_nth_unstable_by(keep - 1, |a, b| b.score.total_cmp(&a.score));
+                all.truncate(keep);
+            }
+            all.sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
+            // Items that left the window are dropped from the index to keep it bounded.
+            g.items.retain(|_, ring| ring.sum(now, 24) != 0.0);
+            g.top = all;
+            g.computed_at = Some(Instant::now());
+            g.dirty = false;
+        }
+        g.top.iter().take(limit).copied().collect()
+    }
+
+    pub fn author_items(&self, authors: &[Key], per_author: usize, now: i64) -> Vec<Candidate> {
+        let mut out = Vec::new();
+        for a in authors {
+            if let Some(list) = self.authors.get(a) {
+                for (created, item) in list.iter().take(per_author) {
+                    let age_h = ((now - created).max(0) as f32) / 3600.0;
+                    out.push(Candidate {
+                        item: *item,
+                        source: crate::features::SRC_FOLLOWS,
+                        score: 1.0 / (1.0 + age_h),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    pub fn coengaged(&self, seeds: &[Key], per_item: usize) -> Vec<Candidate> {
+        let mut out = Vec::new();
+        for s in seeds {
+            if let Some(list) = self.coengaged.get(s) {
+                let mut l = list.clone();
+                l.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+                out.extend(l.iter().take(per_item).map(|(k, c)| Candidate {
+                    item: *k,
+                    source: crate::features::SRC_COENGAGED,
+                    score: *c as f32,
+                }));
+            }
+        }
+        out
+    }
+}
+
+pub enum GeneratorMsg {
+    Engagement(Vec<(Key, Key, Action, i64)>, RpcReplyPort<()>),
+    AuthorItems(Vec<(Key, Key, i64)>, RpcReplyPort<()>),
+    Pairs(Vec<(Key, Key)>, RpcReplyPort<()>),
+    Retrieve(Arc<RetrieveQuery>, RpcReplyPort<Vec<Candidate>>),
+    Crash,
+}
+
+/// What one generator partition is asked for: only the keys it owns.
+#[derive(Debug, Clone, Default)]
+pub struct RetrieveQuery {
+    pub now: i64,
+    pub trending_geos: Vec<Key>,
+    pub trending_limit: usize,
+    pub authors: Vec<Key>,
+    pub per_author: usize,
+    pub seeds: Vec<Key>,
+    pub per_seed: usize,
+}
+
+pub struct GeneratorArgs {
+    pub partition: u32,
+    /// State built by the node's startup replay; None rebuilds this partition from the store.
+    pub initial: Option<GeneratorState>,
+    pub load: Arc<dyn Fn(u32) -> GeneratorState + Send + Sync>,
+}
+
+pub struct GeneratorShard;
+
+impl Actor for GeneratorShard {
+    type Msg = GeneratorMsg;
+    type State = GeneratorState;
+    type Arguments = GeneratorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        if let Some(state) = args.initial {
+            return Ok(state);
+        }
+        let load = args.load.clone();
+        let p = args.partition;
+        Ok(tokio::task::spawn_blocking(move || load(p)).await?)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            GeneratorMsg::Engagement(evs, reply) => {
+                for (geo, item, a, ts) in evs {
+                    st.add_engagement(geo, item, a, ts);
+                }
+                let _ = reply.send(());
+            }
+            GeneratorMsg::AuthorItems(items, reply) => {
+                for (author, item, created) in items {
+                    st.add_author_item(author, item, created);
+                }
+                let _ = reply.send(());
+            }
+            GeneratorMsg::Pairs(pairs, reply) => {
+                for (a, b) in pairs {
+                    st.add_pair(a, b);
+                }
+                let _ = reply.send(());
+            }
+            GeneratorMsg::Retrieve(q, reply) => {
+                let mut out = Vec::new();
+                for g in &q.trending_geos {
+                    out.extend(st.trending(*g, q.now, q.trending_limit));
+                }
+                out.extend(st.author_items(&q.authors, q.per_author, q.now));
+                out.extend(st.coengaged(&q.seeds, q.per_seed));
+                let _ = reply.send(out);
+            }
+            GeneratorMsg::Crash => panic!("crash requested for a supervision test"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st() -> GeneratorState {
+        GeneratorState::new(GeneratorSettings {
+            trending_window_hours: 24,
+            author_recent_items: 3,
+            coengagement_neighbors: 2,
+        })
+    }
+
+    #[test]
+    fn trending_is_windowed() {
+        let mut g = st();
+        let now = 1_700_000_000;
+        g.add_engagement(1, 10, Action::Like, now - 48 * 3600); // outside the 24h window
+        g.add_engagement(1, 11, Action::Click, now - 60);
+        let t = g.trending(1, now, 10);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].item, 11);
+    }
+
+    #[test]
+    fn author_lists_are_recent_first_and_bounded() {
+        let mut g = st();
+        for (i, t) in [(1, 10), (2, 30), (3, 20), (4, 40)] {
+            g.add_author_item(7, i, t);
+        }
+        let items: Vec<_> = g.author_items(&[7], 10, 50).iter().map(|c| c.item).collect();
+        assert_eq!(items, vec![4, 2, 3]);
+    }
+
+    #[test]
+    fn coengagement_neighbours_are_bounded() {
+        let mut g = st();
+        g.add_pair(1, 2);
+        g.add_pair(1, 2);
+        g.add_pair(1, 3);
+        g.add_pair(1, 4); // replaces the weakest (3)
+        let c = g.coengaged(&[1], 10);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].item, 2);
+    }
+}

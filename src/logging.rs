@@ -1,0 +1,95 @@
+//! Feature logging, off the hot path: the served rows (exact feature vector, scores, model
+//! version, position) and the ingested events go through a bounded queue to a writer thread that
+//! appends JSON lines under `<data_dir>/logs/`. Training joins the two (see `training/`).
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct ServedRow {
+    pub request_id: String,
+    pub user_id: String,
+    pub item_id: String,
+    pub position: u32,
+    pub served_at_ms: i64,
+    pub surface: String,
+    pub stage1_version: String,
+    pub stage2_version: String,
+    pub score: f32,
+    pub stage1_score: f32,
+    pub scored_by: String,
+    pub sources: u8,
+    pub features: Vec<f32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventRow {
+    pub event_id: String,
+    pub user_id: String,
+    pub item_id: String,
+    pub action: &'static str,
+    pub event_time_ms: i64,
+    pub request_id: String,
+}
+
+pub enum LogLine {
+    Served(ServedRow),
+    Event(EventRow),
+}
+
+#[derive(Clone)]
+pub struct FeatureLogger {
+    tx: SyncSender<LogLine>,
+}
+
+impl FeatureLogger {
+    /// Starts the writer thread; writes the feature schema once so rows can stay arrays.
+    pub fn start(dir: &Path, feature_names: &[String]) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("feature_schema.json"), serde_json::to_vec_pretty(feature_names)?)?;
+        let (tx, rx) = sync_channel::<LogLine>(8192);
+        let dir: PathBuf = dir.to_path_buf();
+        let open = |name: &str| {
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).map(std::io::BufWriter::new)
+        };
+        let mut served = open("served.jsonl")?;
+        let mut events = open("events.jsonl")?;
+        std::thread::Builder::new().name("feature-log".into()).spawn(move || {
+            loop {
+                // Block for one line, then drain what is queued before flushing.
+                let Ok(first) = rx.recv() else { break };
+                let mut next = Some(first);
+                while let Some(line) = next {
+                    let r = match line {
+                        LogLine::Served(r) => write_line(&mut served, &r),
+                        LogLine::Event(r) => write_line(&mut events, &r),
+                    };
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "feature log write failed");
+                    }
+                    next = rx.try_recv().ok();
+                }
+                let _ = served.flush();
+                let _ = events.flush();
+            }
+        })?;
+        Ok(Self { tx })
+    }
+
+    /// Never blocks the request: when the queue is full the line is dropped and counted.
+    pub fn log(&self, line: LogLine) {
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                metrics::counter!("recsys_feature_log_dropped_total").increment(1);
+            }
+        }
+    }
+}
+
+fn write_line<W: Write, T: Serialize>(w: &mut W, row: &T) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *w, row)?;
+    w.write_all(b"\n")
+}

@@ -1,0 +1,271 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use recsys::api::pb;
+use recsys::cli;
+use recsys::config::Config;
+
+#[derive(Parser)]
+#[command(name = "recsys", version, about = "A recommendation serving cluster")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node: gRPC API, partition actors, scorers.
+    Node {
+        #[arg(long, default_value = "config/node.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        node_id: Option<String>,
+        #[arg(long)]
+        listen: Option<String>,
+        /// Comma-separated seed addresses of other nodes.
+        #[arg(long, value_delimiter = ',')]
+        seeds: Vec<String>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        #[arg(long)]
+        models_dir: Option<PathBuf>,
+    },
+    /// The main job: start a node, load a synthetic world, show recommendations, keep serving.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: String,
+        #[arg(long, default_value = "data/demo")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "config/node.toml")]
+        config: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:9400")]
+        metrics_listen: String,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value_t = 100_000)]
+        items: usize,
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Stop after the summary instead of serving until interrupted.
+        #[arg(long)]
+        exit: bool,
+    },
+    /// Load a synthetic world (or JSON-lines files) through the Ingest API.
+    Load {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: String,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value_t = 100_000)]
+        items: usize,
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        #[arg(long, default_value_t = 5000)]
+        batch: usize,
+        /// JSON-lines items file instead of the synthetic world.
+        #[arg(long)]
+        items_file: Option<PathBuf>,
+        #[arg(long)]
+        users_file: Option<PathBuf>,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Ask a node for recommendations.
+    Recommend {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 10)]
+        k: u32,
+        #[arg(long, default_value = "home")]
+        surface: String,
+        #[arg(long, default_value = "")]
+        geo: String,
+        #[arg(long, default_value = "")]
+        page_token: String,
+        #[arg(long)]
+        explain: bool,
+        #[arg(long)]
+        deadline_ms: Option<u64>,
+    },
+    /// Cluster status: nodes, partitions, ring epoch, data counts.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: String,
+    },
+    /// Load generator: closed loop at a concurrency, or open loop at a fixed rate.
+    Bench {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: String,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Requests per second (open loop); omit for closed loop at --concurrency.
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        #[arg(long, default_value_t = 60)]
+        max_seconds: u64,
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        #[arg(long, default_value_t = 10)]
+        k: u32,
+        #[arg(long, default_value_t = 250)]
+        deadline_ms: u64,
+        #[arg(long, default_value_t = 50)]
+        warmup: usize,
+    },
+    /// Simulated users consume recommendations and emit events (for training data).
+    Simulate {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: String,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value_t = 100_000)]
+        items: usize,
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        #[arg(long, default_value_t = 5000)]
+        requests: usize,
+        #[arg(long, default_value_t = 10)]
+        k: u32,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn,sled=warn,h2=warn,tower=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Node { config, node_id, listen, seeds, data_dir, metrics_listen, models_dir } => {
+            init_tracing();
+            let mut cfg = Config::load(&config)?;
+            if let Some(v) = node_id {
+                cfg.node.node_id = v;
+            }
+            if let Some(v) = listen {
+                cfg.node.listen = v;
+            }
+            if !seeds.is_empty() {
+                cfg.node.seeds = seeds;
+            }
+            if let Some(v) = data_dir {
+                cfg.node.data_dir = v;
+            }
+            if let Some(v) = metrics_listen {
+                cfg.node.metrics_listen = Some(v);
+            }
+            if let Some(v) = models_dir {
+                cfg.scoring.models_dir = v;
+            }
+            cfg.validate()?;
+            recsys::node::run(cfg).await?;
+        }
+        Cmd::Demo { listen, data_dir, config, metrics_listen, seed, items, users, events, exit } => {
+            cli::demo::run(cli::demo::DemoSpec {
+                listen,
+                data_dir,
+                config,
+                metrics_listen,
+                seed,
+                items,
+                users,
+                events,
+                exit_after: exit,
+            })
+            .await?;
+        }
+        Cmd::Load { addr, seed, items, users, events, batch, items_file, users_file, quiet } => {
+            let ch = cli::connect(&addr).await?;
+            let s = if items_file.is_some() || users_file.is_some() {
+                cli::load::load_files(ch, items_file.as_deref(), users_file.as_deref(), batch).await?
+            } else {
+                let world = Arc::new(recsys::world::World::generate(cli::load::synthetic_spec(seed, items, users, events)));
+                cli::load::load_world(ch, world, batch, quiet).await?
+            };
+            println!(
+                "loaded {} items, {} users, {} events ({} duplicates, {} rejected) in {:.1}s",
+                s.items, s.users, s.events, s.duplicates, s.rejected, s.seconds
+            );
+        }
+        Cmd::Recommend { addr, user, k, surface, geo, page_token, explain, deadline_ms } => {
+            let ch = cli::connect(&addr).await?;
+            let mut c = pb::recommender_client::RecommenderClient::new(ch);
+            let mut req = tonic::Request::new(pb::RecommendRequest {
+                user_id: user,
+                surface,
+                k,
+                page_token,
+                context: Some(pb::RequestContext { geo }),
+                explain,
+            });
+            if let Some(ms) = deadline_ms {
+                req.set_timeout(Duration::from_millis(ms));
+            }
+            match c.recommend(req).await {
+                Ok(r) => cli::print_recommendation(&r.into_inner()),
+                Err(s) => anyhow::bail!("{:?}: {}", s.code(), s.message()),
+            }
+        }
+        Cmd::Status { addr } => {
+            let ch = cli::connect(&addr).await?;
+            let s = pb::admin_client::AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
+            println!(
+                "ring epoch {} digest {}  partitions/role {}  replication {}",
+                s.ring_epoch, s.ring_digest, s.partitions_per_role, s.replication_factor
+            );
+            for n in &s.nodes {
+                println!(
+                    "  {:<10} {:<22} {:<8} generator partitions {:>4}  feature partitions {:>4}  scorers {}",
+                    n.node_id, n.address, n.state, n.generator_partitions, n.feature_partitions, n.scorers
+                );
+            }
+            println!("data: {} items, {} users, {} events", s.items, s.users, s.events);
+            println!("models: {:?}", s.models.map(|m| (m.stage1, m.stage2)));
+        }
+        Cmd::Bench { addr, concurrency, rate, requests, max_seconds, users, k, deadline_ms, warmup } => {
+            let r = cli::bench::run(cli::bench::BenchSpec {
+                addr,
+                concurrency,
+                rate,
+                requests,
+                max_duration: Duration::from_secs(max_seconds),
+                users,
+                k,
+                deadline_ms,
+                warmup,
+            })
+            .await?;
+            print!("{}", r.text);
+        }
+        Cmd::Simulate { addr, seed, items, users, requests, k } => {
+            let r = cli::demo::simulate(cli::demo::SimSpec { addr, seed, items, users, requests, k })
+                .await
+                .context("simulate")?;
+            println!(
+                "simulated {} requests: {} impressions, {} clicks (CTR {:.4}), {} likes",
+                r.requests,
+                r.impressions,
+                r.clicks,
+                r.clicks as f64 / r.impressions.max(1) as f64,
+                r.likes
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,740 @@
+//! The request coordinator: one task per Recommend call runs the five serving stages, each with
+//! its share of the deadline, fanning out to partitions through the router. A partition or
+//! scorer that misses its share is recorded in coverage and the request degrades, not fails.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use crate::cluster::Router;
+use crate::config::Config;
+use crate::features::shard::{FeatureMsg, ItemBrief, ItemFeatureRows, ItemMeta, UserSnapshot};
+use crate::features::{self, CrossFeat, FeatureKind, FeaturePlan};
+use crate::generators::{Candidate, GeneratorMsg, RetrieveQuery};
+use crate::ids::{self, key_of, partition_of, Key};
+use crate::ingest::GLOBAL_GEO;
+use crate::logging::{FeatureLogger, LogLine, ServedRow};
+use crate::ranking::{self, PageCache, RankedList, Scored, TokenError};
+use crate::scoring::{ScorerPool, Stage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("deadline exceeded before {stage} could start")]
+    DeadlineExceeded { stage: &'static str },
+    #[error("too many requests in flight (limit {0})")]
+    Overloaded(usize),
+}
+
+pub struct Request {
+    pub user_id: String,
+    pub surface: String,
+    pub k: usize,
+    pub page_token: String,
+    pub geo: String,
+    pub explain: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct StageCoverage {
+    pub stage: &'static str,
+    pub asked: u32,
+    pub answered: u32,
+    pub missing: Vec<u32>,
+}
+
+#[derive(Debug, Default)]
+pub struct Coverage {
+    pub stages: Vec<StageCoverage>,
+    pub fallbacks: Vec<&'static str>,
+    pub degraded: bool,
+    pub filter_removed: Vec<(&'static str, u32)>,
+    pub generator_candidates: Vec<(&'static str, u32)>,
+}
+
+impl Coverage {
+    fn fallback(&mut self, f: &'static str) {
+        if !self.fallbacks.contains(&f) {
+            self.fallbacks.push(f);
+            metrics::counter!("recsys_fallbacks_total", "fallback" => f).increment(1);
+        }
+    }
+}
+
+pub struct Reply {
+    pub request_id: String,
+    pub items: Vec<(u32, Scored)>,
+    pub next_page_token: String,
+    pub coverage: Coverage,
+    pub timings: Vec<(&'static str, Duration)>,
+    pub stage1_version: String,
+    pub stage2_version: String,
+    pub diversity_relaxed: bool,
+    pub from_page_cache: bool,
+}
+
+pub struct Pipeline {
+    pub cfg: Arc<Config>,
+    pub plan: Arc<FeaturePlan>,
+    pub router: Arc<Router>,
+    pub scorers: Arc<ScorerPool>,
+    pub pages: PageCache,
+    pub logger: Option<FeatureLogger>,
+    pub inflight: tokio::sync::Semaphore,
+    /// Feature rows of each cached ranked list, so later pages can be logged too.
+    pub served_features: dashmap::DashMap<String, Arc<Vec<Vec<f32>>>>,
+}
+
+/// Per-stage deadlines: each stage may run until its cumulative share of the budget.
+struct Budget {
+    start: Instant,
+    total: Duration,
+    shares: [f64; 6],
+}
+
+impl Budget {
+    fn until(&self, stage: usize) -> Instant {
+        let cum: f64 = self.shares[..=stage].iter().sum();
+        self.start + self.total.mul_f64(cum.min(1.0))
+    }
+    fn left(&self, stage: usize) -> Duration {
+        self.until(stage).saturating_duration_since(Instant::now())
+    }
+    fn end(&self) -> Instant {
+        self.start + self.total
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn new_request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn record_stage(timings: &mut Vec<(&'static str, Duration)>, stage: &'static str, t: Instant) {
+    let el = t.elapsed();
+    metrics::histogram!("recsys_stage_seconds", "stage" => stage).record(el.as_secs_f64());
+    timings.push((stage, el));
+}
+
+impl Pipeline {
+    pub fn validate(&self, r: &Request) -> Result<(), PipelineError> {
+        let bad = |m: String| Err(PipelineError::InvalidArgument(m));
+        if r.user_id.trim().is_empty() {
+            return bad("user_id: must not be empty".into());
+        }
+        if r.user_id.len() > 256 {
+            return bad("user_id: longer than 256 bytes".into());
+        }
+        if r.k == 0 {
+            return bad("k: must be at least 1".into());
+        }
+        if r.k > self.cfg.serving.max_k as usize {
+            return bad(format!("k: {} is above the maximum of {}", r.k, self.cfg.serving.max_k));
+        }
+        if !self.cfg.serving.surfaces.iter().any(|s| *s == r.surface) {
+            return bad(format!("surface: unknown surface `{}` (known: {})", r.surface, self.cfg.serving.surfaces.join(", ")));
+        }
+        Ok(())
+    }
+
+    pub async fn recommend(&self, r: Request, timeout: Duration) -> Result<Reply, PipelineError> {
+        self.validate(&r)?;
+        let _permit = self
+            .inflight
+            .try_acquire()
+            .map_err(|_| PipelineError::Overloaded(self.cfg.serving.max_in_flight))?;
+        if !r.page_token.is_empty() {
+            return self.next_page(&r);
+        }
+        let rid = new_request_id();
+        let span = tracing::info_span!("recommend", request_id = %rid, user = %r.user_id);
+        let res = self.run(rid, r, timeout).instrument(span).await;
+        metrics::counter!("recsys_requests_total", "outcome" => if res.is_ok() { "ok" } else { "error" }).increment(1);
+        res
+    }
+
+    fn next_page(&self, r: &Request) -> Result<Reply, PipelineError> {
+        let (rid, offset) = ranking::parse_token(&r.page_token, &r.user_id).map_err(|e| match e {
+            TokenError::Expired => PipelineError::NotFound(format!("page_token: {e}")),
+            _ => PipelineError::InvalidArgument(format!("page_token: {e}")),
+        })?;
+        let list = self.pages.get(&rid).ok_or_else(|| {
+            PipelineError::NotFound("page_token: expired or unknown to this node; request the first page again".into())
+        })?;
+        if list.user != r.user_id {
+            return Err(PipelineError::InvalidArgument("page_token: belongs to another user".into()));
+        }
+        let t = Instant::now();
+        let end = (offset + r.k).min(list.items.len());
+        let items: Vec<(u32, Scored)> =
+            list.items.get(offset..end).unwrap_or(&[]).iter().enumerate().map(|(i, s)| ((offset + i + 1) as u32, s.clone())).collect();
+        let next = if end < list.items.len() { ranking::make_token(&rid, end, &r.user_id) } else { String::new() };
+        self.log_served(&list, &r.surface, offset, end);
+        Ok(Reply {
+            request_id: rid,
+            items,
+            next_page_token: next,
+            coverage: Coverage::default(),
+            timings: vec![("page_cache", t.elapsed())],
+            stage1_version: list.stage1_version.clone(),
+            stage2_version: list.stage2_version.clone(),
+            diversity_relaxed: list.diversity_relaxed,
+            from_page_cache: true,
+        })
+    }
+
+    async fn run(&self, rid: String, r: Request, timeout: Duration) -> Result<Reply, PipelineError> {
+        let s = &self.cfg.serving.stage_share;
+        let budget = Budget {
+            start: Instant::now(),
+            total: timeout,
+            shares: [s.profile, s.retrieval, s.filtering, s.features, s.scoring, s.ranking],
+        };
+        let mut cov = Coverage::default();
+        let mut timings = Vec::with_capacity(7);
+        let parts = self.router.partitions();
+        let now = now_secs();
+
+        // 0. profile
+        let t = Instant::now();
+        let user_key = key_of(&r.user_id);
+        let up = partition_of(ids::USER, user_key, parts);
+        let profile = match self.router.feature(up, budget.left(0), move |rp| FeatureMsg::Profile(user_key, rp)).await {
+            Ok(p) => {
+                cov.stages.push(StageCoverage { stage: "profile", asked: 1, answered: 1, missing: vec![] });
+                p
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "profile partition missing");
+                cov.degraded = true;
+                cov.fallback("profile_missing");
+                cov.stages.push(StageCoverage { stage: "profile", asked: 1, answered: 0, missing: vec![up] });
+                UserSnapshot::unknown()
+            }
+        };
+        if !profile.known {
+            cov.fallback("cold_start");
+        }
+        record_stage(&mut timings, "profile", t);
+
+        // 1. retrieval
+        let t = Instant::now();
+        let candidates = self
+            .retrieve(&r, &profile, now, budget.left(1), &mut cov)
+            .instrument(tracing::info_span!("retrieval"))
+            .await;
+        record_stage(&mut timings, "retrieval", t);
+
+        // 2. filtering
+        let t = Instant::now();
+        let (candidates, _briefs) = self
+            .filter(candidates, &profile, budget.left(2), &mut cov)
+            .instrument(tracing::info_span!("filtering"))
+            .await;
+        record_stage(&mut timings, "filtering", t);
+
+        // 3. features
+        let t = Instant::now();
+        if Instant::now() >= budget.end() {
+            return Err(PipelineError::DeadlineExceeded { stage: "features" });
+        }
+        let (rows, metas, defaulted) = self
+            .extract(&candidates, &profile, &r, now, budget.left(3), &mut cov)
+            .instrument(tracing::info_span!("features"))
+            .await;
+        record_stage(&mut timings, "features", t);
+
+        // 4. scoring
+        let t = Instant::now();
+        let scored = self
+            .score(&candidates, &rows, &metas, &defaulted, budget.left(4), &mut cov)
+            .instrument(tracing::info_span!("scoring"))
+            .await;
+        record_stage(&mut timings, "scoring", t);
+
+        // 5. ranking
+        let t = Instant::now();
+        let (ranked, relaxed, kept_rows) = self
+            .rank(scored, &rows, budget.left(5).max(Duration::from_millis(2)), &mut cov)
+            .instrument(tracing::info_span!("ranking"))
+            .await;
+        record_stage(&mut timings, "ranking", t);
+
+        let manifest = self.scorers.manifest.as_ref();
+        let (v1, v2) = match manifest {
+            Some(m) => (format!("{}/stage1", m.version), format!("{}/stage2", m.version)),
+            None => (String::new(), String::new()),
+        };
+        let list = Arc::new(RankedList {
+            request_id: rid.clone(),
+            user: r.user_id.clone(),
+            items: ranked,
+            diversity_relaxed: relaxed,
+            stage1_version: v1.clone(),
+            stage2_version: v2.clone(),
+            created: Instant::now(),
+        });
+        let end = r.k.min(list.items.len());
+        let items = list.items[..end].iter().enumerate().map(|(i, s)| ((i + 1) as u32, s.clone())).collect();
+        let next = if end < list.items.len() { ranking::make_token(&rid, end, &r.user_id) } else { String::new() };
+        if !next.is_empty() {
+            self.pages.insert(list.clone());
+        }
+        self.served_features.insert(rid.clone(), Arc::new(kept_rows));
+        self.log_served(&list, &r.surface, 0, end);
+        if next.is_empty() {
+            self.served_features.remove(&rid);
+        }
+        Ok(Reply {
+            request_id: rid,
+            items,
+            next_page_token: next,
+            coverage: cov,
+            timings,
+            stage1_version: v1,
+            stage2_version: v2,
+            diversity_relaxed: relaxed,
+            from_page_cache: false,
+        })
+    }
+
+    async fn retrieve(&self, r: &Request, profile: &UserSnapshot, now: i64, left: Duration, cov: &mut Coverage) -> Vec<Candidate> {
+        let rc = &self.cfg.retrieval;
+        let parts = self.router.partitions();
+        let mut queries: HashMap<u32, RetrieveQuery> = HashMap::new();
+        let base = RetrieveQuery {
+            now,
+            trending_limit: rc.trending_limit,
+            per_author: rc.follows_per_author,
+            per_seed: rc.coengaged_per_item,
+            ..Default::default()
+        };
+        fn q<'a>(m: &'a mut HashMap<u32, RetrieveQuery>, base: &RetrieveQuery, p: u32) -> &'a mut RetrieveQuery {
+            m.entry(p).or_insert_with(|| base.clone())
+        }
+        let geo = if !r.geo.is_empty() { r.geo.clone() } else { profile.geo.clone() };
+        let mut geos = vec![key_of(GLOBAL_GEO)];
+        if !geo.is_empty() && geo != GLOBAL_GEO {
+            geos.push(key_of(&geo));
+        }
+        for g in geos {
+            q(&mut queries, &base, partition_of(ids::GEO, g, parts)).trending_geos.push(g);
+        }
+        for a in &profile.follows {
+            q(&mut queries, &base, partition_of(ids::AUTHOR, *a, parts)).authors.push(*a);
+        }
+        for s in &profile.recent_likes {
+            q(&mut queries, &base, partition_of(ids::COENGAGED, *s, parts)).seeds.push(*s);
+        }
+        let asked = queries.len() as u32;
+        let calls = queries.into_iter().map(|(p, q)| {
+            let q = Arc::new(q);
+            async move { (p, self.router.generator(p, left, move |rp| GeneratorMsg::Retrieve(q, rp)).await) }
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut st = StageCoverage { stage: "retrieval", asked, ..Default::default() };
+        // Per generator, keep its best candidates up to its limit, then union with source tags.
+        let mut per_gen: [Vec<Candidate>; 3] = Default::default();
+        for (p, res) in results {
+            match res {
+                Ok(cands) => {
+                    st.answered += 1;
+                    for c in cands {
+                        let g = match c.source {
+                            features::SRC_TRENDING => 0,
+                            features::SRC_FOLLOWS => 1,
+                            _ => 2,
+                        };
+                        per_gen[g].push(c);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "generator partition missing");
+                    metrics::counter!("recsys_partition_misses_total", "stage" => "retrieval").increment(1);
+                    st.missing.push(p);
+                    cov.degraded = true;
+                }
+            }
+        }
+        cov.stages.push(st);
+        let limits = [rc.trending_limit, rc.follows_limit, rc.coengaged_limit];
+        let names = ["trending", "follows", "coengaged"];
+        let mut merged: HashMap<Key, Candidate> = HashMap::new();
+        for (g, mut list) in per_gen.into_iter().enumerate() {
+            list.sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
+            // The same item may come from two seeds of one generator: keep it once.
+            let mut seen = std::collections::HashSet::new();
+            list.retain(|c| seen.insert(c.item));
+            list.truncate(limits[g]);
+            metrics::counter!("recsys_generator_candidates_total", "generator" => names[g]).increment(list.len() as u64);
+            cov.generator_candidates.push((names[g], list.len() as u32));
+            for c in list {
+                merged
+                    .entry(c.item)
+                    .and_modify(|m| {
+                        m.source |= c.source;
+                        m.score = m.score.max(c.score);
+                    })
+                    .or_insert(c);
+            }
+        }
+        let mut out: Vec<Candidate> = merged.into_values().collect();
+        out.sort_unstable_by_key(|c| c.item);
+        out
+    }
+
+    /// Looks up item state (deleted, stock, author) in the owning feature partitions.
+    async fn briefs(&self, keys: &[Key], left: Duration, stage: &'static str, cov: &mut Coverage) -> HashMap<Key, ItemBrief> {
+        let parts = self.router.partitions();
+        let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
+        for k in keys {
+            by_part.entry(partition_of(ids::ITEM, *k, parts)).or_default().push(*k);
+        }
+        let asked = by_part.len() as u32;
+        let calls = by_part.into_iter().map(|(p, ks)| async move {
+            let ks2 = ks.clone();
+            (p, ks, self.router.feature(p, left, move |rp| FeatureMsg::Briefs(ks2, rp)).await)
+        });
+        let mut st = StageCoverage { stage, asked, ..Default::default() };
+        let mut out = HashMap::with_capacity(keys.len());
+        for (p, ks, res) in futures::future::join_all(calls).await {
+            match res {
+                Ok(bs) => {
+                    st.answered += 1;
+                    out.extend(ks.into_iter().zip(bs).filter_map(|(k, b)| b.map(|b| (k, b))));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "feature partition missing in {stage}");
+                    metrics::counter!("recsys_partition_misses_total", "stage" => stage).increment(1);
+                    st.missing.push(p);
+                    cov.degraded = true;
+                }
+            }
+        }
+        cov.stages.push(st);
+        out
+    }
+
+    async fn filter(&self, cands: Vec<Candidate>, profile: &UserSnapshot, left: Duration, cov: &mut Coverage) -> (Vec<Candidate>, HashMap<Key, ItemBrief>) {
+        let mut removed = [0u32; 5];
+        // Seen: the user's bloom filter, fed by impression events.
+        let cands: Vec<Candidate> = match &profile.seen {
+            Some(seen) => cands
+                .into_iter()
+                .filter(|c| {
+                    let s = seen.contains(c.item);
+                    removed[0] += u32::from(s);
+                    !s
+                })
+                .collect(),
+            None => cands,
+        };
+        let keys: Vec<Key> = cands.iter().map(|c| c.item).collect();
+        let briefs = self.briefs(&keys, left, "filtering", cov).await;
+        let kept: Vec<Candidate> = cands
+            .into_iter()
+            .filter(|c| {
+                let Some(b) = briefs.get(&c.item) else {
+                    // Unverifiable (unknown item or its partition missing): never shown.
+                    removed[4] += 1;
+                    return false;
+                };
+                let why = if b.deleted {
+                    Some(1)
+                } else if !b.in_stock {
+                    Some(2)
+                } else if profile.blocked.binary_search(&b.author_key).is_ok() {
+                    Some(3)
+                } else {
+                    None
+                };
+                if let Some(w) = why {
+                    removed[w] += 1;
+                }
+                why.is_none()
+            })
+            .collect();
+        for (name, n) in ["seen", "deleted", "out_of_stock", "blocked_author", "unverified"].into_iter().zip(removed) {
+            metrics::counter!("recsys_filter_removed_total", "filter" => name).increment(u64::from(n));
+            cov.filter_removed.push((name, n));
+        }
+        (kept, briefs)
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn extract(
+        &self,
+        cands: &[Candidate],
+        profile: &UserSnapshot,
+        r: &Request,
+        now: i64,
+        left: Duration,
+        cov: &mut Coverage,
+    ) -> (Vec<f32>, Vec<Option<ItemMeta>>, Vec<u32>) {
+        let parts = self.router.partitions();
+        let plan = &self.plan;
+        let mut by_part: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (i, c) in cands.iter().enumerate() {
+            by_part.entry(partition_of(ids::ITEM, c.item, parts)).or_default().push(i);
+        }
+        let asked = by_part.len() as u32;
+        let calls = by_part.into_iter().map(|(p, idx)| {
+            let keys: Vec<Key> = idx.iter().map(|i| cands[*i].item).collect();
+            let feats = plan.item_feats.clone();
+            async move {
+                let res = self.router.feature(p, left, move |rp| FeatureMsg::ItemFeatures { keys, feats, now, reply: rp }).await;
+                (p, idx, res)
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        let width = plan.len();
+        let n = cands.len();
+        let mut rows = vec![0.0f32; n * width];
+        let mut metas: Vec<Option<ItemMeta>> = vec![None; n];
+        let mut defaulted = vec![0u32; n];
+        let mut st = StageCoverage { stage: "features", asked, ..Default::default() };
+        let mut item_rows: Vec<Option<(Arc<ItemFeatureRows>, usize)>> = vec![None; n];
+        for (p, idx, res) in results {
+            match res {
+                Ok(reply) => {
+                    st.answered += 1;
+                    let reply = Arc::new(reply);
+                    for (j, i) in idx.into_iter().enumerate() {
+                        metas[i] = reply.meta[j].clone();
+                        if metas[i].is_some() {
+                            item_rows[i] = Some((reply.clone(), j));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "feature partition missing");
+                    metrics::counter!("recsys_partition_misses_total", "stage" => "features").increment(1);
+                    st.missing.push(p);
+                    cov.degraded = true;
+                }
+            }
+        }
+        cov.stages.push(st);
+        let user_feats: Vec<Option<f32>> = plan
+            .kinds
+            .iter()
+            .map(|k| match k {
+                FeatureKind::User(f) => profile.feature(*f, now),
+                _ => None,
+            })
+            .collect();
+        let geo = if !r.geo.is_empty() { key_of(&r.geo) } else { key_of(&profile.geo) };
+        let user_emb_norm = profile.embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let mut any_default = false;
+        for i in 0..n {
+            let row = &mut rows[i * width..(i + 1) * width];
+            let c = &cands[i];
+            for (col, kind) in plan.kinds.iter().enumerate() {
+                let v: Option<f32> = match kind {
+                    FeatureKind::Item(_) => item_rows[i].as_ref().map(|(rep, j)| rep.values[j * rep.stride + plan.item_col[col].unwrap_or(0)]),
+                    FeatureKind::User(_) => user_feats[col],
+                    FeatureKind::Cross(f) => cross(*f, c, metas[i].as_ref(), profile, geo, user_emb_norm),
+                };
+                row[col] = match v {
+                    Some(v) if v.is_finite() => v,
+                    _ => {
+                        defaulted[i] += 1;
+                        plan.defaults[col]
+                    }
+                };
+            }
+            any_default |= metas[i].is_none();
+        }
+        if any_default {
+            cov.fallback("feature_defaults");
+        }
+        (rows, metas, defaulted)
+    }
+
+    async fn score(
+        &self,
+        cands: &[Candidate],
+        rows: &[f32],
+        metas: &[Option<ItemMeta>],
+        defaulted: &[u32],
+        left: Duration,
+        cov: &mut Coverage,
+    ) -> Vec<(usize, Scored)> {
+        let width = self.plan.len();
+        let n = cands.len();
+        let make = |i: usize, score: f32, stage1: f32, heads: Vec<(String, f32)>, by: &'static str| -> Option<(usize, Scored)> {
+            let m = metas[i].as_ref()?;
+            Some((
+                i,
+                Scored {
+                    item: m.id.clone(),
+                    author: m.author.clone(),
+                    score,
+                    sources: cands[i].source,
+                    stage1,
+                    heads,
+                    scored_by: by,
+                    defaulted: defaulted[i],
+                },
+            ))
+        };
+        let deadline = Instant::now() + left;
+        let heuristic = |i: usize| -> f32 {
+            // Popularity × freshness from the candidate's own signals.
+            let m = metas[i].as_ref();
+            let age_h = m.map(|m| ((now_secs() - m.created_at).max(0) as f32) / 3600.0).unwrap_or(1000.0);
+            (1.0 + cands[i].score.max(0.0)).ln() / (1.0 + age_h / 24.0)
+        };
+        let Some(manifest) = self.scorers.manifest.clone() else {
+            cov.fallback("heuristic_scores");
+            return (0..n).filter_map(|i| make(i, heuristic(i), 0.0, vec![], "heuristic")).collect();
+        };
+        let present: Vec<usize> = (0..n).filter(|i| metas[*i].is_some()).collect();
+        let gather = |idx: &[usize], cols: &[usize]| -> Vec<f32> {
+            let mut m = Vec::with_capacity(idx.len() * cols.len());
+            for &i in idx {
+                let row = &rows[i * width..(i + 1) * width];
+                m.extend(cols.iter().map(|c| row[*c]));
+            }
+            m
+        };
+        if present.is_empty() {
+            return vec![];
+        }
+        let m1 = gather(&present, &manifest.stage1_columns);
+        let s1 = self.scorers.score(Stage::Light, present.len(), manifest.stage1_columns.len(), m1, left).await;
+        let s1 = match s1 {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "stage 1 scoring failed; heuristic fallback");
+                cov.degraded = true;
+                cov.fallback("heuristic_scores");
+                return present.iter().filter_map(|&i| make(i, heuristic(i), 0.0, vec![], "heuristic")).collect();
+            }
+        };
+        let mut order: Vec<(usize, f32)> = present.iter().copied().zip(s1).collect();
+        order.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        order.truncate(self.cfg.scoring.stage2_top_n);
+        let top: Vec<usize> = order.iter().map(|(i, _)| *i).collect();
+        let m2 = gather(&top, &manifest.stage2_columns);
+        let left2 = deadline.saturating_duration_since(Instant::now());
+        let heads = &manifest.stage2.heads;
+        match self.scorers.score(Stage::Heavy, top.len(), manifest.stage2_columns.len(), m2, left2).await {
+            Ok(h) => {
+                let weights: Vec<f32> = heads.iter().map(|n| self.cfg.scoring.value_model.get(n).copied().unwrap_or(0.0)).collect();
+                order
+                    .iter()
+                    .zip(h.chunks(heads.len()))
+                    .filter_map(|((i, s1), ph)| {
+                        let value: f32 = ph.iter().zip(&weights).map(|(p, w)| p * w).sum();
+                        let named = heads.iter().cloned().zip(ph.iter().copied()).collect();
+                        make(*i, value, *s1, named, "value_model")
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "stage 2 scoring failed; stage-1 scores kept");
+                cov.degraded = true;
+                cov.fallback("stage1_only");
+                order.iter().filter_map(|(i, s1)| make(*i, *s1, *s1, vec![], "stage1")).collect()
+            }
+        }
+    }
+
+    async fn rank(&self, scored: Vec<(usize, Scored)>, rows: &[f32], left: Duration, cov: &mut Coverage) -> (Vec<Scored>, bool, Vec<Vec<f32>>) {
+        let width = self.plan.len();
+        let mut scored = scored;
+        scored.sort_by(|a, b| b.1.score.total_cmp(&a.1.score));
+        scored.truncate(self.cfg.serving.ranked_list_len);
+        // Final re-filter: item state may have changed while the request ran (deleted, sold out).
+        let keys: Vec<Key> = scored.iter().map(|(_, s)| key_of(&s.item)).collect();
+        let briefs = self.briefs(&keys, left, "final_refilter", cov).await;
+        let mut removed = 0u32;
+        let mut row_of: HashMap<Arc<str>, usize> = HashMap::new();
+        let kept: Vec<Scored> = scored
+            .into_iter()
+            .filter_map(|(i, s)| {
+                let ok = briefs.get(&key_of(&s.item)).is_some_and(|b| !b.deleted && b.in_stock);
+                if ok {
+                    row_of.insert(s.item.clone(), i);
+                    Some(s)
+                } else {
+                    removed += 1;
+                    None
+                }
+            })
+            .collect();
+        cov.filter_removed.push(("final_refilter", removed));
+        let (ranked, relaxed) = ranking::diversify(kept);
+        let kept_rows = ranked
+            .iter()
+            .map(|s| {
+                let i = row_of[&s.item];
+                rows[i * width..(i + 1) * width].to_vec()
+            })
+            .collect();
+        (ranked, relaxed, kept_rows)
+    }
+
+    fn log_served(&self, list: &RankedList, surface: &str, from: usize, to: usize) {
+        let Some(logger) = &self.logger else { return };
+        let Some(rows) = self.served_features.get(&list.request_id).map(|r| r.clone()) else { return };
+        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        for pos in from..to {
+            let (Some(s), Some(f)) = (list.items.get(pos), rows.get(pos)) else { continue };
+            logger.log(LogLine::Served(ServedRow {
+                request_id: list.request_id.clone(),
+                user_id: list.user.clone(),
+                item_id: s.item.to_string(),
+                position: (pos + 1) as u32,
+                served_at_ms: ts,
+                surface: surface.to_string(),
+                stage1_version: list.stage1_version.clone(),
+                stage2_version: list.stage2_version.clone(),
+                score: s.score,
+                stage1_score: s.stage1,
+                scored_by: s.scored_by.to_string(),
+                sources: s.sources,
+                features: f.clone(),
+            }));
+        }
+        if to >= list.items.len() {
+            self.served_features.remove(&list.request_id);
+        }
+    }
+}
+
+fn cross(f: CrossFeat, c: &Candidate, m: Option<&ItemMeta>, p: &UserSnapshot, geo: Key, user_norm: f32) -> Option<f32> {
+    let b = |x: bool| if x { 1.0 } else { 0.0 };
+    Some(match f {
+        CrossFeat::SrcTrending => b(c.source & features::SRC_TRENDING != 0),
+        CrossFeat::SrcFollows => b(c.source & features::SRC_FOLLOWS != 0),
+        CrossFeat::SrcCoengaged => b(c.source & features::SRC_COENGAGED != 0),
+        CrossFeat::NumSources => c.source.count_ones() as f32,
+        _ => {
+            let m = m?;
+            if !p.known {
+                return None;
+            }
+            match f {
+                CrossFeat::FollowsAuthor => b(p.follows.binary_search(&m.author_key).is_ok()),
+                CrossFeat::TopicAffinity => *p.topic_affinity.get(m.topic as usize)?,
+                CrossFeat::AuthorAffinity => p.author_affinity.get(&m.author_key).copied().unwrap_or(0.0),
+                CrossFeat::GeoMatch => b(m.geo_key == geo),
+                CrossFeat::EmbCosine => {
+                    let dot: f32 = p.embedding.iter().zip(m.embedding.iter()).map(|(a, b)| a * b).sum();
+                    let n = m.embedding.iter().map(|v| v * v).sum::<f32>().sqrt() * user_norm;
+                    if n > 0.0 { dot / n } else { 0.0 }
+                }
+                _ => unreachable!("source features handled above"),
+            }
+        }
+    })
+}

@@ -1,0 +1,202 @@
+//! Ranking: author spacing over the scored list, then delivery — the ranked list is cached and
+//! pages are cut from it with opaque tokens, so page 2 never repeats page 1.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use crate::ids::key_of;
+
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub item: Arc<str>,
+    pub author: Arc<str>,
+    pub score: f32,
+    pub sources: u8,
+    pub stage1: f32,
+    pub heads: Vec<(String, f32)>,
+    pub scored_by: &'static str,
+    pub defaulted: u32,
+}
+
+/// Greedy author spacing: at each position take the best remaining item whose author differs from
+/// the previous one; when only that author is left, take the best remaining and report it.
+pub fn diversify(mut items: Vec<Scored>) -> (Vec<Scored>, bool) {
+    items.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let mut out: Vec<Scored> = Vec::with_capacity(items.len());
+    let mut relaxed = false;
+    while !items.is_empty() {
+        let pick = match out.last() {
+            None => 0,
+            Some(prev) => match items.iter().position(|c| c.author != prev.author) {
+                Some(i) => i,
+                None => {
+                    relaxed = true;
+                    0
+                }
+            },
+        };
+        out.push(items.remove(pick));
+    }
+    (out, relaxed)
+}
+
+/// True when no two neighbours share an author.
+pub fn is_spaced(items: &[Scored]) -> bool {
+    items.windows(2).all(|w| w[0].author != w[1].author)
+}
+
+pub struct RankedList {
+    pub request_id: String,
+    pub user: String,
+    pub items: Vec<Scored>,
+    pub diversity_relaxed: bool,
+    pub stage1_version: String,
+    pub stage2_version: String,
+    pub created: Instant,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TokenError {
+    #[error("page_token is malformed")]
+    Malformed,
+    #[error("page_token belongs to another user")]
+    WrongUser,
+    #[error("page_token expired or unknown to this node")]
+    Expired,
+}
+
+const TOKEN_VERSION: &str = "p1";
+
+fn check(request_id: &str, offset: usize, user: &str) -> String {
+    format!("{:016x}", key_of(&format!("{request_id}/{offset}/{user}")))
+}
+
+pub fn make_token(request_id: &str, offset: usize, user: &str) -> String {
+    format!("{TOKEN_VERSION}.{request_id}.{offset}.{}", check(request_id, offset, user))
+}
+
+/// Returns (request id, offset) of a token minted for `user`.
+pub fn parse_token(token: &str, user: &str) -> Result<(String, usize), TokenError> {
+    let parts: Vec<&str> = token.split('.').collect();
+    let [v, rid, off, sum] = parts.as_slice() else { return Err(TokenError::Malformed) };
+    if *v != TOKEN_VERSION || rid.is_empty() || rid.len() > 64 {
+        return Err(TokenError::Malformed);
+    }
+    let offset: usize = off.parse().map_err(|_| TokenError::Malformed)?;
+    if sum.len() != 16 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(TokenError::Malformed);
+    }
+    if *sum != check(rid, offset, user) {
+        return Err(TokenError::WrongUser);
+    }
+    Ok((rid.to_string(), offset))
+}
+
+/// Ranked lists by request id, bounded in count and age.
+pub struct PageCache {
+    lists: DashMap<String, Arc<RankedList>>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+impl PageCache {
+    pub fn new(ttl: Duration, capacity: usize) -> Self {
+        Self { lists: DashMap::new(), ttl, capacity: capacity.max(1) }
+    }
+
+    pub fn insert(&self, list: Arc<RankedList>) {
+        if self.lists.len() >= self.capacity {
+            let ttl = self.ttl;
+            self.lists.retain(|_, l| l.created.elapsed() < ttl);
+            if self.lists.len() >= self.capacity {
+                // Still full of live lists: drop the oldest tenth.
+                let mut ages: Vec<(Instant, String)> =
+                    self.lists.iter().map(|e| (e.value().created, e.key().clone())).collect();
+                ages.sort();
+                for (_, k) in ages.into_iter().take(self.capacity / 10 + 1) {
+                    self.lists.remove(&k);
+                }
+            }
+        }
+        self.lists.insert(list.request_id.clone(), list);
+    }
+
+    pub fn get(&self, request_id: &str) -> Option<Arc<RankedList>> {
+        let l = self.lists.get(request_id)?.clone();
+        (l.created.elapsed() < self.ttl).then_some(l)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lists.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lists.is_empty()
+    }
+}
+
+/// Authors per page, for tests and diagnostics.
+pub fn author_counts(items: &[Scored]) -> HashMap<Arc<str>, usize> {
+    let mut m = HashMap::new();
+    for i in items {
+        *m.entry(i.author.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(item: &str, author: &str, score: f32) -> Scored {
+        Scored {
+            item: item.into(),
+            author: author.into(),
+            score,
+            sources: 1,
+            stage1: score,
+            heads: vec![],
+            scored_by: "stage1",
+            defaulted: 0,
+        }
+    }
+
+    #[test]
+    fn spaces_authors_when_possible() {
+        let (out, relaxed) = diversify(vec![s("a", "x", 3.0), s("b", "x", 2.9), s("c", "y", 1.0), s("d", "x", 0.5)]);
+        let ids: Vec<_> = out.iter().map(|i| i.item.to_string()).collect();
+        assert_eq!(ids, ["a", "c", "b", "d"]);
+        assert!(relaxed); // b and d are both by x: the tail cannot be spaced
+        let (out, relaxed) = diversify(vec![s("a", "x", 3.0), s("b", "x", 2.0), s("c", "y", 1.0)]);
+        assert!(is_spaced(&out) && !relaxed);
+    }
+
+    #[test]
+    fn tokens_reject_garbage_and_other_users() {
+        let t = make_token("r1", 10, "u1");
+        assert_eq!(parse_token(&t, "u1"), Ok(("r1".to_string(), 10)));
+        assert_eq!(parse_token(&t, "u2"), Err(TokenError::WrongUser));
+        assert_eq!(parse_token("garbage", "u1"), Err(TokenError::Malformed));
+        assert_eq!(parse_token("p1.r1.x.0000000000000000", "u1"), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let c = PageCache::new(Duration::from_secs(60), 10);
+        for i in 0..25 {
+            c.insert(Arc::new(RankedList {
+                request_id: format!("r{i}"),
+                user: "u".into(),
+                items: vec![],
+                diversity_relaxed: false,
+                stage1_version: String::new(),
+                stage2_version: String::new(),
+                created: Instant::now(),
+            }));
+        }
+        assert!(c.len() <= 10);
+        assert!(c.get("r24").is_some());
+    }
+}

@@ -1,0 +1,78 @@
+//! The model manifest: which ONNX files make a deployed version, their ordered input features and
+//! output heads. A manifest naming a feature the node does not declare is refused.
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::ScoringError;
+use crate::features::FeaturePlan;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub file: String,
+    pub inputs: Vec<String>,
+    pub output: String,
+    /// Values per row in `output`.
+    pub output_width: usize,
+    /// Column to use as the score (stage 1); None keeps all columns (stage 2 heads).
+    #[serde(default)]
+    pub output_column: Option<usize>,
+    #[serde(default)]
+    pub heads: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestFile {
+    pub version: String,
+    pub stage1: ModelSpec,
+    pub stage2: ModelSpec,
+    #[serde(default)]
+    pub trained_on: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub dir: PathBuf,
+    pub version: String,
+    pub stage1: ModelSpec,
+    pub stage2: ModelSpec,
+    /// Columns of the declared feature row each model reads, in its input order.
+    pub stage1_columns: Vec<usize>,
+    pub stage2_columns: Vec<usize>,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path, plan: &FeaturePlan) -> Result<Self, ScoringError> {
+        let path = dir.join("manifest.json");
+        let bad = |message: String| ScoringError::Manifest { path: path.clone(), message };
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let m: ManifestFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let stage1_columns = plan.columns_for(&m.stage1.inputs).map_err(|e| bad(format!("stage1: {e}")))?;
+        let stage2_columns = plan.columns_for(&m.stage2.inputs).map_err(|e| bad(format!("stage2: {e}")))?;
+        if m.stage2.heads.len() != m.stage2.output_width {
+            return Err(bad(format!(
+                "stage2 declares {} heads but output_width {}",
+                m.stage2.heads.len(),
+                m.stage2.output_width
+            )));
+        }
+        if m.stage1.output_column.is_none_or(|c| c >= m.stage1.output_width) {
+            return Err(bad("stage1.output_column must name a column of the output".into()));
+        }
+        for f in [&m.stage1.file, &m.stage2.file] {
+            if !dir.join(f).is_file() {
+                return Err(bad(format!("model file {f} is missing")));
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            version: m.version,
+            stage1: m.stage1,
+            stage2: m.stage2,
+            stage1_columns,
+            stage2_columns,
+        })
+    }
+}
