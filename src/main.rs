@@ -191,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         }
         Cmd::Load { addr, seed, items, users, events, batch, items_file, users_file, quiet } => {
+            cli::wait_serving(&addr, Duration::from_secs(120)).await?;
             let ch = cli::connect(&addr).await?;
             let s = if items_file.is_some() || users_file.is_some() {
                 cli::load::load_files(ch, items_file.as_deref(), users_file.as_deref(), batch).await?
@@ -239,6 +240,7 @@ async fn main() -> anyhow::Result<()> {
             println!("models: {:?}", s.models.map(|m| (m.stage1, m.stage2)));
         }
         Cmd::Bench { addr, concurrency, rate, requests, max_seconds, users, k, deadline_ms, warmup } => {
+            cli::wait_serving(&addr, Duration::from_secs(120)).await?;
             let r = cli::bench::run(cli::bench::BenchSpec {
                 addr,
                 concurrency,
@@ -254,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", r.text);
         }
         Cmd::Simulate { addr, seed, items, users, requests, k } => {
+            cli::wait_serving(&addr, Duration::from_secs(120)).await?;
             let r = cli::demo::simulate(cli::demo::SimSpec { addr, seed, items, users, requests, k })
                 .await
                 .context("simulate")?;

@@ -176,6 +176,7 @@ impl Pipeline {
         let items: Vec<(u32, Scored)> =
             list.items.get(offset..end).unwrap_or(&[]).iter().enumerate().map(|(i, s)| ((offset + i + 1) as u32, s.clone())).collect();
         let next = if end < list.items.len() { ranking::make_token(&rid, end, &r.user_id) } else { String::new() };
+        let diversity_relaxed = page_relaxed(&items);
         self.log_served(&list, &r.surface, offset, end);
         Ok(Reply {
             request_id: rid,
@@ -185,7 +186,7 @@ impl Pipeline {
             timings: vec![("page_cache", t.elapsed())],
             stage1_version: list.stage1_version.clone(),
             stage2_version: list.stage2_version.clone(),
-            diversity_relaxed: list.diversity_relaxed,
+            diversity_relaxed,
             from_page_cache: true,
         })
     }
@@ -282,8 +283,9 @@ impl Pipeline {
             created: Instant::now(),
         });
         let end = r.k.min(list.items.len());
-        let items = list.items[..end].iter().enumerate().map(|(i, s)| ((i + 1) as u32, s.clone())).collect();
+        let items: Vec<(u32, Scored)> = list.items[..end].iter().enumerate().map(|(i, s)| ((i + 1) as u32, s.clone())).collect();
         let next = if end < list.items.len() { ranking::make_token(&rid, end, &r.user_id) } else { String::new() };
+        let diversity_relaxed = page_relaxed(&items);
         if !next.is_empty() {
             self.pages.insert(list.clone());
         }
@@ -300,7 +302,7 @@ impl Pipeline {
             timings,
             stage1_version: v1,
             stage2_version: v2,
-            diversity_relaxed: relaxed,
+            diversity_relaxed,
             from_page_cache: false,
         })
     }
@@ -709,6 +711,11 @@ impl Pipeline {
             self.served_features.remove(&list.request_id);
         }
     }
+}
+
+/// The author-spacing rule is reported per page: set when two neighbours on it share an author.
+fn page_relaxed(items: &[(u32, Scored)]) -> bool {
+    items.windows(2).any(|w| w[0].1.author == w[1].1.author)
 }
 
 fn cross(f: CrossFeat, c: &Candidate, m: Option<&ItemMeta>, p: &UserSnapshot, geo: Key, user_norm: f32) -> Option<f32> {

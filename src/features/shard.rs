@@ -564,8 +564,8 @@ mod tests {
         let mut s = FeatureShardState::new(settings());
         s.upsert_item(&item("i1"));
         let k = key_of("i1");
-        s.apply_item_event(k, Action::Click, 5000);
-        s.apply_item_event(k, Action::Impression, 5000);
+        s.apply_item_event(k, Action::Click, 4500);
+        s.apply_item_event(k, Action::Impression, 4500);
         let feats = [
             ItemFeat::Price,
             ItemFeat::Emb(0),

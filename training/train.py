@@ -1,0 +1,118 @@
+"""Model training: stage 1 GBDT (LightGBM, 100 trees x 63 leaves, p(click)) and stage 2 multi-head
+net (scikit-learn MLP, heads click/like/share/hide), both exported to ONNX with a manifest of the
+ordered input features and output heads. Reproducible: fixed seeds, pinned versions.
+
+    python training/train.py --data training/out/dataset.parquet --out models
+"""
+import argparse
+import datetime
+import json
+import os
+
+import lightgbm as lgb
+import numpy as np
+import onnx
+import pandas as pd
+from onnx import TensorProto, helper, numpy_helper
+from onnxmltools import convert_lightgbm
+from onnxmltools.convert.common.data_types import FloatTensorType
+from sklearn.metrics import roc_auc_score
+from sklearn.neural_network import MLPClassifier
+
+HEADS = ["click", "like", "share", "hide"]
+SEED = 7
+
+
+def split_by_request(df, frac=0.8):
+    reqs = df["request_id"].unique()
+    rng = np.random.default_rng(SEED)
+    rng.shuffle(reqs)
+    train = set(reqs[: int(len(reqs) * frac)])
+    m = df["request_id"].isin(train)
+    return df[m], df[~m]
+
+
+def auc(y, p):
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def export_mlp(mlp, mean, std, n_in, path):
+    """Gemm/Relu layers with the standardisation folded into the graph, sigmoid heads."""
+    inits = [
+        numpy_helper.from_array(mean.astype(np.float32), "mean"),
+        numpy_helper.from_array(std.astype(np.float32), "std"),
+    ]
+    nodes = [helper.make_node("Sub", ["input", "mean"], ["centered"]), helper.make_node("Div", ["centered", "std"], ["x0"])]
+    prev = "x0"
+    last = len(mlp.coefs_) - 1
+    for i, (w, b) in enumerate(zip(mlp.coefs_, mlp.intercepts_)):
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{i}"), numpy_helper.from_array(b.astype(np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"z{i}"]))
+        out = "heads" if i == last else f"h{i}"
+        nodes.append(helper.make_node("Sigmoid" if i == last else "Relu", [f"z{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "stage2_heads",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, n_in])],
+        [helper.make_tensor_value_info("heads", TensorProto.FLOAT, [None, len(HEADS)])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="recsys-train")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--trees", type=int, default=100)
+    ap.add_argument("--leaves", type=int, default=63)
+    a = ap.parse_args()
+
+    df = pd.read_parquet(a.data)
+    names = json.load(open(os.path.join(os.path.dirname(a.data), "feature_names.json")))
+    train, test = split_by_request(df)
+    xtr, xte = train[names].to_numpy(np.float32), test[names].to_numpy(np.float32)
+    print(f"train rows {len(train)}, test rows {len(test)}, features {len(names)}")
+
+    gbdt = lgb.LGBMClassifier(
+        n_estimators=a.trees, num_leaves=a.leaves, learning_rate=0.05, min_child_samples=20,
+        subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=SEED, verbose=-1,
+    )
+    gbdt.fit(xtr, train["label_click"].to_numpy())
+    p1 = gbdt.predict_proba(xte)[:, 1]
+    report = {"stage1_click_auc": auc(test["label_click"].to_numpy(), p1)}
+
+    ytr = train[[f"label_{h}" for h in HEADS]].to_numpy()
+    mean, std = xtr.mean(axis=0), xtr.std(axis=0) + 1e-6
+    mlp = MLPClassifier(hidden_layer_sizes=(128, 64), activation="relu", alpha=1e-4, batch_size=512,
+                        learning_rate_init=1e-3, max_iter=30, early_stopping=True, random_state=SEED)
+    mlp.fit((xtr - mean) / std, ytr)
+    p2 = mlp.predict_proba((xte - mean) / std)
+    for i, h in enumerate(HEADS):
+        report[f"stage2_{h}_auc"] = auc(test[f"label_{h}"].to_numpy(), p2[:, i])
+    print(json.dumps(report, indent=2))
+
+    os.makedirs(a.out, exist_ok=True)
+    onx = convert_lightgbm(gbdt, initial_types=[("input", FloatTensorType([None, len(names)]))], zipmap=False, target_opset=13)
+    onnx.save(onx, os.path.join(a.out, "stage1_gbdt.onnx"))
+    export_mlp(mlp, mean, std, len(names), os.path.join(a.out, "stage2_mlp.onnx"))
+    version = "m" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d%H%M")
+    manifest = {
+        "version": version,
+        "trained_on": f"{len(train)} rows; holdout {report}",
+        "stage1": {"file": "stage1_gbdt.onnx", "inputs": names, "output": "probabilities", "output_width": 2, "output_column": 1},
+        "stage2": {"file": "stage2_mlp.onnx", "inputs": names, "output": "heads", "output_width": len(HEADS), "heads": HEADS},
+    }
+    json.dump(manifest, open(os.path.join(a.out, "manifest.json"), "w"), indent=2)
+    # Reference predictions so the Rust tests can check that ort computes the same numbers.
+    ref = {"features": xte[:8].tolist(), "stage1": p1[:8].tolist(), "stage2": p2[:8].tolist()}
+    json.dump(ref, open(os.path.join(a.out, "reference.json"), "w"))
+    print(f"wrote {a.out}/manifest.json version {version}")
+
+
+if __name__ == "__main__":
+    main()
