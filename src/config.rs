@@ -14,7 +14,7 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub node: NodeConfig,
@@ -175,7 +175,7 @@ impl Default for ServingConfig {
 impl Default for RetrievalConfig {
     fn default() -> Self {
         Self {
-            trending_limit: 400,
+            trending_limit: 700,
             trending_window_hours: 24,
             follows_per_author: 20,
             follows_limit: 400,
@@ -219,27 +219,12 @@ impl Default for StoreConfig {
         Self { cache_capacity_mb: 64 }
     }
 }
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            node: NodeConfig::default(),
-            cluster: ClusterConfig::default(),
-            serving: ServingConfig::default(),
-            retrieval: RetrievalConfig::default(),
-            filters: FilterConfig::default(),
-            scoring: ScoringConfig::default(),
-            ingest: IngestConfig::default(),
-            store: StoreConfig::default(),
-            features: vec![],
-        }
-    }
-}
 
 impl Config {
     /// Reads a TOML file; a key the schema does not know is an error naming it.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::parse(&text, path)
     }
 
@@ -251,9 +236,8 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: &str| {
-            Err(ConfigError::Invalid { key: key.to_string(), message: message.to_string() })
-        };
+        let bad =
+            |key: &str, message: &str| Err(ConfigError::Invalid { key: key.to_string(), message: message.to_string() });
         if self.cluster.partitions_per_role == 0 || self.cluster.partitions_per_role > 4096 {
             return bad("cluster.partitions_per_role", "must be in 1..=4096");
         }

@@ -5,14 +5,15 @@
 
 pub const LEVELS: [(i64, usize); 3] = [(300, 12), (3600, 24), (86_400, 7)];
 pub const SLOTS: usize = 12 + 24 + 7;
-/// Head bucket per level, stored next to the slots.
-pub const WIDTH: usize = SLOTS + 3;
+/// Head bucket per level, then the running total of each level's live slots.
+pub const WIDTH: usize = SLOTS + 6;
+const TOTALS: usize = SLOTS + 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
-    Hour,
-    Day,
-    Week,
+    Hour = 0,
+    Day = 1,
+    Week = 2,
 }
 
 impl Window {
@@ -47,10 +48,9 @@ pub fn add(cell: &mut [u32], ts: i64, n: u32) {
             // Clear the slots the head moves over: they held buckets that fell out of the window.
             let steps = (bucket - head).min(len as u32);
             for s in 1..=steps {
-                cell[off + ((head + s) as usize % len)] = 0;
-            }
-            if head == 0 {
-                cell[off..off + len].fill(0);
+                let slot = off + ((head + s) as usize % len);
+                cell[TOTALS + level] = cell[TOTALS + level].saturating_sub(cell[slot]);
+                cell[slot] = 0;
             }
             cell[SLOTS + level] = bucket;
         } else if bucket + len as u32 <= head {
@@ -58,21 +58,35 @@ pub fn add(cell: &mut [u32], ts: i64, n: u32) {
         }
         let slot = &mut cell[off + (bucket as usize % len)];
         *slot = slot.saturating_add(n);
+        cell[TOTALS + level] = cell[TOTALS + level].saturating_add(n);
     }
 }
 
-/// Events in the window ending at `now` (unix seconds).
+/// Events in the window ending at `now` (unix seconds). The valid buckets are the intersection of
+/// the ring's live range (head-len, head] and the window (now-len, now]: one modulo, then a run.
 pub fn sum(cell: &[u32], now: i64, window: Window) -> u32 {
     let level = window.level();
     let (width, len) = LEVELS[level];
     let off = level_offset(level);
-    let head = cell[SLOTS + level];
-    let now_b = (now.max(0) / width) as u32;
+    let head = i64::from(cell[SLOTS + level]);
+    let now_b = now.max(0) / width;
+    if now_b == head {
+        // The common case for active items: the window is exactly the ring's live range.
+        return cell[TOTALS + level];
+    }
+    let hi = head.min(now_b);
+    let lo = (head.max(now_b) - len as i64 + 1).max(0);
+    if hi < lo {
+        return 0;
+    }
+    let slots = &cell[off..off + len];
+    let mut i = (lo as usize) % len;
     let mut total = 0u32;
-    for k in 0..len as u32 {
-        let Some(b) = now_b.checked_sub(k) else { break };
-        if b <= head && b + (len as u32) > head {
-            total = total.saturating_add(cell[off + (b as usize % len)]);
+    for _ in lo..=hi {
+        total = total.saturating_add(slots[i]);
+        i += 1;
+        if i == len {
+            i = 0;
         }
     }
     total
@@ -144,6 +158,35 @@ mod tests {
         add(&mut c, now - 7200, 1); // 2h late: in 1d, not in 1h
         assert_eq!(sum(&c, now, Window::Hour), 2);
         assert_eq!(sum(&c, now, Window::Day), 3);
+    }
+
+    fn naive(cell: &[u32], now: i64, window: Window) -> u32 {
+        let level = window.level();
+        let (width, len) = LEVELS[level];
+        let off = level_offset(level);
+        let head = cell[SLOTS + level];
+        let now_b = (now.max(0) / width) as u32;
+        (0..len as u32)
+            .filter_map(|k| now_b.checked_sub(k))
+            .filter(|b| *b <= head && b + (len as u32) > head)
+            .map(|b| cell[off + (b as usize % len)])
+            .sum()
+    }
+
+    #[test]
+    fn fast_sum_matches_definition() {
+        let mut c = vec![0u32; WIDTH];
+        let t0 = 1_700_000_000i64;
+        let mut x = 12345u64;
+        for _ in 0..500 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            add(&mut c, t0 + (x >> 40) as i64 % (9 * 86_400), 1);
+            for probe in [t0, t0 + 3_600, t0 + 5 * 86_400, t0 + 9 * 86_400, t0 + 20 * 86_400] {
+                for w in [Window::Hour, Window::Day, Window::Week] {
+                    assert_eq!(sum(&c, probe, w), naive(&c, probe, w));
+                }
+            }
+        }
     }
 
     #[test]

@@ -20,6 +20,29 @@ pub fn partition_of(space: &str, key: Key, partitions: u32) -> u32 {
     (h % u64::from(partitions)) as u32
 }
 
+/// Hasher for maps keyed by `Key`: the keys are already FNV-mixed, so one multiply suffices
+/// (std's SipHash showed up in profiles of the hot path).
+#[derive(Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7cc1_b727_220a_95);
+        }
+    }
+    fn write_u64(&mut self, k: u64) {
+        self.0 = (k ^ (k >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+pub type KeyBuild = std::hash::BuildHasherDefault<KeyHasher>;
+pub type KeyMap<V> = std::collections::HashMap<Key, V, KeyBuild>;
+pub type KeySet = std::collections::HashSet<Key, KeyBuild>;
+
 pub const ITEM: &str = "item";
 pub const USER: &str = "user";
 pub const AUTHOR: &str = "author";

@@ -9,7 +9,7 @@ use crate::cluster::{CallError, Router};
 use crate::config::Config;
 use crate::features::shard::{FeatureShardState, ItemBrief, ShardSettings, UserEvent};
 use crate::generators::{GeneratorSettings, GeneratorState};
-use crate::ids::{self, key_of, partition_of, Key};
+use crate::ids::{self, key_of, partition_of, Key, KeyMap};
 use crate::store::{Action, EventRecord, ItemRecord, Store, StoreError, UserRecord};
 
 #[derive(Debug, thiserror::Error)]
@@ -109,10 +109,11 @@ impl Routed {
             self.feature_items.entry(partition_of(ids::ITEM, k, parts)).or_default().push(it.clone());
             if !it.deleted {
                 let a = key_of(&it.author);
-                self.gen_author_items
-                    .entry(partition_of(ids::AUTHOR, a, parts))
-                    .or_default()
-                    .push((a, k, it.created_at));
+                self.gen_author_items.entry(partition_of(ids::AUTHOR, a, parts)).or_default().push((
+                    a,
+                    k,
+                    it.created_at,
+                ));
             }
         }
     }
@@ -231,14 +232,12 @@ impl Routed {
     }
 }
 
+/// Partition states rebuilt from the store, by partition number.
+pub type Replayed = (HashMap<u32, FeatureShardState>, HashMap<u32, GeneratorState>);
+
 /// Rebuilds partition states from the store: all of this node's partitions at start, or one
 /// partition after its actor crashed. Blocking: call from a blocking thread.
-pub fn replay(
-    store: &Store,
-    cfg: &Config,
-    feature_parts: &[u32],
-    gen_parts: &[u32],
-) -> Result<(HashMap<u32, FeatureShardState>, HashMap<u32, GeneratorState>), StoreError> {
+pub fn replay(store: &Store, cfg: &Config, feature_parts: &[u32], gen_parts: &[u32]) -> Result<Replayed, StoreError> {
     let parts = cfg.cluster.partitions_per_role;
     let ss = shard_settings(cfg);
     let gs = generator_settings(cfg);
@@ -246,7 +245,7 @@ pub fn replay(
         feature_parts.iter().map(|p| (*p, FeatureShardState::new(ss.clone()))).collect();
     let mut generators: HashMap<u32, GeneratorState> =
         gen_parts.iter().map(|p| (*p, GeneratorState::new(gs.clone()))).collect();
-    let mut briefs: HashMap<Key, ItemBrief> = HashMap::new();
+    let mut briefs: KeyMap<ItemBrief> = KeyMap::default();
     let mut routed = Routed::default();
     let mut items = Vec::new();
     for it in store.scan_items() {
@@ -329,7 +328,9 @@ impl Writer {
             let store = self.store.clone();
             let batch = Arc::new(ok);
             let b2 = batch.clone();
-            tokio::task::spawn_blocking(move || store.put_items(&b2)).await.map_err(|e| IngestError::Invalid(e.to_string()))??;
+            tokio::task::spawn_blocking(move || store.put_items(&b2))
+                .await
+                .map_err(|e| IngestError::Invalid(e.to_string()))??;
             self.flush(&mut out).await?;
             let mut routed = Routed::default();
             routed.items(self.router.partitions(), &batch);
@@ -359,7 +360,9 @@ impl Writer {
             let store = self.store.clone();
             let batch = Arc::new(ok);
             let b2 = batch.clone();
-            tokio::task::spawn_blocking(move || store.put_users(&b2)).await.map_err(|e| IngestError::Invalid(e.to_string()))??;
+            tokio::task::spawn_blocking(move || store.put_users(&b2))
+                .await
+                .map_err(|e| IngestError::Invalid(e.to_string()))??;
             self.flush(&mut out).await?;
             let mut routed = Routed::default();
             routed.users(self.router.partitions(), &batch);
@@ -392,7 +395,9 @@ impl Writer {
         if !tombstones.is_empty() {
             let store = self.store.clone();
             let t2 = tombstones.clone();
-            tokio::task::spawn_blocking(move || store.put_items(&t2)).await.map_err(|e| IngestError::Invalid(e.to_string()))??;
+            tokio::task::spawn_blocking(move || store.put_items(&t2))
+                .await
+                .map_err(|e| IngestError::Invalid(e.to_string()))??;
             self.flush(&mut out).await?;
             let mut routed = Routed::default();
             for t in &tombstones {
@@ -406,7 +411,7 @@ impl Writer {
     }
 
     /// Looks items up in their feature partitions (for validation and for the user-side update).
-    async fn briefs(&self, keys: &[Key]) -> Result<HashMap<Key, ItemBrief>, IngestError> {
+    async fn briefs(&self, keys: &[Key]) -> Result<KeyMap<ItemBrief>, IngestError> {
         let parts = self.router.partitions();
         let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
         for k in keys {
@@ -420,7 +425,7 @@ impl Writer {
                 .await?;
             Ok::<_, CallError>(ks.into_iter().zip(r).filter_map(|(k, b)| b.map(|b| (k, b))).collect::<Vec<_>>())
         });
-        let mut out = HashMap::new();
+        let mut out = KeyMap::default();
         for r in futures::future::join_all(calls).await {
             out.extend(r?);
         }
@@ -458,7 +463,7 @@ impl Writer {
         let mut likers: Vec<Key> = ok.iter().filter(|e| e.action == Action::Like).map(|e| key_of(&e.user)).collect();
         likers.sort_unstable();
         likers.dedup();
-        let mut recent: HashMap<Key, Vec<Key>> = HashMap::new();
+        let mut recent: KeyMap<Vec<Key>> = KeyMap::default();
         if cap > 0 && !likers.is_empty() {
             let parts = self.router.partitions();
             let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
@@ -486,7 +491,9 @@ impl Writer {
         let store = self.store.clone();
         let ok = Arc::new(ok);
         let ok2 = ok.clone();
-        tokio::task::spawn_blocking(move || store.put_events(&ok2)).await.map_err(|e| IngestError::Invalid(e.to_string()))??;
+        tokio::task::spawn_blocking(move || store.put_events(&ok2))
+            .await
+            .map_err(|e| IngestError::Invalid(e.to_string()))??;
         self.flush(&mut out).await?;
         let mut routed = Routed::default();
         for e in ok.iter() {

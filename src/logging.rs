@@ -57,9 +57,8 @@ impl FeatureLogger {
         let mut served = open("served.jsonl")?;
         let mut events = open("events.jsonl")?;
         std::thread::Builder::new().name("feature-log".into()).spawn(move || {
-            loop {
-                // Block for one line, then drain what is queued before flushing.
-                let Ok(first) = rx.recv() else { break };
+            // Block for one line, then drain what is queued before flushing.
+            while let Ok(first) = rx.recv() {
                 let mut next = Some(first);
                 while let Some(line) = next {
                     let r = match line {

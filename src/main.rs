@@ -196,7 +196,8 @@ async fn main() -> anyhow::Result<()> {
             let s = if items_file.is_some() || users_file.is_some() {
                 cli::load::load_files(ch, items_file.as_deref(), users_file.as_deref(), batch).await?
             } else {
-                let world = Arc::new(recsys::world::World::generate(cli::load::synthetic_spec(seed, items, users, events)));
+                let world =
+                    Arc::new(recsys::world::World::generate(cli::load::synthetic_spec(seed, items, users, events)));
                 cli::load::load_world(ch, world, batch, quiet).await?
             };
             println!(
@@ -225,7 +226,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Status { addr } => {
             let ch = cli::connect(&addr).await?;
-            let s = pb::admin_client::AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
+            let s =
+                pb::admin_client::AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
             println!(
                 "ring epoch {} digest {}  partitions/role {}  replication {}",
                 s.ring_epoch, s.ring_digest, s.partitions_per_role, s.replication_factor

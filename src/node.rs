@@ -57,7 +57,11 @@ impl Actor for PartitionSupervisor {
     type State = PartitionSupervisorState;
     type Arguments = PartitionSupervisorArgs;
 
-    async fn pre_start(&self, me: ActorRef<()>, args: PartitionSupervisorArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<()>,
+        args: PartitionSupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
         for (p, st) in args.features {
             let a = FeatureShardArgs { partition: p, initial: Some(st), load: args.feature_loader.clone() };
             let (r, _) = Actor::spawn_linked(Some(format!("feature-{p}")), FeatureShard, a, me.get_cell()).await?;
@@ -75,10 +79,16 @@ impl Actor for PartitionSupervisor {
         })
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<()>, ev: SupervisionEvent, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<()>,
+        ev: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let SupervisionEvent::ActorFailed(cell, err) = ev else { return Ok(()) };
         let name = cell.get_name().unwrap_or_default();
-        let Some((role, p)) = name.split_once('-').and_then(|(r, p)| Some((r.to_string(), p.parse::<u32>().ok()?))) else {
+        let Some((role, p)) = name.split_once('-').and_then(|(r, p)| Some((r.to_string(), p.parse::<u32>().ok()?)))
+        else {
             return Ok(());
         };
         tracing::warn!(partition = %name, error = %err, "partition actor failed; reloading it from the store");
@@ -110,7 +120,8 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let err = |m: String| NodeError::Startup(m);
     let plan = Arc::new(FeaturePlan::new(&cfg.features, cfg.ingest.embedding_dim).map_err(|e| err(e.to_string()))?);
 
-    std::fs::create_dir_all(&cfg.node.data_dir).map_err(|e| err(format!("data dir {}: {e}", cfg.node.data_dir.display())))?;
+    std::fs::create_dir_all(&cfg.node.data_dir)
+        .map_err(|e| err(format!("data dir {}: {e}", cfg.node.data_dir.display())))?;
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -125,8 +136,9 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let models_dir = cfg.scoring.models_dir.clone();
     let manifest = if models_dir.join("manifest.json").is_file() {
         let m = Manifest::load(&models_dir, &plan).map_err(|e| err(format!("refusing to start: {e}")))?;
-        let lib = scoring::find_runtime(cfg.scoring.onnxruntime_lib.as_deref())
-            .ok_or_else(|| err("refusing to start: libonnxruntime not found; run scripts/setup.sh or set ORT_DYLIB_PATH".into()))?;
+        let lib = scoring::find_runtime(cfg.scoring.onnxruntime_lib.as_deref()).ok_or_else(|| {
+            err("refusing to start: libonnxruntime not found; run scripts/setup.sh or set ORT_DYLIB_PATH".into())
+        })?;
         let t = Instant::now();
         tokio::task::spawn_blocking(move || scoring::init_runtime(&lib))
             .await
@@ -177,8 +189,11 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
                 .max_decoding_message_size(max_msg),
         )
         .add_service(
-            pb::ingest_server::IngestServer::new(IngestService { writer: handles.writer.clone(), logger: handles.logger.clone() })
-                .max_decoding_message_size(max_msg),
+            pb::ingest_server::IngestServer::new(IngestService {
+                writer: handles.writer.clone(),
+                logger: handles.logger.clone(),
+            })
+            .max_decoding_message_size(max_msg),
         )
         .add_service(pb::admin_server::AdminServer::new(AdminService { state: handles.admin.clone() }));
     let mut rx = shutdown_rx.clone();
@@ -202,10 +217,11 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         .await
         .map_err(|e| err(e.to_string()))?
         .map_err(|e| err(e.to_string()))?;
-    let members = vec![Member { node_id: cfg.node.node_id.clone(), address: local.to_string(), state: MemberState::Serving }];
+    let members =
+        vec![Member { node_id: cfg.node.node_id.clone(), address: local.to_string(), state: MemberState::Serving }];
     let ring = Ring::build(
         1,
-        &[cfg.node.node_id.clone()],
+        std::slice::from_ref(&cfg.node.node_id),
         cfg.cluster.partitions_per_role,
         cfg.cluster.replication_factor,
         cfg.cluster.virtual_nodes,
@@ -265,7 +281,8 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         None
     };
 
-    let logger = FeatureLogger::start(&cfg.node.data_dir.join("logs"), &plan.names).map_err(|e| err(format!("feature log: {e}")))?;
+    let logger = FeatureLogger::start(&cfg.node.data_dir.join("logs"), &plan.names)
+        .map_err(|e| err(format!("feature log: {e}")))?;
     let _ = handles.logger.set(logger.clone());
     let pipeline = Arc::new(Pipeline {
         cfg: cfg.clone(),

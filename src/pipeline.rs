@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::features::shard::{FeatureMsg, ItemBrief, ItemFeatureRows, ItemMeta, UserSnapshot};
 use crate::features::{self, CrossFeat, FeatureKind, FeaturePlan};
 use crate::generators::{Candidate, GeneratorMsg, RetrieveQuery};
-use crate::ids::{self, key_of, partition_of, Key};
+use crate::ids::{self, key_of, partition_of, Key, KeyMap};
 use crate::ingest::GLOBAL_GEO;
 use crate::logging::{FeatureLogger, LogLine, ServedRow};
 use crate::ranking::{self, PageCache, RankedList, Scored, TokenError};
@@ -138,18 +138,20 @@ impl Pipeline {
         if r.k > self.cfg.serving.max_k as usize {
             return bad(format!("k: {} is above the maximum of {}", r.k, self.cfg.serving.max_k));
         }
-        if !self.cfg.serving.surfaces.iter().any(|s| *s == r.surface) {
-            return bad(format!("surface: unknown surface `{}` (known: {})", r.surface, self.cfg.serving.surfaces.join(", ")));
+        if !self.cfg.serving.surfaces.contains(&r.surface) {
+            return bad(format!(
+                "surface: unknown surface `{}` (known: {})",
+                r.surface,
+                self.cfg.serving.surfaces.join(", ")
+            ));
         }
         Ok(())
     }
 
     pub async fn recommend(&self, r: Request, timeout: Duration) -> Result<Reply, PipelineError> {
         self.validate(&r)?;
-        let _permit = self
-            .inflight
-            .try_acquire()
-            .map_err(|_| PipelineError::Overloaded(self.cfg.serving.max_in_flight))?;
+        let _permit =
+            self.inflight.try_acquire().map_err(|_| PipelineError::Overloaded(self.cfg.serving.max_in_flight))?;
         if !r.page_token.is_empty() {
             return self.next_page(&r);
         }
@@ -173,8 +175,14 @@ impl Pipeline {
         }
         let t = Instant::now();
         let end = (offset + r.k).min(list.items.len());
-        let items: Vec<(u32, Scored)> =
-            list.items.get(offset..end).unwrap_or(&[]).iter().enumerate().map(|(i, s)| ((offset + i + 1) as u32, s.clone())).collect();
+        let items: Vec<(u32, Scored)> = list
+            .items
+            .get(offset..end)
+            .unwrap_or(&[])
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ((offset + i + 1) as u32, s.clone()))
+            .collect();
         let next = if end < list.items.len() { ranking::make_token(&rid, end, &r.user_id) } else { String::new() };
         let diversity_relaxed = page_relaxed(&items);
         self.log_served(&list, &r.surface, offset, end);
@@ -283,7 +291,8 @@ impl Pipeline {
             created: Instant::now(),
         });
         let end = r.k.min(list.items.len());
-        let items: Vec<(u32, Scored)> = list.items[..end].iter().enumerate().map(|(i, s)| ((i + 1) as u32, s.clone())).collect();
+        let items: Vec<(u32, Scored)> =
+            list.items[..end].iter().enumerate().map(|(i, s)| ((i + 1) as u32, s.clone())).collect();
         let next = if end < list.items.len() { ranking::make_token(&rid, end, &r.user_id) } else { String::new() };
         let diversity_relaxed = page_relaxed(&items);
         if !next.is_empty() {
@@ -307,7 +316,14 @@ impl Pipeline {
         })
     }
 
-    async fn retrieve(&self, r: &Request, profile: &UserSnapshot, now: i64, left: Duration, cov: &mut Coverage) -> Vec<Candidate> {
+    async fn retrieve(
+        &self,
+        r: &Request,
+        profile: &UserSnapshot,
+        now: i64,
+        left: Duration,
+        cov: &mut Coverage,
+    ) -> Vec<Candidate> {
         let rc = &self.cfg.retrieval;
         let parts = self.router.partitions();
         let mut queries: HashMap<u32, RetrieveQuery> = HashMap::new();
@@ -368,14 +384,15 @@ impl Pipeline {
         cov.stages.push(st);
         let limits = [rc.trending_limit, rc.follows_limit, rc.coengaged_limit];
         let names = ["trending", "follows", "coengaged"];
-        let mut merged: HashMap<Key, Candidate> = HashMap::new();
+        let mut merged: KeyMap<Candidate> = KeyMap::default();
         for (g, mut list) in per_gen.into_iter().enumerate() {
             list.sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
             // The same item may come from two seeds of one generator: keep it once.
             let mut seen = std::collections::HashSet::new();
             list.retain(|c| seen.insert(c.item));
             list.truncate(limits[g]);
-            metrics::counter!("recsys_generator_candidates_total", "generator" => names[g]).increment(list.len() as u64);
+            metrics::counter!("recsys_generator_candidates_total", "generator" => names[g])
+                .increment(list.len() as u64);
             cov.generator_candidates.push((names[g], list.len() as u32));
             for c in list {
                 merged
@@ -393,7 +410,7 @@ impl Pipeline {
     }
 
     /// Looks up item state (deleted, stock, author) in the owning feature partitions.
-    async fn briefs(&self, keys: &[Key], left: Duration, stage: &'static str, cov: &mut Coverage) -> HashMap<Key, ItemBrief> {
+    async fn briefs(&self, keys: &[Key], left: Duration, stage: &'static str, cov: &mut Coverage) -> KeyMap<ItemBrief> {
         let parts = self.router.partitions();
         let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
         for k in keys {
@@ -405,7 +422,7 @@ impl Pipeline {
             (p, ks, self.router.feature(p, left, move |rp| FeatureMsg::Briefs(ks2, rp)).await)
         });
         let mut st = StageCoverage { stage, asked, ..Default::default() };
-        let mut out = HashMap::with_capacity(keys.len());
+        let mut out = KeyMap::with_capacity_and_hasher(keys.len(), Default::default());
         for (p, ks, res) in futures::future::join_all(calls).await {
             match res {
                 Ok(bs) => {
@@ -424,7 +441,13 @@ impl Pipeline {
         out
     }
 
-    async fn filter(&self, cands: Vec<Candidate>, profile: &UserSnapshot, left: Duration, cov: &mut Coverage) -> (Vec<Candidate>, HashMap<Key, ItemBrief>) {
+    async fn filter(
+        &self,
+        cands: Vec<Candidate>,
+        profile: &UserSnapshot,
+        left: Duration,
+        cov: &mut Coverage,
+    ) -> (Vec<Candidate>, KeyMap<ItemBrief>) {
         let mut removed = [0u32; 5];
         // Seen: the user's bloom filter, fed by impression events.
         let cands: Vec<Candidate> = match &profile.seen {
@@ -491,7 +514,10 @@ impl Pipeline {
             let keys: Vec<Key> = idx.iter().map(|i| cands[*i].item).collect();
             let feats = plan.item_feats.clone();
             async move {
-                let res = self.router.feature(p, left, move |rp| FeatureMsg::ItemFeatures { keys, feats, now, reply: rp }).await;
+                let res = self
+                    .router
+                    .feature(p, left, move |rp| FeatureMsg::ItemFeatures { keys, feats, now, reply: rp })
+                    .await;
                 (p, idx, res)
             }
         });
@@ -540,7 +566,9 @@ impl Pipeline {
             let c = &cands[i];
             for (col, kind) in plan.kinds.iter().enumerate() {
                 let v: Option<f32> = match kind {
-                    FeatureKind::Item(_) => item_rows[i].as_ref().map(|(rep, j)| rep.values[j * rep.stride + plan.item_col[col].unwrap_or(0)]),
+                    FeatureKind::Item(_) => item_rows[i]
+                        .as_ref()
+                        .map(|(rep, j)| rep.values[j * rep.stride + plan.item_col[col].unwrap_or(0)]),
                     FeatureKind::User(_) => user_feats[col],
                     FeatureKind::Cross(f) => cross(*f, c, metas[i].as_ref(), profile, geo, user_emb_norm),
                 };
@@ -571,7 +599,12 @@ impl Pipeline {
     ) -> Vec<(usize, Scored)> {
         let width = self.plan.len();
         let n = cands.len();
-        let make = |i: usize, score: f32, stage1: f32, heads: Vec<(String, f32)>, by: &'static str| -> Option<(usize, Scored)> {
+        let make = |i: usize,
+                    score: f32,
+                    stage1: f32,
+                    heads: Vec<(String, f32)>,
+                    by: &'static str|
+         -> Option<(usize, Scored)> {
             let m = metas[i].as_ref()?;
             Some((
                 i,
@@ -630,7 +663,8 @@ impl Pipeline {
         let heads = &manifest.stage2.heads;
         match self.scorers.score(Stage::Heavy, top.len(), manifest.stage2_columns.len(), m2, left2).await {
             Ok(h) => {
-                let weights: Vec<f32> = heads.iter().map(|n| self.cfg.scoring.value_model.get(n).copied().unwrap_or(0.0)).collect();
+                let weights: Vec<f32> =
+                    heads.iter().map(|n| self.cfg.scoring.value_model.get(n).copied().unwrap_or(0.0)).collect();
                 order
                     .iter()
                     .zip(h.chunks(heads.len()))
@@ -650,7 +684,13 @@ impl Pipeline {
         }
     }
 
-    async fn rank(&self, scored: Vec<(usize, Scored)>, rows: &[f32], left: Duration, cov: &mut Coverage) -> (Vec<Scored>, bool, Vec<Vec<f32>>) {
+    async fn rank(
+        &self,
+        scored: Vec<(usize, Scored)>,
+        rows: &[f32],
+        left: Duration,
+        cov: &mut Coverage,
+    ) -> (Vec<Scored>, bool, Vec<Vec<f32>>) {
         let width = self.plan.len();
         let mut scored = scored;
         scored.sort_by(|a, b| b.1.score.total_cmp(&a.1.score));
@@ -688,7 +728,10 @@ impl Pipeline {
     fn log_served(&self, list: &RankedList, surface: &str, from: usize, to: usize) {
         let Some(logger) = &self.logger else { return };
         let Some(rows) = self.served_features.get(&list.request_id).map(|r| r.clone()) else { return };
-        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
         for pos in from..to {
             let (Some(s), Some(f)) = (list.items.get(pos), rows.get(pos)) else { continue };
             logger.log(LogLine::Served(ServedRow {
@@ -738,7 +781,11 @@ fn cross(f: CrossFeat, c: &Candidate, m: Option<&ItemMeta>, p: &UserSnapshot, ge
                 CrossFeat::EmbCosine => {
                     let dot: f32 = p.embedding.iter().zip(m.embedding.iter()).map(|(a, b)| a * b).sum();
                     let n = m.embedding.iter().map(|v| v * v).sum::<f32>().sqrt() * user_norm;
-                    if n > 0.0 { dot / n } else { 0.0 }
+                    if n > 0.0 {
+                        dot / n
+                    } else {
+                        0.0
+                    }
                 }
                 _ => unreachable!("source features handled above"),
             }

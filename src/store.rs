@@ -185,12 +185,7 @@ impl Store {
             .cache_capacity(cache_mb * 1024 * 1024)
             .mode(sled::Mode::HighThroughput)
             .open()?;
-        Ok(Self {
-            items: db.open_tree("items")?,
-            users: db.open_tree("users")?,
-            events: db.open_tree("events")?,
-            db,
-        })
+        Ok(Self { items: db.open_tree("items")?, users: db.open_tree("users")?, events: db.open_tree("events")?, db })
     }
 
     pub fn put_items(&self, items: &[ItemRecord]) -> Result<(), StoreError> {
@@ -239,16 +234,14 @@ impl Store {
     pub fn scan_items(&self) -> impl Iterator<Item = Result<ItemRecord, StoreError>> + '_ {
         self.items.iter().values().map(|v| {
             let v = v?;
-            serde_json::from_slice(&v)
-                .map_err(|e| StoreError::Corrupt { tree: "items", message: e.to_string() })
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { tree: "items", message: e.to_string() })
         })
     }
 
     pub fn scan_users(&self) -> impl Iterator<Item = Result<UserRecord, StoreError>> + '_ {
         self.users.iter().values().map(|v| {
             let v = v?;
-            serde_json::from_slice(&v)
-                .map_err(|e| StoreError::Corrupt { tree: "users", message: e.to_string() })
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { tree: "users", message: e.to_string() })
         })
     }
 

@@ -59,7 +59,9 @@ async fn node_serves_recommendations_and_survives_restart() {
     let mut refl = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
     let list = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
     let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![list])).await.unwrap().into_inner();
     let resp = stream.message().await.unwrap().unwrap();
@@ -148,7 +150,11 @@ async fn node_serves_recommendations_and_survives_restart() {
         .collect();
     assert_eq!(ing.log_events(pb::LogEventsRequest { events: imp }).await.unwrap().into_inner().accepted, 10);
     let victim = p2.items[0].item_id.clone();
-    let d = ing.delete_items(pb::DeleteItemsRequest { item_ids: vec![victim.clone(), "no-such-item".into()] }).await.unwrap().into_inner();
+    let d = ing
+        .delete_items(pb::DeleteItemsRequest { item_ids: vec![victim.clone(), "no-such-item".into()] })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((d.accepted, d.rejected), (1, 1));
     assert!(d.rejections[0].contains("item_ids[1]"), "{:?}", d.rejections);
     let p3 = rec.recommend(req(&user, 30)).await.unwrap().into_inner();
@@ -180,21 +186,55 @@ async fn node_serves_recommendations_and_survives_restart() {
     let e = rec.recommend(pb::RecommendRequest { page_token: other_user, ..req(&user, 5) }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let big: Vec<pb::Event> = (0..5001)
-        .map(|i| pb::Event { event_id: format!("big{i}"), user_id: "u1".into(), item_id: "i1".into(), action: 1, event_time_ms: now, ..Default::default() })
+        .map(|i| pb::Event {
+            event_id: format!("big{i}"),
+            user_id: "u1".into(),
+            item_id: "i1".into(),
+            action: 1,
+            event_time_ms: now,
+            ..Default::default()
+        })
         .collect();
     let e = ing.log_events(pb::LogEventsRequest { events: big }).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(e.message().contains("events"), "{}", e.message());
     let unknown = vec![
-        pb::Event { event_id: "x1".into(), user_id: "u1".into(), item_id: "ghost".into(), action: 2, event_time_ms: now, ..Default::default() },
-        pb::Event { event_id: "x2".into(), user_id: "u1".into(), item_id: "i1".into(), action: 0, event_time_ms: now, ..Default::default() },
-        pb::Event { event_id: "x3".into(), user_id: "u1".into(), item_id: "i1".into(), action: 2, event_time_ms: now, ..Default::default() },
+        pb::Event {
+            event_id: "x1".into(),
+            user_id: "u1".into(),
+            item_id: "ghost".into(),
+            action: 2,
+            event_time_ms: now,
+            ..Default::default()
+        },
+        pb::Event {
+            event_id: "x2".into(),
+            user_id: "u1".into(),
+            item_id: "i1".into(),
+            action: 0,
+            event_time_ms: now,
+            ..Default::default()
+        },
+        pb::Event {
+            event_id: "x3".into(),
+            user_id: "u1".into(),
+            item_id: "i1".into(),
+            action: 2,
+            event_time_ms: now,
+            ..Default::default()
+        },
     ];
     let r = ing.log_events(pb::LogEventsRequest { events: unknown }).await.unwrap().into_inner();
     assert_eq!((r.accepted, r.rejected), (1, 2), "{r:?}");
     assert!(r.rejections.iter().any(|m| m.contains("events[0].item_id")), "{:?}", r.rejections);
     assert!(r.rejections.iter().any(|m| m.contains("events[1].action")), "{:?}", r.rejections);
-    let e = ing.upsert_items(pb::UpsertItemsRequest { items: vec![pb::Item { item_id: "z".into(), author_id: "a".into(), topic: 999, ..Default::default() }] }).await.unwrap().into_inner();
+    let e = ing
+        .upsert_items(pb::UpsertItemsRequest {
+            items: vec![pb::Item { item_id: "z".into(), author_id: "a".into(), topic: 999, ..Default::default() }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(e.rejected, 1);
     assert!(e.rejections[0].contains("items[0].topic"), "{:?}", e.rejections);
 

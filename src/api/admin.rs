@@ -20,7 +20,10 @@ pub struct AdminService {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
-    async fn cluster_status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+    async fn cluster_status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let st = super::recommender::ready(&self.state)?;
         let ring = &st.router.ring;
         let nodes = st
@@ -37,9 +40,8 @@ impl pb::admin_server::Admin for AdminService {
             .collect();
         let store = st.store.clone();
         // sled's len() walks the tree: off the async workers.
-        let (items, users, events) = tokio::task::spawn_blocking(move || store.counts())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let (items, users, events) =
+            tokio::task::spawn_blocking(move || store.counts()).await.map_err(|e| Status::internal(e.to_string()))?;
         let models = st.scorers.manifest.as_ref().map(|m| pb::ModelVersions {
             stage1: format!("{}/stage1", m.version),
             stage2: format!("{}/stage2", m.version),

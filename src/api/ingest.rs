@@ -118,7 +118,9 @@ impl pb::ingest_server::Ingest for IngestService {
                 (None, None) => {
                     pre_rejected.rejected += 1;
                     if pre_rejected.rejections.len() < 10 {
-                        pre_rejected.rejections.push(format!("events[{i}].action: unspecified or unknown action {}", e.action));
+                        pre_rejected
+                            .rejections
+                            .push(format!("events[{i}].action: unspecified or unknown action {}", e.action));
                     }
                 }
                 (None, Some(a)) => records.push(EventRecord {

@@ -50,7 +50,12 @@ fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
-async fn one(client: &mut RecommenderClient<tonic::transport::Channel>, spec: &BenchSpec, acc: &Mutex<Acc>, record: bool) {
+async fn one(
+    client: &mut RecommenderClient<tonic::transport::Channel>,
+    spec: &BenchSpec,
+    acc: &Mutex<Acc>,
+    record: bool,
+) {
     let user = format!("u{}", rand::rng().random_range(0..spec.users.max(1)));
     let mut req = tonic::Request::new(pb::RecommendRequest {
         user_id: user,
@@ -105,7 +110,9 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<BenchReport> {
                 let (ch, spec, acc, issued) = (ch.clone(), spec.clone(), acc.clone(), issued.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut c = RecommenderClient::new(ch);
-                    while Instant::now() < deadline && issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < spec.requests {
+                    while Instant::now() < deadline
+                        && issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < spec.requests
+                    {
                         one(&mut c, &spec, &acc, true).await;
                     }
                 }));
@@ -169,7 +176,11 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<BenchReport> {
     ));
     text.push_str("per stage (server-side) ms:");
     for (s, h) in &a.stages {
-        text.push_str(&format!("  {s} p50 {:.2}/p99 {:.2}", ms(h.value_at_quantile(0.5)), ms(h.value_at_quantile(0.99))));
+        text.push_str(&format!(
+            "  {s} p50 {:.2}/p99 {:.2}",
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99))
+        ));
     }
     text.push('\n');
     Ok(BenchReport {

@@ -41,7 +41,11 @@ pub async fn run(spec: DemoSpec) -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()
         .context("spawning the node")?;
-    let result = drive(&spec).await;
+    // If the node exits while the demo drives it (bad config, port taken), stop at once.
+    let result = tokio::select! {
+        r = drive(&spec) => r,
+        status = child.wait() => Err(anyhow::anyhow!("the node exited early ({}); see its output above", status?)),
+    };
     if let Err(e) = &result {
         eprintln!("demo failed: {e:#}");
     } else if !spec.exit_after {
@@ -69,9 +73,15 @@ async fn drive(spec: &DemoSpec) -> anyhow::Result<()> {
     let status = AdminClient::new(ch.clone()).cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
     let world = Arc::new(World::generate(load::synthetic_spec(spec.seed, spec.items, spec.users, spec.events)));
     if status.items >= spec.items as u64 && status.events >= spec.events as u64 {
-        println!("== data already loaded ({} items, {} users, {} events): restart kept it", status.items, status.users, status.events);
+        println!(
+            "== data already loaded ({} items, {} users, {} events): restart kept it",
+            status.items, status.users, status.events
+        );
     } else {
-        println!("== loading synthetic world: {} items, {} users, {} events (seed {})", spec.items, spec.users, spec.events, spec.seed);
+        println!(
+            "== loading synthetic world: {} items, {} users, {} events (seed {})",
+            spec.items, spec.users, spec.events, spec.seed
+        );
         let s = load::load_world(ch.clone(), world.clone(), 5000, false).await?;
         println!(
             "   loaded {} items, {} users, {} events ({} duplicates) in {:.1}s",
@@ -158,7 +168,12 @@ pub async fn simulate(spec: SimSpec) -> anyhow::Result<SimReport> {
         let u = rng.random_range(0..world.users.len());
         let uid = world.users[u].id.clone();
         let r = match rec
-            .recommend(pb::RecommendRequest { user_id: uid.clone(), surface: "home".into(), k: spec.k, ..Default::default() })
+            .recommend(pb::RecommendRequest {
+                user_id: uid.clone(),
+                surface: "home".into(),
+                k: spec.k,
+                ..Default::default()
+            })
             .await
         {
             Ok(r) => r.into_inner(),

@@ -83,13 +83,21 @@ pub struct LoadSummary {
 }
 
 /// Sends a world through the API in batches; a retried batch is safe (event ids are stable).
-pub async fn load_world(ch: Channel, world: std::sync::Arc<World>, batch: usize, quiet: bool) -> anyhow::Result<LoadSummary> {
+pub async fn load_world(
+    ch: Channel,
+    world: std::sync::Arc<World>,
+    batch: usize,
+    quiet: bool,
+) -> anyhow::Result<LoadSummary> {
     let mut c = IngestClient::new(ch).max_encoding_message_size(64 << 20);
     let t = Instant::now();
     let mut s = LoadSummary::default();
     let b = bar(world.items.len() as u64, "items", quiet);
     for chunk in world.items.chunks(batch) {
-        let r = c.upsert_items(pb::UpsertItemsRequest { items: chunk.iter().map(to_pb_item).collect() }).await?.into_inner();
+        let r = c
+            .upsert_items(pb::UpsertItemsRequest { items: chunk.iter().map(to_pb_item).collect() })
+            .await?
+            .into_inner();
         s.items += u64::from(r.accepted);
         s.rejected += u64::from(r.rejected);
         b.inc(chunk.len() as u64);
@@ -97,7 +105,10 @@ pub async fn load_world(ch: Channel, world: std::sync::Arc<World>, batch: usize,
     b.finish();
     let b = bar(world.users.len() as u64, "users", quiet);
     for chunk in world.users.chunks(batch) {
-        let r = c.upsert_users(pb::UpsertUsersRequest { users: chunk.iter().map(to_pb_user).collect() }).await?.into_inner();
+        let r = c
+            .upsert_users(pb::UpsertUsersRequest { users: chunk.iter().map(to_pb_user).collect() })
+            .await?
+            .into_inner();
         s.users += u64::from(r.accepted);
         b.inc(chunk.len() as u64);
     }
@@ -133,28 +144,42 @@ pub async fn load_world(ch: Channel, world: std::sync::Arc<World>, batch: usize,
 }
 
 pub fn synthetic_spec(seed: u64, items: usize, users: usize, events: usize) -> WorldSpec {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     WorldSpec { seed, items, users, events, topics: 20, emb_dim: 8, now }
 }
 
 /// Loads JSON-lines files of items, users and events (same field names as the records).
-pub async fn load_files(ch: Channel, items: Option<&Path>, users: Option<&Path>, batch: usize) -> anyhow::Result<LoadSummary> {
+pub async fn load_files(
+    ch: Channel,
+    items: Option<&Path>,
+    users: Option<&Path>,
+    batch: usize,
+) -> anyhow::Result<LoadSummary> {
     let mut c = IngestClient::new(ch).max_encoding_message_size(64 << 20);
     let mut s = LoadSummary::default();
     let t = Instant::now();
     if let Some(p) = items {
         let text = std::fs::read_to_string(p)?;
-        let recs: Vec<ItemRecord> = text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
+        let recs: Vec<ItemRecord> =
+            text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
         for chunk in recs.chunks(batch) {
-            let r = c.upsert_items(pb::UpsertItemsRequest { items: chunk.iter().map(to_pb_item).collect() }).await?.into_inner();
+            let r = c
+                .upsert_items(pb::UpsertItemsRequest { items: chunk.iter().map(to_pb_item).collect() })
+                .await?
+                .into_inner();
             s.items += u64::from(r.accepted);
         }
     }
     if let Some(p) = users {
         let text = std::fs::read_to_string(p)?;
-        let recs: Vec<UserRecord> = text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
+        let recs: Vec<UserRecord> =
+            text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
         for chunk in recs.chunks(batch) {
-            let r = c.upsert_users(pb::UpsertUsersRequest { users: chunk.iter().map(to_pb_user).collect() }).await?.into_inner();
+            let r = c
+                .upsert_users(pb::UpsertUsersRequest { users: chunk.iter().map(to_pb_user).collect() })
+                .await?
+                .into_inner();
             s.users += u64::from(r.accepted);
         }
     }

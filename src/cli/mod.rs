@@ -53,7 +53,13 @@ pub fn print_recommendation(r: &pb::RecommendResponse) {
             .map(|e| {
                 let mut heads: Vec<_> = e.heads.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
                 heads.sort();
-                format!(" stage1={:.3} {} by={} defaulted={}", e.stage1_score, heads.join(" "), e.scored_by, e.defaulted_features)
+                format!(
+                    " stage1={:.3} {} by={} defaulted={}",
+                    e.stage1_score,
+                    heads.join(" "),
+                    e.scored_by,
+                    e.defaulted_features
+                )
             })
             .unwrap_or_default();
         println!(

@@ -27,9 +27,7 @@ impl Ring {
         );
         let r = (replication.max(1) as usize).min(sorted.len().max(1));
         let owners = |role: &str| -> Vec<Vec<String>> {
-            (0..partitions)
-                .map(|p| ring.calc_candidates(&(role, p)).take(r).map(|n| n.key.clone()).collect())
-                .collect()
+            (0..partitions).map(|p| ring.calc_candidates(&(role, p)).take(r).map(|n| n.key.clone()).collect()).collect()
         };
         let digest = format!("{:016x}", crate::ids::key_of(&sorted.join(",")));
         Self {

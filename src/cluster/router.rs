@@ -66,8 +66,7 @@ impl Router {
         timeout: Duration,
         build: impl FnOnce(RpcReplyPort<T>) -> GeneratorMsg,
     ) -> Result<T, CallError> {
-        let actor =
-            self.generator_actor(partition).ok_or_else(|| self.not_here(Role::Generator, partition))?;
+        let actor = self.generator_actor(partition).ok_or_else(|| self.not_here(Role::Generator, partition))?;
         call(&actor, Role::Generator, partition, timeout, build).await
     }
 

@@ -73,8 +73,7 @@ fn counter_index(word: &str) -> Option<usize> {
 }
 
 fn parse_kind(name: &str, source: &str, emb_dim: usize) -> Result<FeatureKind, FeatureError> {
-    let unknown =
-        || FeatureError::UnknownName { name: name.to_string(), source_name: source.to_string() };
+    let unknown = || FeatureError::UnknownName { name: name.to_string(), source_name: source.to_string() };
     match source {
         "item" => {
             let f = match name {
@@ -85,10 +84,7 @@ fn parse_kind(name: &str, source: &str, emb_dim: usize) -> Result<FeatureKind, F
                 "item_is_video" => ItemFeat::IsVideo,
                 "item_topic" => ItemFeat::Topic,
                 _ => {
-                    let i: usize = name
-                        .strip_prefix("item_emb_")
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(unknown)?;
+                    let i: usize = name.strip_prefix("item_emb_").and_then(|s| s.parse().ok()).ok_or_else(unknown)?;
                     if i >= emb_dim {
                         return Err(unknown());
                     }
@@ -193,12 +189,7 @@ impl FeaturePlan {
     pub fn columns_for(&self, inputs: &[String]) -> Result<Vec<usize>, FeatureError> {
         inputs
             .iter()
-            .map(|n| {
-                self.names
-                    .iter()
-                    .position(|m| m == n)
-                    .ok_or_else(|| FeatureError::UndeclaredInput(n.clone()))
-            })
+            .map(|n| self.names.iter().position(|m| m == n).ok_or_else(|| FeatureError::UndeclaredInput(n.clone())))
             .collect()
     }
 }

@@ -1,7 +1,7 @@
 //! A feature partition: item rows and user profiles for the entities hashed to it, held in
 //! dense in-memory blocks (one `Vec` per column family, indexed by row number). Runs as a ractor
 //! actor; sled is the durable copy and is replayed into it on start.
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use fastbloom::BloomFilter;
@@ -9,7 +9,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::{ItemFeat, UserFeat};
 use crate::counters::{self, Window};
-use crate::ids::{key_of, Key};
+use crate::ids::{key_of, Key, KeyMap};
 use crate::store::{Action, ItemRecord, UserRecord};
 
 /// Fixed item attributes before the embedding, in `attrs` row order.
@@ -112,7 +112,7 @@ pub struct UserState {
     pub topic_affinity: Vec<f32>,
     pub emb_sum: Vec<f32>,
     pub emb_weight: f32,
-    pub author_affinity: HashMap<Key, f32>,
+    pub author_affinity: KeyMap<f32>,
     pub counters: Vec<u32>,
 }
 
@@ -128,7 +128,7 @@ pub struct UserSnapshot {
     pub seen: Option<SeenFilter>,
     pub topic_affinity: Vec<f32>,
     pub embedding: Vec<f32>,
-    pub author_affinity: HashMap<Key, f32>,
+    pub author_affinity: KeyMap<f32>,
     pub counters: Vec<u32>,
 }
 
@@ -144,7 +144,7 @@ impl UserSnapshot {
             seen: None,
             topic_affinity: vec![],
             embedding: vec![],
-            author_affinity: HashMap::new(),
+            author_affinity: KeyMap::default(),
             counters: vec![],
         }
     }
@@ -178,7 +178,7 @@ pub struct ShardSettings {
 
 pub struct FeatureShardState {
     pub settings: ShardSettings,
-    index: HashMap<Key, u32>,
+    index: KeyMap<u32>,
     ids: Vec<Arc<str>>,
     authors: Vec<Arc<str>>,
     author_keys: Vec<Key>,
@@ -188,7 +188,7 @@ pub struct FeatureShardState {
     attrs: Vec<f32>,
     embeddings: Vec<Arc<[f32]>>,
     counters: Vec<u32>,
-    users: HashMap<Key, UserState>,
+    users: KeyMap<UserState>,
 }
 
 const ITEM_COUNTER_WIDTH: usize = Action::COUNTERS * counters::WIDTH;
@@ -197,7 +197,7 @@ impl FeatureShardState {
     pub fn new(settings: ShardSettings) -> Self {
         Self {
             settings,
-            index: HashMap::new(),
+            index: KeyMap::default(),
             ids: vec![],
             authors: vec![],
             author_keys: vec![],
@@ -207,7 +207,7 @@ impl FeatureShardState {
             attrs: vec![],
             embeddings: vec![],
             counters: vec![],
-            users: HashMap::new(),
+            users: KeyMap::default(),
         }
     }
 
@@ -326,9 +326,7 @@ impl FeatureShardState {
         }
         // Bounded per user: past the cap the weakest author is forgotten.
         if u.author_affinity.len() >= 128 && !u.author_affinity.contains_key(&e.author_key) {
-            if let Some((&weakest, _)) =
-                u.author_affinity.iter().min_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-            {
+            if let Some((&weakest, _)) = u.author_affinity.iter().min_by(|a, b| a.1.abs().total_cmp(&b.1.abs())) {
                 u.author_affinity.remove(&weakest);
             }
         }
@@ -386,8 +384,14 @@ impl FeatureShardState {
             let r = r as usize;
             let attrs = &self.attrs[r * w..(r + 1) * w];
             let ctr = &self.counters[r * ITEM_COUNTER_WIDTH..(r + 1) * ITEM_COUNTER_WIDTH];
-            let count = |c: usize, win: Window| {
-                counters::sum(&ctr[c * counters::WIDTH..(c + 1) * counters::WIDTH], now, win) as f32
+            // Several features share a window sum (counts and rates): compute each once per row.
+            let mut cache = [[f32::NAN; 3]; Action::COUNTERS];
+            let mut count = |c: usize, win: Window| {
+                let slot = &mut cache[c][win as usize];
+                if slot.is_nan() {
+                    *slot = counters::sum(&ctr[c * counters::WIDTH..(c + 1) * counters::WIDTH], now, win) as f32;
+                }
+                *slot
             };
             let out = &mut values[i * stride..(i + 1) * stride];
             for (o, f) in out.iter_mut().zip(feats) {
@@ -400,7 +404,10 @@ impl FeatureShardState {
                     ItemFeat::Topic => attrs[A_TOPIC],
                     ItemFeat::Emb(d) => attrs[A_FIXED + d],
                     ItemFeat::Count { counter, window } => count(counter, window),
-                    ItemFeat::Rate { num, den, window } => count(num, window) / (count(den, window) + 1.0),
+                    ItemFeat::Rate { num, den, window } => {
+                        let n = count(num, window);
+                        n / (count(den, window) + 1.0)
+                    }
                 };
             }
             meta.push(Some(ItemMeta {
@@ -429,7 +436,7 @@ fn new_user(id: &str, s: &ShardSettings) -> UserState {
         topic_affinity: vec![0.0; s.topics],
         emb_sum: vec![0.0; s.emb_dim],
         emb_weight: 0.0,
-        author_affinity: HashMap::new(),
+        author_affinity: KeyMap::default(),
         counters: vec![0; Action::COUNTERS * counters::WIDTH],
     }
 }
@@ -443,7 +450,12 @@ pub enum FeatureMsg {
     Briefs(Vec<Key>, RpcReplyPort<Vec<Option<ItemBrief>>>),
     RecentLikes(Vec<Key>, RpcReplyPort<Vec<Vec<Key>>>),
     Profile(Key, RpcReplyPort<UserSnapshot>),
-    ItemFeatures { keys: Vec<Key>, feats: Arc<Vec<ItemFeat>>, now: i64, reply: RpcReplyPort<ItemFeatureRows> },
+    ItemFeatures {
+        keys: Vec<Key>,
+        feats: Arc<Vec<ItemFeat>>,
+        now: i64,
+        reply: RpcReplyPort<ItemFeatureRows>,
+    },
     Counts(RpcReplyPort<(usize, usize)>),
     /// Test hook for supervision: the handler panics, the supervisor restarts the partition.
     Crash,

@@ -3,14 +3,13 @@
 //! - trending: per geo, a sliding event-time window (hourly ring) of weighted engagement per item;
 //! - follows: per author, the most recent items;
 //! - co-engagement: per item, the items most often liked by the same users (bounded neighbours).
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::counters::HourRing;
-use crate::ids::Key;
+use crate::ids::{Key, KeyMap};
 use crate::store::Action;
 
 /// A candidate from one generator: item, source bit, and the generator's own score.
@@ -42,7 +41,7 @@ pub fn trending_weight(a: Action) -> f32 {
 
 #[derive(Default)]
 struct GeoTrending {
-    items: HashMap<Key, HourRing>,
+    items: KeyMap<HourRing>,
     top: Vec<Candidate>,
     computed_at: Option<Instant>,
     dirty: bool,
@@ -53,14 +52,14 @@ const TRENDING_REFRESH: Duration = Duration::from_millis(500);
 
 pub struct GeneratorState {
     settings: GeneratorSettings,
-    trending: HashMap<Key, GeoTrending>,
-    authors: HashMap<Key, Vec<(i64, Key)>>,
-    coengaged: HashMap<Key, Vec<(Key, u32)>>,
+    trending: KeyMap<GeoTrending>,
+    authors: KeyMap<Vec<(i64, Key)>>,
+    coengaged: KeyMap<Vec<(Key, u32)>>,
 }
 
 impl GeneratorState {
     pub fn new(settings: GeneratorSettings) -> Self {
-        Self { settings, trending: HashMap::new(), authors: HashMap::new(), coengaged: HashMap::new() }
+        Self { settings, trending: KeyMap::default(), authors: KeyMap::default(), coengaged: KeyMap::default() }
     }
 
     pub fn add_engagement(&mut self, geo: Key, item: Key, action: Action, ts: i64) {
@@ -141,7 +140,7 @@ impl GeneratorState {
         for s in seeds {
             if let Some(list) = self.coengaged.get(s) {
                 let mut l = list.clone();
-                l.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+                l.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
                 out.extend(l.iter().take(per_item).map(|(k, c)| Candidate {
                     item: *k,
                     source: crate::features::SRC_COENGAGED,

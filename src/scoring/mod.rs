@@ -134,10 +134,7 @@ fn load_model(dir: &Path, spec: &ModelSpec) -> Result<LoadedModel, ScoringError>
 impl LoadedModel {
     fn run(&mut self, rows: usize, cols: usize, data: &[f32]) -> Result<Vec<f32>, String> {
         let input = TensorRef::from_array_view(([rows, cols], data)).map_err(|e| e.to_string())?;
-        let outputs = self
-            .session
-            .run(ort::inputs![self.input.as_str() => input])
-            .map_err(|e| e.to_string())?;
+        let outputs = self.session.run(ort::inputs![self.input.as_str() => input]).map_err(|e| e.to_string())?;
         let (_, values) = outputs[self.output.as_str()].try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
         if values.len() != rows * self.width {
             return Err(format!("output has {} values, expected {}×{}", values.len(), rows, self.width));
@@ -215,7 +212,12 @@ impl Actor for Scorer {
         }
     }
 
-    async fn handle(&self, _me: ActorRef<ScorerMsg>, msg: ScorerMsg, st: &mut ScorerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<ScorerMsg>,
+        msg: ScorerMsg,
+        st: &mut ScorerState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ScorerMsg::Submit(job) => match st.jobs.try_send(job) {
                 Ok(()) => Ok(()),
@@ -274,7 +276,14 @@ impl ScorerPool {
     }
 
     /// Scores on the least-busy live scorer with queue room; the deadline bounds the wait.
-    pub async fn score(&self, stage: Stage, rows: usize, cols: usize, data: Vec<f32>, timeout: Duration) -> Result<Vec<f32>, ScoringError> {
+    pub async fn score(
+        &self,
+        stage: Stage,
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+        timeout: Duration,
+    ) -> Result<Vec<f32>, ScoringError> {
         let n = self.inflight.len();
         if n == 0 {
             return Err(ScoringError::Failed("no model deployed".into()));
@@ -333,7 +342,12 @@ impl Actor for ScorerSupervisor {
         Ok(ScorerSupervisorState { pool, manifest, queue })
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<()>, ev: SupervisionEvent, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<()>,
+        ev: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         // Only failures restart: a clean stop is the node shutting down.
         if let SupervisionEvent::ActorFailed(cell, _) = ev {
             let name = cell.get_name().unwrap_or_default();
