@@ -48,6 +48,8 @@ pub struct PartitionSupervisorArgs {
 
 pub struct PartitionSupervisorState {
     router: Arc<Router>,
+    /// Children by actor id (not by registered name: names are process-global in ractor).
+    children: std::collections::HashMap<ractor::ActorId, (Role, u32)>,
     feature_loader: FeatureLoader,
     generator_loader: GeneratorLoader,
 }
@@ -62,18 +64,22 @@ impl Actor for PartitionSupervisor {
         me: ActorRef<()>,
         args: PartitionSupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let mut children = std::collections::HashMap::new();
         for (p, st) in args.features {
             let a = FeatureShardArgs { partition: p, initial: Some(st), load: args.feature_loader.clone() };
-            let (r, _) = Actor::spawn_linked(Some(format!("feature-{p}")), FeatureShard, a, me.get_cell()).await?;
+            let (r, _) = Actor::spawn_linked(None, FeatureShard, a, me.get_cell()).await?;
+            children.insert(r.get_id(), (Role::Feature, p));
             args.router.set_feature(p, Some(r));
         }
         for (p, st) in args.generators {
             let a = GeneratorArgs { partition: p, initial: Some(st), load: args.generator_loader.clone() };
-            let (r, _) = Actor::spawn_linked(Some(format!("generator-{p}")), GeneratorShard, a, me.get_cell()).await?;
+            let (r, _) = Actor::spawn_linked(None, GeneratorShard, a, me.get_cell()).await?;
+            children.insert(r.get_id(), (Role::Generator, p));
             args.router.set_generator(p, Some(r));
         }
         Ok(PartitionSupervisorState {
             router: args.router,
+            children,
             feature_loader: args.feature_loader,
             generator_loader: args.generator_loader,
         })
@@ -86,24 +92,26 @@ impl Actor for PartitionSupervisor {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let SupervisionEvent::ActorFailed(cell, err) = ev else { return Ok(()) };
-        let name = cell.get_name().unwrap_or_default();
-        let Some((role, p)) = name.split_once('-').and_then(|(r, p)| Some((r.to_string(), p.parse::<u32>().ok()?)))
-        else {
-            return Ok(());
-        };
-        tracing::warn!(partition = %name, error = %err, "partition actor failed; reloading it from the store");
-        metrics::counter!("recsys_actor_restarts_total", "role" => role.clone()).increment(1);
-        if role == "feature" {
+        let Some((role, p)) = st.children.remove(&cell.get_id()) else { return Ok(()) };
+        let role_name = if role == Role::Feature { "feature" } else { "generator" };
+        tracing::warn!(role = role_name, partition = p, error = %err, "partition actor failed; reloading it from the store");
+        metrics::counter!("recsys_actor_restarts_total", "role" => role_name).increment(1);
+        let id = if role == Role::Feature {
             st.router.set_feature(p, None);
             let a = FeatureShardArgs { partition: p, initial: None, load: st.feature_loader.clone() };
-            let (r, _) = Actor::spawn_linked(Some(name), FeatureShard, a, me.get_cell()).await?;
+            let (r, _) = Actor::spawn_linked(None, FeatureShard, a, me.get_cell()).await?;
+            let id = r.get_id();
             st.router.set_feature(p, Some(r));
+            id
         } else {
             st.router.set_generator(p, None);
             let a = GeneratorArgs { partition: p, initial: None, load: st.generator_loader.clone() };
-            let (r, _) = Actor::spawn_linked(Some(name), GeneratorShard, a, me.get_cell()).await?;
+            let (r, _) = Actor::spawn_linked(None, GeneratorShard, a, me.get_cell()).await?;
+            let id = r.get_id();
             st.router.set_generator(p, Some(r));
-        }
+            id
+        };
+        st.children.insert(id, (role, p));
         Ok(())
     }
 }
@@ -264,16 +272,15 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         feature_loader,
         generator_loader,
     };
-    let (partition_sup, _) = Actor::spawn(Some("partitions".into()), PartitionSupervisor, args)
-        .await
-        .map_err(|e| err(format!("partition actors: {e}")))?;
+    let (partition_sup, _) =
+        Actor::spawn(None, PartitionSupervisor, args).await.map_err(|e| err(format!("partition actors: {e}")))?;
 
     let scorers = match &manifest {
         Some(m) => Arc::new(ScorerPool::new(m.clone(), cfg.scoring.scorers, cfg.scoring.queue_per_scorer)),
         None => Arc::new(ScorerPool::empty()),
     };
     let scorer_sup = if manifest.is_some() {
-        let (s, _) = Actor::spawn(Some("scorers".into()), ScorerSupervisor, scorers.clone())
+        let (s, _) = Actor::spawn(None, ScorerSupervisor, scorers.clone())
             .await
             .map_err(|e| err(format!("refusing to start: scorers: {e}")))?;
         Some(s)

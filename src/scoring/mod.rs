@@ -322,6 +322,7 @@ pub struct ScorerSupervisor;
 
 pub struct ScorerSupervisorState {
     pool: Arc<ScorerPool>,
+    children: std::collections::HashMap<ractor::ActorId, usize>,
     manifest: Arc<Manifest>,
     queue: usize,
 }
@@ -333,13 +334,15 @@ impl Actor for ScorerSupervisor {
 
     async fn pre_start(&self, me: ActorRef<()>, pool: Arc<ScorerPool>) -> Result<Self::State, ActorProcessingErr> {
         let manifest = pool.manifest.clone().ok_or("scorer supervisor without a model")?;
+        let mut children = std::collections::HashMap::new();
         for i in 0..pool.len() {
             let args = ScorerArgs { manifest: manifest.clone(), queue: pool.queue, index: i };
-            let (a, _) = Actor::spawn_linked(Some(format!("scorer-{i}")), Scorer, args, me.get_cell()).await?;
+            let (a, _) = Actor::spawn_linked(None, Scorer, args, me.get_cell()).await?;
+            children.insert(a.get_id(), i);
             pool.set(i, Some(a));
         }
         let queue = pool.queue;
-        Ok(ScorerSupervisorState { pool, manifest, queue })
+        Ok(ScorerSupervisorState { pool, children, manifest, queue })
     }
 
     async fn handle_supervisor_evt(
@@ -350,13 +353,13 @@ impl Actor for ScorerSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         // Only failures restart: a clean stop is the node shutting down.
         if let SupervisionEvent::ActorFailed(cell, _) = ev {
-            let name = cell.get_name().unwrap_or_default();
-            if let Some(i) = name.strip_prefix("scorer-").and_then(|s| s.parse::<usize>().ok()) {
+            if let Some(i) = st.children.remove(&cell.get_id()) {
                 tracing::warn!(scorer = i, "scorer failed; restarting");
                 metrics::counter!("recsys_actor_restarts_total", "role" => "scorer").increment(1);
                 st.pool.set(i, None);
                 let args = ScorerArgs { manifest: st.manifest.clone(), queue: st.queue, index: i };
-                let (a, _) = Actor::spawn_linked(Some(name), Scorer, args, me.get_cell()).await?;
+                let (a, _) = Actor::spawn_linked(None, Scorer, args, me.get_cell()).await?;
+                st.children.insert(a.get_id(), i);
                 st.pool.set(i, Some(a));
             }
         }
