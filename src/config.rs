@@ -247,6 +247,12 @@ impl Config {
         if self.serving.surfaces.is_empty() {
             return bad("serving.surfaces", "at least one surface is required");
         }
+        if !(1..=24).contains(&self.retrieval.trending_window_hours) {
+            return bad(
+                "retrieval.trending_window_hours",
+                "must be in 1..=24 (the trending ring holds 24 hourly buckets)",
+            );
+        }
         if self.scoring.scorers == 0 {
             return bad("scoring.scorers", "must be at least 1");
         }

@@ -437,17 +437,10 @@ impl Writer {
         let mut out = WriteOutcome::default();
         let keys: Vec<Key> = events.iter().map(|e| key_of(&e.item)).collect();
         let briefs = self.briefs(&keys).await?;
-        let store = self.store.clone();
-        let ids_in: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
-        let known = tokio::task::spawn_blocking(move || {
-            ids_in.iter().map(|id| store.has_event(id)).collect::<Result<Vec<bool>, _>>()
-        })
-        .await
-        .map_err(|e| IngestError::Invalid(e.to_string()))??;
         let mut batch_ids = std::collections::HashSet::new();
         let mut ok: Vec<EventRecord> = Vec::with_capacity(events.len());
-        for (i, (e, dup)) in events.into_iter().zip(known).enumerate() {
-            if dup || !batch_ids.insert(e.event_id.clone()) {
+        for (i, e) in events.into_iter().enumerate() {
+            if !batch_ids.insert(e.event_id.clone()) {
                 out.duplicates += 1;
             } else if !briefs.contains_key(&key_of(&e.item)) {
                 out.reject(format!("events[{i}].item_id: unknown item `{}`", e.item));
@@ -488,13 +481,16 @@ impl Writer {
                 list.truncate(self.cfg.retrieval.recent_likes);
             }
         }
+        // Idempotency: an id already stored (an earlier or a concurrent retry) is acknowledged, not applied.
         let store = self.store.clone();
-        let ok = Arc::new(ok);
-        let ok2 = ok.clone();
-        tokio::task::spawn_blocking(move || store.put_events(&ok2))
+        let (ok, fresh) = tokio::task::spawn_blocking(move || store.insert_new_events(&ok).map(|f| (ok, f)))
             .await
             .map_err(|e| IngestError::Invalid(e.to_string()))??;
+        let before = ok.len();
+        let ok: Vec<EventRecord> = ok.into_iter().zip(fresh).filter_map(|(e, new)| new.then_some(e)).collect();
+        out.duplicates += (before - ok.len()) as u32;
         self.flush(&mut out).await?;
+        let ok = Arc::new(ok);
         let mut routed = Routed::default();
         for e in ok.iter() {
             routed.event(self.router.partitions(), e, &briefs[&key_of(&e.item)]);

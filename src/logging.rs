@@ -50,20 +50,16 @@ impl FeatureLogger {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("feature_schema.json"), serde_json::to_vec_pretty(feature_names)?)?;
         let (tx, rx) = sync_channel::<LogLine>(8192);
-        let dir: PathBuf = dir.to_path_buf();
-        let open = |name: &str| {
-            std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).map(std::io::BufWriter::new)
-        };
-        let mut served = open("served.jsonl")?;
-        let mut events = open("events.jsonl")?;
+        let mut served = RotatingFile::open(dir.join("served.jsonl"))?;
+        let mut events = RotatingFile::open(dir.join("events.jsonl"))?;
         std::thread::Builder::new().name("feature-log".into()).spawn(move || {
             // Block for one line, then drain what is queued before flushing.
             while let Ok(first) = rx.recv() {
                 let mut next = Some(first);
                 while let Some(line) = next {
                     let r = match line {
-                        LogLine::Served(r) => write_line(&mut served, &r),
-                        LogLine::Event(r) => write_line(&mut events, &r),
+                        LogLine::Served(r) => served.write_row(&r),
+                        LogLine::Event(r) => events.write_row(&r),
                     };
                     if let Err(e) = r {
                         tracing::warn!(error = %e, "feature log write failed");
@@ -88,7 +84,46 @@ impl FeatureLogger {
     }
 }
 
-fn write_line<W: Write, T: Serialize>(w: &mut W, row: &T) -> std::io::Result<()> {
-    serde_json::to_writer(&mut *w, row)?;
-    w.write_all(b"\n")
+/// A JSON-lines file that rotates at `ROTATE_BYTES` and keeps `KEEP` old generations
+/// (`served.1.jsonl` is the newest old one), so disk use stays bounded on a long-running node.
+struct RotatingFile {
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    written: u64,
+}
+
+const ROTATE_BYTES: u64 = 256 * 1024 * 1024;
+const KEEP: usize = 4;
+
+impl RotatingFile {
+    fn open(path: PathBuf) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let written = file.metadata()?.len();
+        Ok(Self { path, out: std::io::BufWriter::new(file), written })
+    }
+
+    fn generation(&self, n: usize) -> PathBuf {
+        let stem = self.path.file_stem().and_then(|s| s.to_str()).unwrap_or("log");
+        self.path.with_file_name(format!("{stem}.{n}.jsonl"))
+    }
+
+    fn write_row<T: Serialize>(&mut self, row: &T) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(row)?;
+        line.push(b'\n');
+        if self.written + line.len() as u64 > ROTATE_BYTES {
+            self.out.flush()?;
+            for n in (1..KEEP).rev() {
+                let _ = std::fs::rename(self.generation(n), self.generation(n + 1));
+            }
+            std::fs::rename(&self.path, self.generation(1))?;
+            *self = Self::open(self.path.clone())?;
+        }
+        self.out.write_all(&line)?;
+        self.written += line.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }

@@ -299,7 +299,6 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         pages: PageCache::new(Duration::from_secs(cfg.serving.page_cache_ttl_secs), cfg.serving.page_cache_capacity),
         logger: Some(logger),
         inflight: tokio::sync::Semaphore::new(cfg.serving.max_in_flight),
-        served_features: dashmap::DashMap::new(),
     });
     let _ = handles.pipeline.set(pipeline);
     let _ = handles.writer.set(Arc::new(Writer { cfg: cfg.clone(), store: store.clone(), router: router.clone() }));

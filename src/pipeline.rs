@@ -85,8 +85,6 @@ pub struct Pipeline {
     pub pages: PageCache,
     pub logger: Option<FeatureLogger>,
     pub inflight: tokio::sync::Semaphore,
-    /// Feature rows of each cached ranked list, so later pages can be logged too.
-    pub served_features: dashmap::DashMap<String, Arc<Vec<Vec<f32>>>>,
 }
 
 /// Per-stage deadlines: each stage may run until its cumulative share of the budget.
@@ -289,6 +287,7 @@ impl Pipeline {
             stage1_version: v1.clone(),
             stage2_version: v2.clone(),
             created: Instant::now(),
+            features: kept_rows,
         });
         let end = r.k.min(list.items.len());
         let items: Vec<(u32, Scored)> =
@@ -298,11 +297,7 @@ impl Pipeline {
         if !next.is_empty() {
             self.pages.insert(list.clone());
         }
-        self.served_features.insert(rid.clone(), Arc::new(kept_rows));
         self.log_served(&list, &r.surface, 0, end);
-        if next.is_empty() {
-            self.served_features.remove(&rid);
-        }
         Ok(Reply {
             request_id: rid,
             items,
@@ -338,12 +333,15 @@ impl Pipeline {
             m.entry(p).or_insert_with(|| base.clone())
         }
         let geo = if !r.geo.is_empty() { r.geo.clone() } else { profile.geo.clone() };
-        let mut geos = vec![key_of(GLOBAL_GEO)];
+        // Trending in the user's geo first; the global list fills what the geo cannot (and serves
+        // users with no geo at all).
+        let mut geos = vec![];
         if !geo.is_empty() && geo != GLOBAL_GEO {
-            geos.push(key_of(&geo));
+            geos.push((key_of(&geo), 0u8));
         }
-        for g in geos {
-            q(&mut queries, &base, partition_of(ids::GEO, g, parts)).trending_geos.push(g);
+        geos.push((key_of(GLOBAL_GEO), geos.len() as u8));
+        for (g, group) in geos {
+            q(&mut queries, &base, partition_of(ids::GEO, g, parts)).trending_geos.push((g, group));
         }
         for a in &profile.follows {
             q(&mut queries, &base, partition_of(ids::AUTHOR, *a, parts)).authors.push(*a);
@@ -386,7 +384,7 @@ impl Pipeline {
         let names = ["trending", "follows", "coengaged"];
         let mut merged: KeyMap<Candidate> = KeyMap::default();
         for (g, mut list) in per_gen.into_iter().enumerate() {
-            list.sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
+            list.sort_unstable_by(|a, b| a.group.cmp(&b.group).then(b.score.total_cmp(&a.score)));
             // The same item may come from two seeds of one generator: keep it once.
             let mut seen = std::collections::HashSet::new();
             list.retain(|c| seen.insert(c.item));
@@ -727,7 +725,7 @@ impl Pipeline {
 
     fn log_served(&self, list: &RankedList, surface: &str, from: usize, to: usize) {
         let Some(logger) = &self.logger else { return };
-        let Some(rows) = self.served_features.get(&list.request_id).map(|r| r.clone()) else { return };
+        let rows = &list.features;
         let ts = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
@@ -749,9 +747,6 @@ impl Pipeline {
                 sources: s.sources,
                 features: f.clone(),
             }));
-        }
-        if to >= list.items.len() {
-            self.served_features.remove(&list.request_id);
         }
     }
 }

@@ -55,6 +55,8 @@ pub struct RankedList {
     pub stage1_version: String,
     pub stage2_version: String,
     pub created: Instant,
+    /// The feature row each ranked item was scored with, for logging whichever page is served.
+    pub features: Vec<Vec<f32>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -194,6 +196,7 @@ mod tests {
                 stage1_version: String::new(),
                 stage2_version: String::new(),
                 created: Instant::now(),
+                features: vec![],
             }));
         }
         assert!(c.len() <= 10);

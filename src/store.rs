@@ -213,17 +213,16 @@ impl Store {
         Ok(self.users.apply_batch(batch)?)
     }
 
-    /// True for event ids already stored: the idempotency check.
-    pub fn has_event(&self, event_id: &str) -> Result<bool, StoreError> {
-        Ok(self.events.contains_key(event_id.as_bytes())?)
-    }
-
-    pub fn put_events(&self, events: &[EventRecord]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for e in events {
-            batch.insert(e.event_id.as_bytes(), e.encode());
-        }
-        Ok(self.events.apply_batch(batch)?)
+    /// Stores each event unless its id is already there (atomic per id, so two concurrent
+    /// retries of one batch cannot both count). Returns, per event, whether it was new.
+    pub fn insert_new_events(&self, events: &[EventRecord]) -> Result<Vec<bool>, StoreError> {
+        events
+            .iter()
+            .map(|e| {
+                let r = self.events.compare_and_swap(e.event_id.as_bytes(), None as Option<&[u8]>, Some(e.encode()))?;
+                Ok(r.is_ok())
+            })
+            .collect()
     }
 
     /// One flush per write batch; the ack waits for it.

@@ -69,7 +69,6 @@ async fn rig(name: &str, scorers: Option<Arc<ScorerPool>>) -> Rig {
         pages: PageCache::new(Duration::from_secs(60), 100),
         logger: None,
         inflight: tokio::sync::Semaphore::new(16),
-        served_features: Default::default(),
     });
     Rig { pipeline, router, store, world }
 }

@@ -4,6 +4,7 @@ scored) to the events that followed, one label per action within an attribution 
     python training/make_dataset.py --logs data/train/logs --out training/out/dataset.parquet
 """
 import argparse
+import glob
 import json
 import os
 
@@ -23,8 +24,13 @@ def main():
     a = ap.parse_args()
 
     names = json.load(open(os.path.join(a.logs, "feature_schema.json")))
-    served = pd.read_json(os.path.join(a.logs, "served.jsonl"), lines=True)
-    events = pd.read_json(os.path.join(a.logs, "events.jsonl"), lines=True)
+    # The node rotates its logs (served.jsonl, served.1.jsonl, ...): read every generation.
+    def read(stem):
+        files = sorted(glob.glob(os.path.join(a.logs, f"{stem}*.jsonl")))
+        return pd.concat([pd.read_json(f, lines=True) for f in files if os.path.getsize(f) > 0], ignore_index=True)
+
+    served = read("served")
+    events = read("events")
     events = events[events["request_id"].astype(str) != ""]
     print(f"served rows: {len(served)}, attributed events: {len(events)}")
 

@@ -16,6 +16,8 @@ use crate::store::Action;
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate {
     pub item: Key,
+    /// Preference within one generator: 0 first (the user's own geo for trending), then 1, ...
+    pub group: u8,
     pub source: u8,
     pub score: f32,
 }
@@ -100,7 +102,12 @@ impl GeneratorState {
                 .iter()
                 .filter_map(|(k, ring)| {
                     let s = ring.sum(now, hours);
-                    (s > 0.0).then_some(Candidate { item: *k, source: crate::features::SRC_TRENDING, score: s })
+                    (s > 0.0).then_some(Candidate {
+                        item: *k,
+                        group: 0,
+                        source: crate::features::SRC_TRENDING,
+                        score: s,
+                    })
                 })
                 .collect();
             let keep = limit.max(1000).min(all.len());
@@ -126,6 +133,7 @@ impl GeneratorState {
                     let age_h = ((now - created).max(0) as f32) / 3600.0;
                     out.push(Candidate {
                         item: *item,
+                        group: 0,
                         source: crate::features::SRC_FOLLOWS,
                         score: 1.0 / (1.0 + age_h),
                     });
@@ -143,6 +151,7 @@ impl GeneratorState {
                 l.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
                 out.extend(l.iter().take(per_item).map(|(k, c)| Candidate {
                     item: *k,
+                    group: 0,
                     source: crate::features::SRC_COENGAGED,
                     score: *c as f32,
                 }));
@@ -164,7 +173,8 @@ pub enum GeneratorMsg {
 #[derive(Debug, Clone, Default)]
 pub struct RetrieveQuery {
     pub now: i64,
-    pub trending_geos: Vec<Key>,
+    /// Geos with their preference group (the user's geo 0, the global fallback 1).
+    pub trending_geos: Vec<(Key, u8)>,
     pub trending_limit: usize,
     pub authors: Vec<Key>,
     pub per_author: usize,
@@ -226,8 +236,10 @@ impl Actor for GeneratorShard {
             }
             GeneratorMsg::Retrieve(q, reply) => {
                 let mut out = Vec::new();
-                for g in &q.trending_geos {
-                    out.extend(st.trending(*g, q.now, q.trending_limit));
+                for (g, group) in &q.trending_geos {
+                    out.extend(
+                        st.trending(*g, q.now, q.trending_limit).into_iter().map(|c| Candidate { group: *group, ..c }),
+                    );
                 }
                 out.extend(st.author_items(&q.authors, q.per_author, q.now));
                 out.extend(st.coengaged(&q.seeds, q.per_seed));
