@@ -73,7 +73,7 @@ fn main() {
     let mut c = Criterion::default().configure_from_args().sample_size(30);
 
     // Feature gather: 1000 candidates from one partition's dense blocks.
-    let shard = shard_with_items(20_000);
+    let mut shard = shard_with_items(20_000);
     let keys: Vec<u64> = (0..1000).map(|i| recsys::ids::key_of(&format!("i{}", i * 17))).collect();
     let now = 1_700_000_100;
     c.bench_function("item_features_1000", |b| b.iter(|| black_box(shard.item_features(&keys, &plan.item_feats, now))));

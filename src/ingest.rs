@@ -77,6 +77,9 @@ pub fn validate_item(cfg: &Config, i: usize, it: &ItemRecord) -> Result<(), Stri
     if !valid_id(&it.author) {
         return f("author_id", "must be 1..=256 printable characters");
     }
+    if it.geo.len() > 64 {
+        return f("geo", "longer than 64 bytes");
+    }
     if it.topic >= cfg.ingest.topics {
         return f("topic", &format!("must be below {}", cfg.ingest.topics));
     }
@@ -348,6 +351,8 @@ impl Writer {
         for (i, u) in users.into_iter().enumerate() {
             if !valid_id(&u.id) {
                 out.reject(format!("users[{i}].user_id: must be 1..=256 printable characters"));
+            } else if u.geo.len() > 64 {
+                out.reject(format!("users[{i}].geo: longer than 64 bytes"));
             } else if let Some(j) = u.follows.iter().chain(&u.blocked_authors).position(|a| !valid_id(a)) {
                 out.reject(format!("users[{i}].follows/blocked_authors[{j}]: invalid author id"));
             } else if u.follows.len() > 10_000 || u.blocked_authors.len() > 10_000 {

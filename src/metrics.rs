@@ -9,7 +9,11 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 
 pub fn install(listen: Option<SocketAddr>) -> Result<(), String> {
     let builder = match listen {
-        Some(addr) => PrometheusBuilder::new().with_http_listener(addr),
+        // Real histograms (buckets, seconds) rather than client-side summaries, so they aggregate.
+        Some(addr) => PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets(&[0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+            .map_err(|e| e.to_string())?,
         None => return Ok(()),
     };
     builder.install().map_err(|e| e.to_string())?;

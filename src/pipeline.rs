@@ -130,6 +130,9 @@ impl Pipeline {
         if r.user_id.len() > 256 {
             return bad("user_id: longer than 256 bytes".into());
         }
+        if r.geo.len() > 64 {
+            return bad("context.geo: longer than 64 bytes".into());
+        }
         if r.k == 0 {
             return bad("k: must be at least 1".into());
         }

@@ -98,10 +98,14 @@ impl pb::ingest_server::Ingest for IngestService {
         for (i, e) in events.into_iter().enumerate() {
             let why = if e.event_id.is_empty() || e.event_id.len() > 128 {
                 Some("event_id: must be 1..=128 bytes")
-            } else if e.user_id.is_empty() {
-                Some("user_id: must not be empty")
-            } else if e.item_id.is_empty() {
-                Some("item_id: must not be empty")
+            } else if e.user_id.is_empty() || e.user_id.len() > 256 {
+                Some("user_id: must be 1..=256 bytes")
+            } else if e.item_id.is_empty() || e.item_id.len() > 256 {
+                Some("item_id: must be 1..=256 bytes")
+            } else if e.geo.len() > 64 {
+                Some("geo: longer than 64 bytes")
+            } else if e.request_id.len() > 128 {
+                Some("request_id: longer than 128 bytes")
             } else if e.event_time_ms <= 0 {
                 Some("event_time_ms: must be a positive unix time in milliseconds")
             } else {

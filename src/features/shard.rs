@@ -188,8 +188,15 @@ pub struct FeatureShardState {
     attrs: Vec<f32>,
     embeddings: Vec<Arc<[f32]>>,
     counters: Vec<u32>,
+    /// Per row: every (counter, window) sum, valid for the 5-minute bucket in `window_sums_at`
+    /// (window sums only change at bucket boundaries or when an event lands, which invalidates).
+    window_sums: Vec<[f32; WINDOW_SUMS]>,
+    window_sums_at: Vec<i64>,
     users: KeyMap<UserState>,
 }
+
+const WINDOW_SUMS: usize = Action::COUNTERS * 3;
+const SUMS_STALE: i64 = i64::MIN;
 
 const ITEM_COUNTER_WIDTH: usize = Action::COUNTERS * counters::WIDTH;
 
@@ -207,6 +214,8 @@ impl FeatureShardState {
             attrs: vec![],
             embeddings: vec![],
             counters: vec![],
+            window_sums: vec![],
+            window_sums_at: vec![],
             users: KeyMap::default(),
         }
     }
@@ -239,6 +248,8 @@ impl FeatureShardState {
                 self.attrs.resize(self.attrs.len() + w, 0.0);
                 self.embeddings.push(Arc::from(Vec::new()));
                 self.counters.resize(self.counters.len() + ITEM_COUNTER_WIDTH, 0);
+                self.window_sums.push([0.0; WINDOW_SUMS]);
+                self.window_sums_at.push(SUMS_STALE);
                 r
             }
         };
@@ -291,6 +302,7 @@ impl FeatureShardState {
         if let Some(&r) = self.index.get(&item) {
             let base = r as usize * ITEM_COUNTER_WIDTH + action.counter() * counters::WIDTH;
             counters::add(&mut self.counters[base..base + counters::WIDTH], ts, 1);
+            self.window_sums_at[r as usize] = SUMS_STALE;
         }
     }
 
@@ -371,7 +383,8 @@ impl FeatureShardState {
     }
 
     /// Gathers the requested item features for a batch straight from the dense blocks.
-    pub fn item_features(&self, keys: &[Key], feats: &[ItemFeat], now: i64) -> ItemFeatureRows {
+    pub fn item_features(&mut self, keys: &[Key], feats: &[ItemFeat], now: i64) -> ItemFeatureRows {
+        let bucket = now.div_euclid(counters::LEVELS[0].0);
         let stride = feats.len();
         let w = self.attr_width();
         let mut values = vec![0.0f32; keys.len() * stride];
@@ -383,16 +396,19 @@ impl FeatureShardState {
             };
             let r = r as usize;
             let attrs = &self.attrs[r * w..(r + 1) * w];
-            let ctr = &self.counters[r * ITEM_COUNTER_WIDTH..(r + 1) * ITEM_COUNTER_WIDTH];
-            // Several features share a window sum (counts and rates): compute each once per row.
-            let mut cache = [[f32::NAN; 3]; Action::COUNTERS];
-            let mut count = |c: usize, win: Window| {
-                let slot = &mut cache[c][win as usize];
-                if slot.is_nan() {
-                    *slot = counters::sum(&ctr[c * counters::WIDTH..(c + 1) * counters::WIDTH], now, win) as f32;
+            if self.window_sums_at[r] != bucket {
+                let ctr = &self.counters[r * ITEM_COUNTER_WIDTH..(r + 1) * ITEM_COUNTER_WIDTH];
+                let sums = &mut self.window_sums[r];
+                for c in 0..Action::COUNTERS {
+                    let cell = &ctr[c * counters::WIDTH..(c + 1) * counters::WIDTH];
+                    for win in [Window::Hour, Window::Day, Window::Week] {
+                        sums[c * 3 + win as usize] = counters::sum(cell, now, win) as f32;
+                    }
                 }
-                *slot
-            };
+                self.window_sums_at[r] = bucket;
+            }
+            let sums = &self.window_sums[r];
+            let count = |c: usize, win: Window| sums[c * 3 + win as usize];
             let out = &mut values[i * stride..(i + 1) * stride];
             for (o, f) in out.iter_mut().zip(feats) {
                 *o = match *f {
@@ -569,6 +585,22 @@ mod tests {
             embedding: vec![1.0, 0.0, 0.0, 0.0],
             deleted: false,
         }
+    }
+
+    #[test]
+    fn cached_window_sums_follow_events_and_time() {
+        let mut s = FeatureShardState::new(settings());
+        s.upsert_item(&item("i1"));
+        let k = key_of("i1");
+        let feats =
+            [ItemFeat::Count { counter: 1, window: Window::Hour }, ItemFeat::Count { counter: 1, window: Window::Day }];
+        let t = 1_700_000_000;
+        s.apply_item_event(k, Action::Click, t - 100);
+        assert_eq!(s.item_features(&[k], &feats, t).values, vec![1.0, 1.0]);
+        s.apply_item_event(k, Action::Click, t - 50); // invalidates the cached sums
+        assert_eq!(s.item_features(&[k], &feats, t).values, vec![2.0, 2.0]);
+        // Two hours later the clicks left the 1h window but not the 1d one.
+        assert_eq!(s.item_features(&[k], &feats, t + 7200).values, vec![0.0, 2.0]);
     }
 
     #[test]
