@@ -645,7 +645,7 @@ impl Pipeline {
             return vec![];
         }
         let m1 = gather(&present, &manifest.stage1_columns);
-        let s1 = self.scorers.score(Stage::Light, present.len(), manifest.stage1_columns.len(), m1, left).await;
+        let s1 = self.scorers.score_split(Stage::Light, present.len(), manifest.stage1_columns.len(), m1, left).await;
         let s1 = match s1 {
             Ok(s) => s,
             Err(e) => {

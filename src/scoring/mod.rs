@@ -33,6 +33,9 @@ pub enum ScoringError {
     Timeout,
 }
 
+/// Batches at least this large are split across two scorers.
+const SPLIT_ROWS: usize = 400;
+
 static ORT_ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
 
 /// Where to look for libonnxruntime: config, `ORT_DYLIB_PATH`, then the copy `scripts/setup.sh` fetched.
@@ -273,6 +276,32 @@ impl ScorerPool {
 
     pub fn live(&self) -> usize {
         self.scorers.read().expect("scorer lock").iter().filter(|a| a.is_some()).count()
+    }
+
+    /// Large batches are cut in two and scored on two scorers at once (halving the stage's wall time
+    /// when both are free); small ones go to one scorer.
+    pub async fn score_split(
+        &self,
+        stage: Stage,
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+        timeout: Duration,
+    ) -> Result<Vec<f32>, ScoringError> {
+        if rows < SPLIT_ROWS || self.live() < 2 {
+            return self.score(stage, rows, cols, data, timeout).await;
+        }
+        let half = rows / 2;
+        let second = data[half * cols..].to_vec();
+        let mut first = data;
+        first.truncate(half * cols);
+        let (a, b) = tokio::join!(
+            self.score(stage, half, cols, first, timeout),
+            self.score(stage, rows - half, cols, second, timeout)
+        );
+        let mut a = a?;
+        a.extend(b?);
+        Ok(a)
     }
 
     /// Scores on the least-busy live scorer with queue room; the deadline bounds the wait.
