@@ -174,6 +174,13 @@ async fn scorers_compute_what_training_computed_and_fall_back_when_gone() {
         assert!((g - w).abs() < 1e-3, "stage 2: ort {g} vs sklearn {w}");
     }
 
+    // A large batch split over both scorers gives exactly the rows' scores in order.
+    let big: Vec<f32> = rows.iter().cycle().take(1001).flatten().copied().collect();
+    let whole = pool.score(Stage::Light, 1001, cols, big.clone(), Duration::from_secs(5)).await.unwrap();
+    let split = pool.score_split(Stage::Light, 1001, cols, big, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(whole, split);
+    assert!((whole[1000] - want1[1000 % want1.len()]).abs() < 1e-4);
+
     // The full pipeline on the models, then with every scorer gone: heuristic fallback, still an answer.
     let r = rig("scoring", Some(pool.clone())).await;
     let user = active_user(&r.world);
