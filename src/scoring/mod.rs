@@ -278,8 +278,9 @@ impl ScorerPool {
         self.scorers.read().expect("scorer lock").iter().filter(|a| a.is_some()).count()
     }
 
-    /// Large batches are cut in two and scored on two scorers at once (halving the stage's wall time
-    /// when both are free); small ones go to one scorer.
+    /// Large batches are cut in two and scored on two scorers at once when at least two are idle
+    /// (halving the stage's wall time at low load); under load, or for small batches, one scorer
+    /// takes the whole batch so the split never costs queue slots other requests need.
     pub async fn score_split(
         &self,
         stage: Stage,
@@ -288,7 +289,8 @@ impl ScorerPool {
         data: Vec<f32>,
         timeout: Duration,
     ) -> Result<Vec<f32>, ScoringError> {
-        if rows < SPLIT_ROWS || self.live() < 2 {
+        let idle = self.inflight.iter().filter(|n| n.load(Ordering::Relaxed) == 0).count();
+        if rows < SPLIT_ROWS || idle < 2 || self.live() < 2 {
             return self.score(stage, rows, cols, data, timeout).await;
         }
         let half = rows / 2;
