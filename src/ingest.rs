@@ -20,6 +20,8 @@ pub enum IngestError {
     Invalid(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("internal: {0}")]
+    Internal(String),
     #[error("write is durable but partition apply failed: {0}")]
     Apply(#[from] CallError),
 }
@@ -333,7 +335,7 @@ impl Writer {
             let b2 = batch.clone();
             tokio::task::spawn_blocking(move || store.put_items(&b2))
                 .await
-                .map_err(|e| IngestError::Invalid(e.to_string()))??;
+                .map_err(|e| IngestError::Internal(e.to_string()))??;
             self.flush(&mut out).await?;
             let mut routed = Routed::default();
             routed.items(self.router.partitions(), &batch);
@@ -367,7 +369,7 @@ impl Writer {
             let b2 = batch.clone();
             tokio::task::spawn_blocking(move || store.put_users(&b2))
                 .await
-                .map_err(|e| IngestError::Invalid(e.to_string()))??;
+                .map_err(|e| IngestError::Internal(e.to_string()))??;
             self.flush(&mut out).await?;
             let mut routed = Routed::default();
             routed.users(self.router.partitions(), &batch);
@@ -386,7 +388,7 @@ impl Writer {
             ids_in.into_iter().map(|id| store.get_item(&id).map(|r| (id, r))).collect::<Result<Vec<_>, _>>()
         })
         .await
-        .map_err(|e| IngestError::Invalid(e.to_string()))??;
+        .map_err(|e| IngestError::Internal(e.to_string()))??;
         let mut tombstones = Vec::new();
         for (i, (id, rec)) in found.into_iter().enumerate() {
             match rec {
@@ -402,7 +404,7 @@ impl Writer {
             let t2 = tombstones.clone();
             tokio::task::spawn_blocking(move || store.put_items(&t2))
                 .await
-                .map_err(|e| IngestError::Invalid(e.to_string()))??;
+                .map_err(|e| IngestError::Internal(e.to_string()))??;
             self.flush(&mut out).await?;
             let mut routed = Routed::default();
             for t in &tombstones {
@@ -490,7 +492,7 @@ impl Writer {
         let store = self.store.clone();
         let (ok, fresh) = tokio::task::spawn_blocking(move || store.insert_new_events(&ok).map(|f| (ok, f)))
             .await
-            .map_err(|e| IngestError::Invalid(e.to_string()))??;
+            .map_err(|e| IngestError::Internal(e.to_string()))??;
         let before = ok.len();
         let ok: Vec<EventRecord> = ok.into_iter().zip(fresh).filter_map(|(e, new)| new.then_some(e)).collect();
         out.duplicates += (before - ok.len()) as u32;

@@ -244,7 +244,7 @@ impl Pipeline {
 
         // 2. filtering
         let t = Instant::now();
-        let (candidates, _briefs) = self
+        let candidates = self
             .filter(candidates, &profile, budget.left(2), &mut cov)
             .instrument(tracing::info_span!("filtering"))
             .await;
@@ -448,7 +448,7 @@ impl Pipeline {
         profile: &UserSnapshot,
         left: Duration,
         cov: &mut Coverage,
-    ) -> (Vec<Candidate>, KeyMap<ItemBrief>) {
+    ) -> Vec<Candidate> {
         let mut removed = [0u32; 5];
         // Seen: the user's bloom filter, fed by impression events.
         let cands: Vec<Candidate> = match &profile.seen {
@@ -491,7 +491,7 @@ impl Pipeline {
             metrics::counter!("recsys_filter_removed_total", "filter" => name).increment(u64::from(n));
             cov.filter_removed.push((name, n));
         }
-        (kept, briefs)
+        kept
     }
 
     #[allow(clippy::type_complexity)]

@@ -31,7 +31,7 @@ impl From<IngestError> for Status {
         match e {
             IngestError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
             IngestError::Invalid(m) => Status::invalid_argument(m),
-            IngestError::Store(_) => Status::internal(e.to_string()),
+            IngestError::Store(_) | IngestError::Internal(_) => Status::internal(e.to_string()),
             IngestError::Apply(_) => Status::unavailable(e.to_string()),
         }
     }
