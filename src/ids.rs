@@ -41,7 +41,6 @@ impl std::hash::Hasher for KeyHasher {
 
 pub type KeyBuild = std::hash::BuildHasherDefault<KeyHasher>;
 pub type KeyMap<V> = std::collections::HashMap<Key, V, KeyBuild>;
-pub type KeySet = std::collections::HashSet<Key, KeyBuild>;
 
 pub const ITEM: &str = "item";
 pub const USER: &str = "user";

@@ -1,6 +1,5 @@
 //! Ranking: author spacing over the scored list, then delivery — the ranked list is cached and
 //! pages are cut from it with opaque tokens, so page 2 never repeats page 1.
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +42,8 @@ pub fn diversify(mut items: Vec<Scored>) -> (Vec<Scored>, bool) {
 }
 
 /// True when no two neighbours share an author.
-pub fn is_spaced(items: &[Scored]) -> bool {
+#[cfg(test)]
+fn is_spaced(items: &[Scored]) -> bool {
     items.windows(2).all(|w| w[0].author != w[1].author)
 }
 
@@ -137,15 +137,6 @@ impl PageCache {
     pub fn is_empty(&self) -> bool {
         self.lists.is_empty()
     }
-}
-
-/// Authors per page, for tests and diagnostics.
-pub fn author_counts(items: &[Scored]) -> HashMap<Arc<str>, usize> {
-    let mut m = HashMap::new();
-    for i in items {
-        *m.entry(i.author.clone()).or_insert(0) += 1;
-    }
-    m
 }
 
 #[cfg(test)]
