@@ -28,6 +28,45 @@ pub enum PipelineError {
     DeadlineExceeded { stage: &'static str },
     #[error("too many requests in flight (limit {0})")]
     Overloaded(usize),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// The per-request coordinator: runs the five stages once, replies, and stops.
+pub struct Coordinator;
+
+pub struct CoordinatorArgs {
+    pipeline: Arc<Pipeline>,
+    request: Request,
+    timeout: Duration,
+    reply: tokio::sync::oneshot::Sender<Result<Reply, PipelineError>>,
+}
+
+impl ractor::Actor for Coordinator {
+    type Msg = ();
+    type State = Option<CoordinatorArgs>;
+    type Arguments = CoordinatorArgs;
+
+    async fn pre_start(
+        &self,
+        _me: ractor::ActorRef<()>,
+        args: CoordinatorArgs,
+    ) -> Result<Self::State, ractor::ActorProcessingErr> {
+        Ok(Some(args))
+    }
+
+    async fn post_start(
+        &self,
+        me: ractor::ActorRef<()>,
+        st: &mut Self::State,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        if let Some(a) = st.take() {
+            let res = a.pipeline.coordinate(a.request, a.timeout).await;
+            let _ = a.reply.send(res);
+        }
+        me.stop(None);
+        Ok(())
+    }
 }
 
 pub struct Request {
@@ -149,18 +188,29 @@ impl Pipeline {
         Ok(())
     }
 
-    pub async fn recommend(&self, r: Request, timeout: Duration) -> Result<Reply, PipelineError> {
+    pub async fn recommend(self: &Arc<Self>, r: Request, timeout: Duration) -> Result<Reply, PipelineError> {
         self.validate(&r)?;
         let _permit =
             self.inflight.try_acquire().map_err(|_| PipelineError::Overloaded(self.cfg.serving.max_in_flight))?;
         if !r.page_token.is_empty() {
             return self.next_page(&r);
         }
-        let rid = new_request_id();
-        let span = tracing::info_span!("recommend", request_id = %rid, user = %r.user_id);
-        let res = self.run(rid, r, timeout).instrument(span).await;
+        // One coordinator actor per request: it owns the request's fan-out, and a panic in it fails
+        // that request alone (INTERNAL) instead of the connection's task.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let args = CoordinatorArgs { pipeline: self.clone(), request: r, timeout, reply: tx };
+        ractor::Actor::spawn(None, Coordinator, args)
+            .await
+            .map_err(|e| PipelineError::Internal(format!("coordinator did not start: {e}")))?;
+        let res = rx.await.unwrap_or_else(|_| Err(PipelineError::Internal("coordinator failed".into())));
         metrics::counter!("recsys_requests_total", "outcome" => if res.is_ok() { "ok" } else { "error" }).increment(1);
         res
+    }
+
+    async fn coordinate(&self, r: Request, timeout: Duration) -> Result<Reply, PipelineError> {
+        let rid = new_request_id();
+        let span = tracing::info_span!("recommend", request_id = %rid, user = %r.user_id);
+        self.run(rid, r, timeout).instrument(span).await
     }
 
     fn next_page(&self, r: &Request) -> Result<Reply, PipelineError> {

@@ -22,6 +22,7 @@ impl From<PipelineError> for Status {
             PipelineError::NotFound(m) => Status::not_found(m),
             PipelineError::DeadlineExceeded { .. } => Status::deadline_exceeded(e.to_string()),
             PipelineError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
+            PipelineError::Internal(_) => Status::internal(e.to_string()),
         }
     }
 }
