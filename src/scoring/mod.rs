@@ -294,9 +294,8 @@ impl ScorerPool {
             return self.score(stage, rows, cols, data, timeout).await;
         }
         let half = rows / 2;
-        let second = data[half * cols..].to_vec();
         let mut first = data;
-        first.truncate(half * cols);
+        let second = first.split_off(half * cols);
         let (a, b) = tokio::join!(
             self.score(stage, half, cols, first, timeout),
             self.score(stage, rows - half, cols, second, timeout)
