@@ -36,7 +36,8 @@ pub struct WriteOutcome {
 }
 
 impl WriteOutcome {
-    fn reject(&mut self, why: String) {
+    /// Counts a rejected record and keeps its reason (the first ten).
+    pub fn reject(&mut self, why: String) {
         self.rejected += 1;
         if self.rejections.len() < 10 {
             self.rejections.push(why);

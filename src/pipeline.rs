@@ -112,6 +112,8 @@ pub struct Reply {
     pub timings: Vec<(&'static str, Duration)>,
     pub stage1_version: String,
     pub stage2_version: String,
+    /// Names of the values in each item's `heads`.
+    pub head_names: Arc<[String]>,
     pub diversity_relaxed: bool,
     pub from_page_cache: bool,
 }
@@ -207,6 +209,10 @@ impl Pipeline {
         res
     }
 
+    fn head_names(&self) -> Arc<[String]> {
+        self.scorers.manifest.as_ref().map(|m| m.head_names.clone()).unwrap_or_else(|| Arc::from(Vec::new()))
+    }
+
     async fn coordinate(&self, r: Request, timeout: Duration) -> Result<Reply, PipelineError> {
         let rid = new_request_id();
         let span = tracing::info_span!("recommend", request_id = %rid, user = %r.user_id);
@@ -245,6 +251,7 @@ impl Pipeline {
             timings: vec![("page_cache", t.elapsed())],
             stage1_version: list.stage1_version.clone(),
             stage2_version: list.stage2_version.clone(),
+            head_names: self.head_names(),
             diversity_relaxed,
             from_page_cache: true,
         })
@@ -359,6 +366,7 @@ impl Pipeline {
             timings,
             stage1_version: v1,
             stage2_version: v2,
+            head_names: self.head_names(),
             diversity_relaxed,
             from_page_cache: false,
         })
@@ -650,12 +658,7 @@ impl Pipeline {
     ) -> Vec<(usize, Scored)> {
         let width = self.plan.len();
         let n = cands.len();
-        let make = |i: usize,
-                    score: f32,
-                    stage1: f32,
-                    heads: Vec<(String, f32)>,
-                    by: &'static str|
-         -> Option<(usize, Scored)> {
+        let make = |i: usize, score: f32, stage1: f32, heads: Vec<f32>, by: &'static str| -> Option<(usize, Scored)> {
             let m = metas[i].as_ref()?;
             Some((
                 i,
@@ -721,8 +724,7 @@ impl Pipeline {
                     .zip(h.chunks(heads.len()))
                     .filter_map(|((i, s1), ph)| {
                         let value: f32 = ph.iter().zip(&weights).map(|(p, w)| p * w).sum();
-                        let named = heads.iter().cloned().zip(ph.iter().copied()).collect();
-                        make(*i, value, *s1, named, "value_model")
+                        make(*i, value, *s1, ph.to_vec(), "value_model")
                     })
                     .collect()
             }

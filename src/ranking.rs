@@ -14,7 +14,8 @@ pub struct Scored {
     pub score: f32,
     pub sources: u8,
     pub stage1: f32,
-    pub heads: Vec<(String, f32)>,
+    /// Stage-2 head probabilities, in the order of the manifest's `stage2.heads`.
+    pub heads: Vec<f32>,
     pub scored_by: &'static str,
     pub defaulted: u32,
 }

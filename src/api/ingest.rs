@@ -111,21 +111,10 @@ impl pb::ingest_server::Ingest for IngestService {
             } else {
                 None
             };
-            let act = action(e.action);
-            match (why, act) {
-                (Some(w), _) => {
-                    pre_rejected.rejected += 1;
-                    if pre_rejected.rejections.len() < 10 {
-                        pre_rejected.rejections.push(format!("events[{i}].{w}"));
-                    }
-                }
+            match (why, action(e.action)) {
+                (Some(w), _) => pre_rejected.reject(format!("events[{i}].{w}")),
                 (None, None) => {
-                    pre_rejected.rejected += 1;
-                    if pre_rejected.rejections.len() < 10 {
-                        pre_rejected
-                            .rejections
-                            .push(format!("events[{i}].action: unspecified or unknown action {}", e.action));
-                    }
+                    pre_rejected.reject(format!("events[{i}].action: unspecified or unknown action {}", e.action))
                 }
                 (None, Some(a)) => records.push(EventRecord {
                     event_id: e.event_id,

@@ -49,7 +49,7 @@ impl pb::recommender_server::Recommender for RecommenderService {
                 author_id: s.author.to_string(),
                 explanation: explain.then(|| pb::Explanation {
                     stage1_score: s.stage1,
-                    heads: s.heads.into_iter().collect(),
+                    heads: reply.head_names.iter().cloned().zip(s.heads).collect(),
                     scored_by: s.scored_by.to_string(),
                     defaulted_features: s.defaulted,
                 }),

@@ -41,6 +41,8 @@ pub struct Manifest {
     /// Columns of the declared feature row each model reads, in its input order.
     pub stage1_columns: Vec<usize>,
     pub stage2_columns: Vec<usize>,
+    /// Stage-2 head names, shared by every reply instead of copied per item.
+    pub head_names: std::sync::Arc<[String]>,
 }
 
 impl Manifest {
@@ -69,6 +71,7 @@ impl Manifest {
         Ok(Self {
             dir: dir.to_path_buf(),
             version: m.version,
+            head_names: m.stage2.heads.clone().into(),
             stage1: m.stage1,
             stage2: m.stage2,
             stage1_columns,
