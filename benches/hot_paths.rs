@@ -12,7 +12,7 @@ use recsys::config::Config;
 use recsys::features::shard::{FeatureShardState, ShardSettings};
 use recsys::features::FeaturePlan;
 use recsys::ranking::{diversify, Scored};
-use recsys::scoring::{self, Manifest, ScorerPool, ScorerSupervisor, Stage};
+use recsys::scoring::{self, Manifest, ScorerPool, Stage};
 use recsys::store::{Action, ItemRecord};
 
 fn summary(name: &str, mut f: impl FnMut()) {
@@ -76,9 +76,12 @@ fn main() {
     let mut shard = shard_with_items(20_000);
     let keys: Vec<u64> = (0..1000).map(|i| recsys::ids::key_of(&format!("i{}", i * 17))).collect();
     let now = 1_700_000_100;
-    c.bench_function("item_features_1000", |b| b.iter(|| black_box(shard.item_features(&keys, &plan.item_feats, now))));
+    let user_emb: Vec<f32> = (0..cfg.ingest.embedding_dim).map(|d| d as f32 / 10.0).collect();
+    c.bench_function("item_features_1000", |b| {
+        b.iter(|| black_box(shard.item_features(&keys, &plan.item_feats, &user_emb, now)))
+    });
     summary("item_features_1000", || {
-        black_box(shard.item_features(&keys, &plan.item_feats, now));
+        black_box(shard.item_features(&keys, &plan.item_feats, &user_emb, now));
     });
 
     // Ranking: author spacing over a scored list of 100.
@@ -108,8 +111,7 @@ fn main() {
     scoring::init_runtime(&lib).unwrap();
     let manifest = Arc::new(Manifest::load(Path::new("models"), &plan).unwrap());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let pool = Arc::new(ScorerPool::new(manifest.clone(), 1, 4));
-    rt.block_on(ractor::Actor::spawn(None, ScorerSupervisor, pool.clone())).unwrap();
+    let pool = rt.block_on(ScorerPool::new(manifest.clone(), 1, 4).start()).unwrap();
     let cols = manifest.stage1_columns.len();
     let rows1: Vec<f32> = (0..1000 * cols).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
     let rows2: Vec<f32> = rows1[..100 * cols].to_vec();

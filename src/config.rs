@@ -108,7 +108,11 @@ pub struct ScoringConfig {
     pub onnxruntime_lib: Option<PathBuf>,
     pub scorers: usize,
     pub stage2_top_n: usize,
+    /// Chunks waiting per scorer: the scorers share one queue of `scorers × queue_per_scorer`.
     pub queue_per_scorer: usize,
+    /// Nice value of the scorer threads (0–19). Above 0 the async workers win the CPU when both
+    /// want it, so cheap stages never wait behind a model run and scoring drains oldest first.
+    pub scorer_nice: i32,
     /// Value model: final score = sum of weight × head probability.
     pub value_model: BTreeMap<String, f32>,
 }
@@ -204,7 +208,8 @@ impl Default for ScoringConfig {
             onnxruntime_lib: None,
             scorers: 2,
             stage2_top_n: 100,
-            queue_per_scorer: 8,
+            queue_per_scorer: 32,
+            scorer_nice: 5,
             value_model,
         }
     }
@@ -252,6 +257,9 @@ impl Config {
                 "retrieval.trending_window_hours",
                 "must be in 1..=24 (the trending ring holds 24 hourly buckets)",
             );
+        }
+        if !(0..=19).contains(&self.scoring.scorer_nice) {
+            return bad("scoring.scorer_nice", "must be between 0 and 19");
         }
         if self.scoring.scorers == 0 {
             return bad("scoring.scorers", "must be at least 1");

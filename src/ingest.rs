@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{CallError, Router};
 use crate::config::Config;
-use crate::features::shard::{FeatureShardState, ItemBrief, ShardSettings, UserEvent};
+use crate::features::shard::{BriefWants, FeatureShardState, ItemBrief, ShardSettings, UserEvent};
 use crate::generators::{GeneratorSettings, GeneratorState};
 use crate::ids::{self, key_of, partition_of, Key, KeyMap};
 use crate::store::{Action, EventRecord, ItemRecord, Store, StoreError, UserRecord};
@@ -141,7 +141,7 @@ impl Routed {
             item,
             author_key: brief.author_key,
             topic: brief.topic,
-            embedding: brief.embedding.clone(),
+            embedding: brief.embedding.clone().unwrap_or_default(),
             action: e.action,
             ts,
         });
@@ -265,7 +265,8 @@ pub fn replay(store: &Store, cfg: &Config, feature_parts: &[u32], gen_parts: &[u
                 topic: it.topic,
                 deleted: it.deleted,
                 in_stock: it.in_stock,
-                embedding: Arc::from(emb),
+                embedding: Some(Arc::from(emb)),
+                names: None,
             },
         );
         items.push(it);
@@ -429,7 +430,9 @@ impl Writer {
             let ks2 = ks.clone();
             let r = self
                 .router
-                .feature(p, APPLY_TIMEOUT, move |reply| crate::features::shard::FeatureMsg::Briefs(ks2, reply))
+                .feature(p, APPLY_TIMEOUT, move |reply| {
+                    crate::features::shard::FeatureMsg::Briefs(ks2, BriefWants { embedding: true, names: false }, reply)
+                })
                 .await?;
             Ok::<_, CallError>(ks.into_iter().zip(r).filter_map(|(k, b)| b.map(|b| (k, b))).collect::<Vec<_>>())
         });

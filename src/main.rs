@@ -103,6 +103,15 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:7400")]
         addr: String,
     },
+    /// Deploy the model version in a directory without a restart (checked, canaried, then swapped).
+    Reload {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: String,
+        /// Directory with manifest.json and the ONNX files, as the node sees it; empty: the node's
+        /// configured scoring.models_dir.
+        #[arg(long, default_value = "")]
+        models_dir: String,
+    },
     /// Load generator: closed loop at a concurrency, or open loop at a fixed rate.
     Bench {
         #[arg(long, default_value = "127.0.0.1:7400")]
@@ -240,6 +249,18 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("data: {} items, {} users, {} events", s.items, s.users, s.events);
             println!("models: {:?}", s.models.map(|m| (m.stage1, m.stage2)));
+        }
+        Cmd::Reload { addr, models_dir } => {
+            let ch = cli::connect(&addr).await?;
+            let req = pb::ReloadModelsRequest { models_dir };
+            match pb::admin_client::AdminClient::new(ch).reload_models(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let from = if r.previous_version.is_empty() { "heuristic" } else { &r.previous_version };
+                    println!("deployed {} (was {from})", r.version);
+                }
+                Err(s) => anyhow::bail!("{:?}: {}", s.code(), s.message()),
+            }
         }
         Cmd::Bench { addr, concurrency, rate, requests, max_seconds, users, k, deadline_ms, warmup } => {
             cli::wait_serving(&addr, Duration::from_secs(120)).await?;

@@ -20,7 +20,7 @@ use crate::ingest::{self, Writer};
 use crate::logging::FeatureLogger;
 use crate::pipeline::Pipeline;
 use crate::ranking::PageCache;
-use crate::scoring::{self, Manifest, ScorerPool, ScorerSupervisor};
+use crate::scoring::{self, Manifest, Models, ScorerPool};
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -275,18 +275,18 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let (partition_sup, _) =
         Actor::spawn(None, PartitionSupervisor, args).await.map_err(|e| err(format!("partition actors: {e}")))?;
 
-    let scorers = match &manifest {
-        Some(m) => Arc::new(ScorerPool::new(m.clone(), cfg.scoring.scorers, cfg.scoring.queue_per_scorer)),
+    let pool = match &manifest {
+        Some(m) => ScorerPool::new(m.clone(), cfg.scoring.scorers, cfg.scoring.queue_per_scorer)
+            .with_nice(cfg.scoring.scorer_nice)
+            .start()
+            .await
+            .map_err(|e| err(format!("refusing to start: {e}")))?,
         None => Arc::new(ScorerPool::empty()),
     };
-    let scorer_sup = if manifest.is_some() {
-        let (s, _) = Actor::spawn(None, ScorerSupervisor, scorers.clone())
-            .await
-            .map_err(|e| err(format!("refusing to start: scorers: {e}")))?;
-        Some(s)
-    } else {
-        None
-    };
+    let models = Arc::new(
+        Models::new(pool, cfg.scoring.scorers, cfg.scoring.queue_per_scorer, cfg.scoring.scorer_nice)
+            .with_runtime(cfg.scoring.onnxruntime_lib.clone()),
+    );
 
     let logger = FeatureLogger::start(&cfg.node.data_dir.join("logs"), &plan.names)
         .map_err(|e| err(format!("feature log: {e}")))?;
@@ -295,14 +295,21 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         cfg: cfg.clone(),
         plan: plan.clone(),
         router: router.clone(),
-        scorers: scorers.clone(),
+        models: models.clone(),
         pages: PageCache::new(Duration::from_secs(cfg.serving.page_cache_ttl_secs), cfg.serving.page_cache_capacity),
         logger: Some(logger),
         inflight: tokio::sync::Semaphore::new(cfg.serving.max_in_flight),
     });
     let _ = handles.pipeline.set(pipeline);
     let _ = handles.writer.set(Arc::new(Writer { cfg: cfg.clone(), store: store.clone(), router: router.clone() }));
-    let _ = handles.admin.set(Arc::new(AdminState { router: router.clone(), store: store.clone(), members, scorers }));
+    let _ = handles.admin.set(Arc::new(AdminState {
+        router: router.clone(),
+        store: store.clone(),
+        members,
+        models: models.clone(),
+        plan: plan.clone(),
+        models_dir: models_dir.clone(),
+    }));
     for s in services {
         health.set_service_status(s, tonic_health::ServingStatus::Serving).await;
     }
@@ -317,9 +324,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), server_task).await;
     partition_sup.stop(None);
-    if let Some(s) = scorer_sup {
-        s.stop(None);
-    }
+    models.stop();
     let _ = store.flush().await;
     drop(lock_file);
     println!("stopped");

@@ -9,14 +9,14 @@ use tracing::Instrument;
 
 use crate::cluster::Router;
 use crate::config::Config;
-use crate::features::shard::{FeatureMsg, ItemBrief, ItemFeatureRows, ItemMeta, UserSnapshot};
+use crate::features::shard::{BriefWants, FeatureMsg, ItemBrief, ItemFeatureRows, ItemMeta, UserSnapshot};
 use crate::features::{self, CrossFeat, FeatureKind, FeaturePlan};
 use crate::generators::{Candidate, GeneratorMsg, RetrieveQuery};
 use crate::ids::{self, key_of, partition_of, Key, KeyMap};
 use crate::ingest::GLOBAL_GEO;
 use crate::logging::{FeatureLogger, LogLine, ServedRow};
 use crate::ranking::{self, PageCache, RankedList, Scored, TokenError};
-use crate::scoring::{ScorerPool, Stage};
+use crate::scoring::{Models, ScorerPool, Stage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -122,7 +122,8 @@ pub struct Pipeline {
     pub cfg: Arc<Config>,
     pub plan: Arc<FeaturePlan>,
     pub router: Arc<Router>,
-    pub scorers: Arc<ScorerPool>,
+    /// The deployed model version; each request takes the version current when it starts.
+    pub models: Arc<Models>,
     pub pages: PageCache,
     pub logger: Option<FeatureLogger>,
     pub inflight: tokio::sync::Semaphore,
@@ -209,10 +210,6 @@ impl Pipeline {
         res
     }
 
-    fn head_names(&self) -> Arc<[String]> {
-        self.scorers.manifest.as_ref().map(|m| m.head_names.clone()).unwrap_or_else(|| Arc::from(Vec::new()))
-    }
-
     async fn coordinate(&self, r: Request, timeout: Duration) -> Result<Reply, PipelineError> {
         let rid = new_request_id();
         let span = tracing::info_span!("recommend", request_id = %rid, user = %r.user_id);
@@ -251,7 +248,7 @@ impl Pipeline {
             timings: vec![("page_cache", t.elapsed())],
             stage1_version: list.stage1_version.clone(),
             stage2_version: list.stage2_version.clone(),
-            head_names: self.head_names(),
+            head_names: list.head_names.clone(),
             diversity_relaxed,
             from_page_cache: true,
         })
@@ -266,6 +263,8 @@ impl Pipeline {
         };
         let mut cov = Coverage::default();
         let mut timings = Vec::with_capacity(7);
+        // The model version is fixed for the whole request, even if a reload lands meanwhile.
+        let scorers = self.models.current();
         let parts = self.router.partitions();
         let now = now_secs();
 
@@ -321,7 +320,7 @@ impl Pipeline {
         // 4. scoring
         let t = Instant::now();
         let scored = self
-            .score(&candidates, &rows, &metas, &defaulted, budget.left(4), &mut cov)
+            .score(&scorers, &candidates, &rows, &metas, &defaulted, budget.left(4), &mut cov)
             .instrument(tracing::info_span!("scoring"))
             .await;
         record_stage(&mut timings, "scoring", t);
@@ -334,10 +333,9 @@ impl Pipeline {
             .await;
         record_stage(&mut timings, "ranking", t);
 
-        let manifest = self.scorers.manifest.as_ref();
-        let (v1, v2) = match manifest {
-            Some(m) => (format!("{}/stage1", m.version), format!("{}/stage2", m.version)),
-            None => (String::new(), String::new()),
+        let (v1, v2, head_names) = match scorers.manifest.as_ref() {
+            Some(m) => (format!("{}/stage1", m.version), format!("{}/stage2", m.version), m.head_names.clone()),
+            None => (String::new(), String::new(), Arc::from(Vec::new())),
         };
         let list = Arc::new(RankedList {
             request_id: rid.clone(),
@@ -346,6 +344,7 @@ impl Pipeline {
             diversity_relaxed: relaxed,
             stage1_version: v1.clone(),
             stage2_version: v2.clone(),
+            head_names: head_names.clone(),
             created: Instant::now(),
             features: kept_rows,
         });
@@ -366,7 +365,7 @@ impl Pipeline {
             timings,
             stage1_version: v1,
             stage2_version: v2,
-            head_names: self.head_names(),
+            head_names,
             diversity_relaxed,
             from_page_cache: false,
         })
@@ -469,7 +468,14 @@ impl Pipeline {
     }
 
     /// Looks up item state (deleted, stock, author) in the owning feature partitions.
-    async fn briefs(&self, keys: &[Key], left: Duration, stage: &'static str, cov: &mut Coverage) -> KeyMap<ItemBrief> {
+    async fn briefs(
+        &self,
+        keys: &[Key],
+        wants: BriefWants,
+        left: Duration,
+        stage: &'static str,
+        cov: &mut Coverage,
+    ) -> KeyMap<ItemBrief> {
         let parts = self.router.partitions();
         let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
         for k in keys {
@@ -478,7 +484,7 @@ impl Pipeline {
         let asked = by_part.len() as u32;
         let calls = by_part.into_iter().map(|(p, ks)| async move {
             let ks2 = ks.clone();
-            (p, ks, self.router.feature(p, left, move |rp| FeatureMsg::Briefs(ks2, rp)).await)
+            (p, ks, self.router.feature(p, left, move |rp| FeatureMsg::Briefs(ks2, wants, rp)).await)
         });
         let mut st = StageCoverage { stage, asked, ..Default::default() };
         let mut out = KeyMap::with_capacity_and_hasher(keys.len(), Default::default());
@@ -521,7 +527,7 @@ impl Pipeline {
             None => cands,
         };
         let keys: Vec<Key> = cands.iter().map(|c| c.item).collect();
-        let briefs = self.briefs(&keys, left, "filtering", cov).await;
+        let briefs = self.briefs(&keys, BriefWants::default(), left, "filtering", cov).await;
         let kept: Vec<Candidate> = cands
             .into_iter()
             .filter(|c| {
@@ -569,13 +575,15 @@ impl Pipeline {
             by_part.entry(partition_of(ids::ITEM, c.item, parts)).or_default().push(i);
         }
         let asked = by_part.len() as u32;
+        let user_emb: Arc<[f32]> = Arc::from(profile.embedding.as_slice());
         let calls = by_part.into_iter().map(|(p, idx)| {
             let keys: Vec<Key> = idx.iter().map(|i| cands[*i].item).collect();
             let feats = plan.item_feats.clone();
+            let user_emb = user_emb.clone();
             async move {
                 let res = self
                     .router
-                    .feature(p, left, move |rp| FeatureMsg::ItemFeatures { keys, feats, now, reply: rp })
+                    .feature(p, left, move |rp| FeatureMsg::ItemFeatures { keys, feats, user_emb, now, reply: rp })
                     .await;
                 (p, idx, res)
             }
@@ -590,14 +598,16 @@ impl Pipeline {
         let mut item_rows: Vec<Option<(Arc<ItemFeatureRows>, usize)>> = vec![None; n];
         for (p, idx, res) in results {
             match res {
-                Ok(reply) => {
+                Ok(mut reply) => {
                     st.answered += 1;
+                    // Moved, not cloned: each clone is three atomic increments on shared cache lines.
+                    let fetched = std::mem::take(&mut reply.meta);
                     let reply = Arc::new(reply);
-                    for (j, i) in idx.into_iter().enumerate() {
-                        metas[i] = reply.meta[j].clone();
-                        if metas[i].is_some() {
+                    for ((j, i), m) in idx.into_iter().enumerate().zip(fetched) {
+                        if m.is_some() {
                             item_rows[i] = Some((reply.clone(), j));
                         }
+                        metas[i] = m;
                     }
                 }
                 Err(e) => {
@@ -618,7 +628,6 @@ impl Pipeline {
             })
             .collect();
         let geo = if !r.geo.is_empty() { key_of(&r.geo) } else { key_of(&profile.geo) };
-        let user_emb_norm = profile.embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
         let mut any_default = false;
         for i in 0..n {
             let row = &mut rows[i * width..(i + 1) * width];
@@ -629,7 +638,7 @@ impl Pipeline {
                         .as_ref()
                         .map(|(rep, j)| rep.values[j * rep.stride + plan.item_col[col].unwrap_or(0)]),
                     FeatureKind::User(_) => user_feats[col],
-                    FeatureKind::Cross(f) => cross(*f, c, metas[i].as_ref(), profile, geo, user_emb_norm),
+                    FeatureKind::Cross(f) => cross(*f, c, metas[i].as_ref(), profile, geo),
                 };
                 row[col] = match v {
                     Some(v) if v.is_finite() => v,
@@ -647,32 +656,31 @@ impl Pipeline {
         (rows, metas, defaulted)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn score(
         &self,
+        scorers: &ScorerPool,
         cands: &[Candidate],
         rows: &[f32],
         metas: &[Option<ItemMeta>],
         defaulted: &[u32],
         left: Duration,
         cov: &mut Coverage,
-    ) -> Vec<(usize, Scored)> {
+    ) -> Vec<Pending> {
         let width = self.plan.len();
         let n = cands.len();
-        let make = |i: usize, score: f32, stage1: f32, heads: Vec<f32>, by: &'static str| -> Option<(usize, Scored)> {
-            let m = metas[i].as_ref()?;
-            Some((
-                i,
-                Scored {
-                    item: m.id.clone(),
-                    author: m.author.clone(),
-                    score,
-                    sources: cands[i].source,
-                    stage1,
-                    heads,
-                    scored_by: by,
-                    defaulted: defaulted[i],
-                },
-            ))
+        let make = |i: usize, score: f32, stage1: f32, heads: Vec<f32>, by: &'static str| -> Option<Pending> {
+            metas[i].as_ref()?;
+            Some(Pending {
+                row: i,
+                key: cands[i].item,
+                score,
+                sources: cands[i].source,
+                stage1,
+                heads,
+                scored_by: by,
+                defaulted: defaulted[i],
+            })
         };
         let deadline = Instant::now() + left;
         let heuristic = |i: usize| -> f32 {
@@ -681,7 +689,7 @@ impl Pipeline {
             let age_h = m.map(|m| ((now_secs() - m.created_at).max(0) as f32) / 3600.0).unwrap_or(1000.0);
             (1.0 + cands[i].score.max(0.0)).ln() / (1.0 + age_h / 24.0)
         };
-        let Some(manifest) = self.scorers.manifest.clone() else {
+        let Some(manifest) = scorers.manifest.clone() else {
             cov.fallback("heuristic_scores");
             return (0..n).filter_map(|i| make(i, heuristic(i), 0.0, vec![], "heuristic")).collect();
         };
@@ -698,7 +706,7 @@ impl Pipeline {
             return vec![];
         }
         let m1 = gather(&present, &manifest.stage1_columns);
-        let s1 = self.scorers.score_split(Stage::Light, present.len(), manifest.stage1_columns.len(), m1, left).await;
+        let s1 = scorers.score(Stage::Light, present.len(), manifest.stage1_columns.len(), m1, left).await;
         let s1 = match s1 {
             Ok(s) => s,
             Err(e) => {
@@ -715,7 +723,7 @@ impl Pipeline {
         let m2 = gather(&top, &manifest.stage2_columns);
         let left2 = deadline.saturating_duration_since(Instant::now());
         let heads = &manifest.stage2.heads;
-        match self.scorers.score(Stage::Heavy, top.len(), manifest.stage2_columns.len(), m2, left2).await {
+        match scorers.score(Stage::Heavy, top.len(), manifest.stage2_columns.len(), m2, left2).await {
             Ok(h) => {
                 let weights: Vec<f32> =
                     heads.iter().map(|n| self.cfg.scoring.value_model.get(n).copied().unwrap_or(0.0)).collect();
@@ -739,33 +747,41 @@ impl Pipeline {
 
     async fn rank(
         &self,
-        scored: Vec<(usize, Scored)>,
+        scored: Vec<Pending>,
         rows: &[f32],
         left: Duration,
         cov: &mut Coverage,
     ) -> (Vec<Scored>, bool, Vec<Vec<f32>>) {
         let width = self.plan.len();
         let mut scored = scored;
-        scored.sort_by(|a, b| b.1.score.total_cmp(&a.1.score));
+        scored.sort_by(|a, b| b.score.total_cmp(&a.score));
         scored.truncate(self.cfg.serving.ranked_list_len);
         // Final re-filter: item state may have changed while the request ran (deleted, sold out).
-        let keys: Vec<Key> = scored.iter().map(|(_, s)| key_of(&s.item)).collect();
-        let briefs = self.briefs(&keys, left, "final_refilter", cov).await;
+        // The same lookup brings the ids and author names, for the ranked list only.
+        let keys: Vec<Key> = scored.iter().map(|p| p.key).collect();
+        let wants = BriefWants { embedding: false, names: true };
+        let briefs = self.briefs(&keys, wants, left, "final_refilter", cov).await;
         let mut removed = 0u32;
-        let mut row_of: HashMap<Arc<str>, usize> = HashMap::new();
-        let kept: Vec<Scored> = scored
-            .into_iter()
-            .filter_map(|(i, s)| {
-                let ok = briefs.get(&key_of(&s.item)).is_some_and(|b| !b.deleted && b.in_stock);
-                if ok {
-                    row_of.insert(s.item.clone(), i);
-                    Some(s)
-                } else {
-                    removed += 1;
-                    None
-                }
-            })
-            .collect();
+        let mut row_of: HashMap<Arc<str>, usize> = HashMap::with_capacity(scored.len());
+        let mut kept: Vec<Scored> = Vec::with_capacity(scored.len());
+        for p in scored {
+            let names = briefs.get(&p.key).filter(|b| !b.deleted && b.in_stock).and_then(|b| b.names.clone());
+            let Some((item, author)) = names else {
+                removed += 1;
+                continue;
+            };
+            row_of.insert(item.clone(), p.row);
+            kept.push(Scored {
+                item,
+                author,
+                score: p.score,
+                sources: p.sources,
+                stage1: p.stage1,
+                heads: p.heads,
+                scored_by: p.scored_by,
+                defaulted: p.defaulted,
+            });
+        }
         cov.filter_removed.push(("final_refilter", removed));
         let (ranked, relaxed) = ranking::diversify(kept);
         let kept_rows = ranked
@@ -806,12 +822,25 @@ impl Pipeline {
     }
 }
 
+/// A scored candidate before the final re-filter gives it its id and author name.
+struct Pending {
+    /// Index into the request's candidates and feature rows.
+    row: usize,
+    key: Key,
+    score: f32,
+    sources: u8,
+    stage1: f32,
+    heads: Vec<f32>,
+    scored_by: &'static str,
+    defaulted: u32,
+}
+
 /// The author-spacing rule is reported per page: set when two neighbours on it share an author.
 fn page_relaxed(items: &[(u32, Scored)]) -> bool {
     items.windows(2).any(|w| w[0].1.author == w[1].1.author)
 }
 
-fn cross(f: CrossFeat, c: &Candidate, m: Option<&ItemMeta>, p: &UserSnapshot, geo: Key, user_norm: f32) -> Option<f32> {
+fn cross(f: CrossFeat, c: &Candidate, m: Option<&ItemMeta>, p: &UserSnapshot, geo: Key) -> Option<f32> {
     let b = |x: bool| if x { 1.0 } else { 0.0 };
     Some(match f {
         CrossFeat::SrcTrending => b(c.source & features::SRC_TRENDING != 0),
@@ -828,15 +857,7 @@ fn cross(f: CrossFeat, c: &Candidate, m: Option<&ItemMeta>, p: &UserSnapshot, ge
                 CrossFeat::TopicAffinity => *p.topic_affinity.get(m.topic as usize)?,
                 CrossFeat::AuthorAffinity => p.author_affinity.get(&m.author_key).copied().unwrap_or(0.0),
                 CrossFeat::GeoMatch => b(m.geo_key == geo),
-                CrossFeat::EmbCosine => {
-                    let dot: f32 = p.embedding.iter().zip(m.embedding.iter()).map(|(a, b)| a * b).sum();
-                    let n = m.embedding.iter().map(|v| v * v).sum::<f32>().sqrt() * user_norm;
-                    if n > 0.0 {
-                        dot / n
-                    } else {
-                        0.0
-                    }
-                }
+                CrossFeat::EmbCosine => m.emb_cosine,
                 _ => unreachable!("source features handled above"),
             }
         }

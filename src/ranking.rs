@@ -55,6 +55,8 @@ pub struct RankedList {
     pub diversity_relaxed: bool,
     pub stage1_version: String,
     pub stage2_version: String,
+    /// Stage-2 head names of the model version that ranked this list.
+    pub head_names: Arc<[String]>,
     pub created: Instant,
     /// The feature row each ranked item was scored with, for logging whichever page is served.
     pub features: Vec<Vec<f32>>,
@@ -188,6 +190,7 @@ mod tests {
                 stage1_version: String::new(),
                 stage2_version: String::new(),
                 created: Instant::now(),
+                head_names: Arc::from(Vec::new()),
                 features: vec![],
             }));
         }

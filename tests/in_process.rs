@@ -17,7 +17,7 @@ use recsys::ingest::{self, Writer};
 use recsys::node::{PartitionSupervisor, PartitionSupervisorArgs};
 use recsys::pipeline::{Pipeline, Request};
 use recsys::ranking::PageCache;
-use recsys::scoring::{self, Manifest, ScorerPool, ScorerSupervisor, Stage};
+use recsys::scoring::{self, Manifest, Models, ScorerPool, Stage};
 use recsys::store::Store;
 use recsys::world::World;
 
@@ -65,7 +65,7 @@ async fn rig(name: &str, scorers: Option<Arc<ScorerPool>>) -> Rig {
         cfg: cfg.clone(),
         plan,
         router: router.clone(),
-        scorers: scorers.unwrap_or_else(|| Arc::new(ScorerPool::empty())),
+        models: Arc::new(Models::fixed(scorers.unwrap_or_else(|| Arc::new(ScorerPool::empty())))),
         pages: PageCache::new(Duration::from_secs(60), 100),
         logger: None,
         inflight: tokio::sync::Semaphore::new(16),
@@ -155,8 +155,7 @@ fn models() -> Arc<Manifest> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scorers_compute_what_training_computed_and_fall_back_when_gone() {
     let manifest = models();
-    let pool = Arc::new(ScorerPool::new(manifest.clone(), 2, 4));
-    Actor::spawn(None, ScorerSupervisor, pool.clone()).await.unwrap();
+    let pool = ScorerPool::new(manifest.clone(), 2, 4).start().await.unwrap();
     assert_eq!(pool.live(), 2);
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(common::repo().join("models/reference.json")).unwrap()).unwrap();
@@ -176,8 +175,8 @@ async fn scorers_compute_what_training_computed_and_fall_back_when_gone() {
 
     // A large batch split over both scorers gives exactly the rows' scores in order.
     let big: Vec<f32> = rows.iter().cycle().take(1001).flatten().copied().collect();
-    let whole = pool.score(Stage::Light, 1001, cols, big.clone(), Duration::from_secs(5)).await.unwrap();
-    let split = pool.score_split(Stage::Light, 1001, cols, big, Duration::from_secs(5)).await.unwrap();
+    let whole = pool.score_in(Stage::Light, 1001, cols, big.clone(), Duration::from_secs(5), 1).await.unwrap();
+    let split = pool.score(Stage::Light, 1001, cols, big, Duration::from_secs(5)).await.unwrap();
     assert_eq!(whole, split);
     assert!((whole[1000] - want1[1000 % want1.len()]).abs() < 1e-4);
 

@@ -286,3 +286,85 @@ fn node_refuses_bad_config_and_bad_models() {
     assert!(out.contains("bogus_feature"), "unknown model input not named: {out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Copies the committed models into `dir`, with `edit` applied to the manifest text.
+fn model_copy(dir: &std::path::Path, edit: impl Fn(String) -> String) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["stage1_gbdt.onnx", "stage2_mlp.onnx"] {
+        std::fs::copy(common::repo().join("models").join(f), dir.join(f)).unwrap();
+    }
+    let manifest = std::fs::read_to_string(common::repo().join("models/manifest.json")).unwrap();
+    std::fs::write(dir.join("manifest.json"), edit(manifest)).unwrap();
+    dir.to_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_reload_live_and_a_bad_model_leaves_the_old_one_serving() {
+    let dir = temp_dir("reload");
+    let node = start_node(&dir.join("data"), &[]).expect("node starts");
+    wait_serving(&node.addr).await;
+    let ch = recsys::cli::connect(&node.addr).await.unwrap();
+    let world = Arc::new(World::generate(synthetic_spec(5, 800, 100, 8000)));
+    load_world(ch.clone(), world.clone(), 2000, true).await.unwrap();
+    let user = world.users[0].id.clone();
+    let mut admin = AdminClient::new(ch.clone());
+    let mut rec = RecommenderClient::new(ch.clone());
+    let version = |r: &pb::RecommendResponse| r.models.as_ref().map(|m| m.stage1.clone()).unwrap_or_default();
+    let before = rec.recommend(req(&user, 10)).await.unwrap().into_inner();
+    let original = version(&before);
+    assert!(original.ends_with("/stage1") && before.items[0].explanation.as_ref().unwrap().heads.len() == 4);
+
+    // Each bad version is refused with a message naming the problem; the old one keeps serving.
+    let unknown = model_copy(&dir.join("unknown-feature"), |m| m.replacen("\"item_price\"", "\"bogus_feature\"", 1));
+    let corrupt = model_copy(&dir.join("corrupt-onnx"), |m| m);
+    std::fs::write(dir.join("corrupt-onnx/stage1_gbdt.onnx"), b"this is not an onnx model").unwrap();
+    // Consistent manifest, but the model has four heads where it declares three: the canary catches it.
+    let wrong_width = model_copy(&dir.join("wrong-width"), |m| {
+        m.replacen("\"output_width\": 4", "\"output_width\": 3", 1).replacen(",\n      \"hide\"", "", 1)
+    });
+    let missing = dir.join("no-such-dir").to_str().unwrap().to_string();
+    for (models_dir, code, needle) in [
+        (unknown, Code::InvalidArgument, "bogus_feature"),
+        (corrupt, Code::InvalidArgument, "stage1_gbdt.onnx"),
+        (wrong_width, Code::InvalidArgument, "canary"),
+        (missing, Code::NotFound, "not a directory"),
+    ] {
+        let e = admin.reload_models(pb::ReloadModelsRequest { models_dir: models_dir.clone() }).await.unwrap_err();
+        assert_eq!(e.code(), code, "{models_dir}: {}", e.message());
+        assert!(e.message().contains(needle), "{models_dir}: message `{}` should name `{needle}`", e.message());
+        let r = rec.recommend(req(&user, 10)).await.unwrap().into_inner();
+        assert_eq!(version(&r), original, "a refused reload changed the serving version");
+        assert!(!r.coverage.unwrap().degraded);
+    }
+
+    // A good version swaps in while requests keep flowing: none fails, each is served whole by one
+    // version, and once the reload has answered every new request gets the new one.
+    let good = model_copy(&dir.join("good"), |m| {
+        let v: serde_json::Value = serde_json::from_str(&m).unwrap();
+        m.replacen(v["version"].as_str().unwrap(), "m-reloaded-in-test", 1)
+    });
+    let traffic = {
+        let (mut rec, user) = (rec.clone(), user.clone());
+        tokio::spawn(async move {
+            let mut versions = Vec::new();
+            for _ in 0..60 {
+                let r = rec.recommend(req(&user, 10)).await.expect("no request fails during a reload").into_inner();
+                assert_eq!(r.items.len(), 10);
+                versions.push(r.models.unwrap().stage1);
+            }
+            versions
+        })
+    };
+    let done = admin.reload_models(pb::ReloadModelsRequest { models_dir: good }).await.unwrap().into_inner();
+    assert_eq!(done.version, "m-reloaded-in-test");
+    assert_eq!(format!("{}/stage1", done.previous_version), original);
+    let after = rec.recommend(req(&user, 10)).await.unwrap().into_inner();
+    assert_eq!(version(&after), "m-reloaded-in-test/stage1");
+    assert!(after.items.iter().all(|i| i.explanation.as_ref().unwrap().scored_by == "value_model"));
+    let versions = traffic.await.unwrap();
+    assert!(versions.iter().all(|v| *v == original || v == "m-reloaded-in-test/stage1"), "{versions:?}");
+    let status = admin.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.models.unwrap().stage1, "m-reloaded-in-test/stage1");
+    assert_eq!(status.nodes[0].scorers, 2, "the new version runs its own two scorers");
+    assert!(node.stop().success());
+}

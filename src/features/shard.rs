@@ -30,19 +30,31 @@ pub struct ItemBrief {
     pub topic: u32,
     pub deleted: bool,
     pub in_stock: bool,
-    pub embedding: Arc<[f32]>,
+    /// Only when asked for (the write path needs it; filtering does not, and skipping it saves a
+    /// shared reference-count update per candidate).
+    pub embedding: Option<Arc<[f32]>>,
+    /// Item id and author name, only when asked for (the final re-filter of the ranked list).
+    pub names: Option<(Arc<str>, Arc<str>)>,
 }
 
-/// Identity and cross-feature inputs of a fetched item.
-#[derive(Debug, Clone)]
+/// Which optional parts of an `ItemBrief` a caller needs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BriefWants {
+    pub embedding: bool,
+    pub names: bool,
+}
+
+/// Cross-feature inputs of a fetched item: plain data, no shared references (ids and author
+/// names are fetched only for the ranked list, in the final re-filter).
+#[derive(Debug, Clone, Copy)]
 pub struct ItemMeta {
-    pub id: Arc<str>,
-    pub author: Arc<str>,
     pub author_key: Key,
     pub topic: u32,
     pub geo_key: Key,
     pub created_at: i64,
-    pub embedding: Arc<[f32]>,
+    /// Cosine of the item's embedding with the requesting user's (0 when either is zero),
+    /// computed here so the embedding itself never leaves the partition.
+    pub emb_cosine: f32,
 }
 
 /// Item-side feature values for a batch: `values` is row-major with one row per requested key.
@@ -179,20 +191,27 @@ pub struct ShardSettings {
 pub struct FeatureShardState {
     pub settings: ShardSettings,
     index: KeyMap<u32>,
-    ids: Vec<Arc<str>>,
-    authors: Vec<Arc<str>>,
-    author_keys: Vec<Key>,
-    geo_keys: Vec<Key>,
-    created_at: Vec<i64>,
-    flags: Vec<u8>,
+    /// Per row, everything a request reads besides the dense attributes and counters, kept
+    /// together so one candidate costs one or two cache lines here, not one per field.
+    heads: Vec<ItemHead>,
     attrs: Vec<f32>,
     embeddings: Vec<Arc<[f32]>>,
     counters: Vec<u32>,
     /// Per row: every (counter, window) sum, valid for the 5-minute bucket in `window_sums_at`
     /// (window sums only change at bucket boundaries or when an event lands, which invalidates).
     window_sums: Vec<[f32; WINDOW_SUMS]>,
-    window_sums_at: Vec<i64>,
     users: KeyMap<UserState>,
+}
+
+struct ItemHead {
+    id: Arc<str>,
+    author: Arc<str>,
+    author_key: Key,
+    geo_key: Key,
+    created_at: i64,
+    /// The 5-minute bucket `window_sums` of this row is valid for.
+    sums_at: i64,
+    flags: u8,
 }
 
 const WINDOW_SUMS: usize = Action::COUNTERS * 3;
@@ -205,17 +224,11 @@ impl FeatureShardState {
         Self {
             settings,
             index: KeyMap::default(),
-            ids: vec![],
-            authors: vec![],
-            author_keys: vec![],
-            geo_keys: vec![],
-            created_at: vec![],
-            flags: vec![],
+            heads: vec![],
             attrs: vec![],
             embeddings: vec![],
             counters: vec![],
             window_sums: vec![],
-            window_sums_at: vec![],
             users: KeyMap::default(),
         }
     }
@@ -225,7 +238,7 @@ impl FeatureShardState {
     }
 
     pub fn item_count(&self) -> usize {
-        self.ids.len()
+        self.heads.len()
     }
     pub fn user_count(&self) -> usize {
         self.users.len()
@@ -237,27 +250,30 @@ impl FeatureShardState {
         let row = match self.index.get(&key) {
             Some(&r) => r as usize,
             None => {
-                let r = self.ids.len();
+                let r = self.heads.len();
                 self.index.insert(key, r as u32);
-                self.ids.push(Arc::from(it.id.as_str()));
-                self.authors.push(Arc::from(""));
-                self.author_keys.push(0);
-                self.geo_keys.push(0);
-                self.created_at.push(0);
-                self.flags.push(0);
+                self.heads.push(ItemHead {
+                    id: Arc::from(it.id.as_str()),
+                    author: Arc::from(""),
+                    author_key: 0,
+                    geo_key: 0,
+                    created_at: 0,
+                    sums_at: SUMS_STALE,
+                    flags: 0,
+                });
                 self.attrs.resize(self.attrs.len() + w, 0.0);
                 self.embeddings.push(Arc::from(Vec::new()));
                 self.counters.resize(self.counters.len() + ITEM_COUNTER_WIDTH, 0);
                 self.window_sums.push([0.0; WINDOW_SUMS]);
-                self.window_sums_at.push(SUMS_STALE);
                 r
             }
         };
-        self.authors[row] = Arc::from(it.author.as_str());
-        self.author_keys[row] = key_of(&it.author);
-        self.geo_keys[row] = key_of(&it.geo);
-        self.created_at[row] = it.created_at;
-        self.flags[row] = (if it.deleted { FLAG_DELETED } else { 0 }) | (if it.in_stock { FLAG_IN_STOCK } else { 0 });
+        let h = &mut self.heads[row];
+        h.author = Arc::from(it.author.as_str());
+        h.author_key = key_of(&it.author);
+        h.geo_key = key_of(&it.geo);
+        h.created_at = it.created_at;
+        h.flags = (if it.deleted { FLAG_DELETED } else { 0 }) | (if it.in_stock { FLAG_IN_STOCK } else { 0 });
         let a = &mut self.attrs[row * w..(row + 1) * w];
         a[A_PRICE] = it.price;
         a[A_QUALITY] = it.quality;
@@ -277,7 +293,7 @@ impl FeatureShardState {
         let mut found = 0;
         for k in keys {
             if let Some(&r) = self.index.get(k) {
-                self.flags[r as usize] |= FLAG_DELETED;
+                self.heads[r as usize].flags |= FLAG_DELETED;
                 found += 1;
             }
         }
@@ -302,7 +318,7 @@ impl FeatureShardState {
         if let Some(&r) = self.index.get(&item) {
             let base = r as usize * ITEM_COUNTER_WIDTH + action.counter() * counters::WIDTH;
             counters::add(&mut self.counters[base..base + counters::WIDTH], ts, 1);
-            self.window_sums_at[r as usize] = SUMS_STALE;
+            self.heads[r as usize].sums_at = SUMS_STALE;
         }
     }
 
@@ -349,14 +365,15 @@ impl FeatureShardState {
         self.users.get(&user).map(|u| u.recent_likes.iter().copied().collect()).unwrap_or_default()
     }
 
-    pub fn brief(&self, key: Key) -> Option<ItemBrief> {
+    pub fn brief(&self, key: Key, wants: BriefWants) -> Option<ItemBrief> {
         let r = *self.index.get(&key)? as usize;
         Some(ItemBrief {
-            author_key: self.author_keys[r],
+            author_key: self.heads[r].author_key,
             topic: self.attrs[r * self.attr_width() + A_TOPIC] as u32,
-            deleted: self.flags[r] & FLAG_DELETED != 0,
-            in_stock: self.flags[r] & FLAG_IN_STOCK != 0,
-            embedding: self.embeddings[r].clone(),
+            deleted: self.heads[r].flags & FLAG_DELETED != 0,
+            in_stock: self.heads[r].flags & FLAG_IN_STOCK != 0,
+            embedding: wants.embedding.then(|| self.embeddings[r].clone()),
+            names: wants.names.then(|| (self.heads[r].id.clone(), self.heads[r].author.clone())),
         })
     }
 
@@ -383,7 +400,8 @@ impl FeatureShardState {
     }
 
     /// Gathers the requested item features for a batch straight from the dense blocks.
-    pub fn item_features(&mut self, keys: &[Key], feats: &[ItemFeat], now: i64) -> ItemFeatureRows {
+    pub fn item_features(&mut self, keys: &[Key], feats: &[ItemFeat], user_emb: &[f32], now: i64) -> ItemFeatureRows {
+        let user_norm = user_emb.iter().map(|v| v * v).sum::<f32>().sqrt();
         let bucket = now.div_euclid(counters::LEVELS[0].0);
         let stride = feats.len();
         let w = self.attr_width();
@@ -396,7 +414,8 @@ impl FeatureShardState {
             };
             let r = r as usize;
             let attrs = &self.attrs[r * w..(r + 1) * w];
-            if self.window_sums_at[r] != bucket {
+            let head = &mut self.heads[r];
+            if head.sums_at != bucket {
                 let ctr = &self.counters[r * ITEM_COUNTER_WIDTH..(r + 1) * ITEM_COUNTER_WIDTH];
                 let sums = &mut self.window_sums[r];
                 for c in 0..Action::COUNTERS {
@@ -405,14 +424,14 @@ impl FeatureShardState {
                         sums[c * 3 + win as usize] = counters::sum(cell, now, win) as f32;
                     }
                 }
-                self.window_sums_at[r] = bucket;
+                head.sums_at = bucket;
             }
             let sums = &self.window_sums[r];
             let count = |c: usize, win: Window| sums[c * 3 + win as usize];
             let out = &mut values[i * stride..(i + 1) * stride];
             for (o, f) in out.iter_mut().zip(feats) {
                 *o = match *f {
-                    ItemFeat::AgeHours => ((now - self.created_at[r]).max(0) as f32) / 3600.0,
+                    ItemFeat::AgeHours => ((now - head.created_at).max(0) as f32) / 3600.0,
                     ItemFeat::Price => attrs[A_PRICE],
                     ItemFeat::Quality => attrs[A_QUALITY],
                     ItemFeat::DurationSecs => attrs[A_DURATION],
@@ -427,16 +446,24 @@ impl FeatureShardState {
                 };
             }
             meta.push(Some(ItemMeta {
-                id: self.ids[r].clone(),
-                author: self.authors[r].clone(),
-                author_key: self.author_keys[r],
+                author_key: head.author_key,
                 topic: attrs[A_TOPIC] as u32,
-                geo_key: self.geo_keys[r],
-                created_at: self.created_at[r],
-                embedding: self.embeddings[r].clone(),
+                geo_key: head.geo_key,
+                created_at: head.created_at,
+                emb_cosine: cosine(&attrs[A_FIXED..], user_emb, user_norm),
             }));
         }
         ItemFeatureRows { stride, values, meta }
+    }
+}
+
+fn cosine(item: &[f32], user: &[f32], user_norm: f32) -> f32 {
+    let dot: f32 = item.iter().zip(user).map(|(a, b)| a * b).sum();
+    let n = item.iter().map(|v| v * v).sum::<f32>().sqrt() * user_norm;
+    if n > 0.0 {
+        dot / n
+    } else {
+        0.0
     }
 }
 
@@ -463,12 +490,15 @@ pub enum FeatureMsg {
     UpsertUsers(Arc<Vec<UserRecord>>, RpcReplyPort<()>),
     ItemEvents(Vec<(Key, Action, i64)>, RpcReplyPort<()>),
     UserEvents(Vec<UserEvent>, RpcReplyPort<()>),
-    Briefs(Vec<Key>, RpcReplyPort<Vec<Option<ItemBrief>>>),
+    /// Item state per key, with the optional parts asked for.
+    Briefs(Vec<Key>, BriefWants, RpcReplyPort<Vec<Option<ItemBrief>>>),
     RecentLikes(Vec<Key>, RpcReplyPort<Vec<Vec<Key>>>),
     Profile(Key, RpcReplyPort<UserSnapshot>),
     ItemFeatures {
         keys: Vec<Key>,
         feats: Arc<Vec<ItemFeat>>,
+        /// The requesting user's embedding, for the cosine cross feature.
+        user_emb: Arc<[f32]>,
         now: i64,
         reply: RpcReplyPort<ItemFeatureRows>,
     },
@@ -541,8 +571,8 @@ impl Actor for FeatureShard {
                 }
                 let _ = reply.send(());
             }
-            FeatureMsg::Briefs(keys, reply) => {
-                let _ = reply.send(keys.iter().map(|k| st.brief(*k)).collect());
+            FeatureMsg::Briefs(keys, wants, reply) => {
+                let _ = reply.send(keys.iter().map(|k| st.brief(*k, wants)).collect());
             }
             FeatureMsg::RecentLikes(users, reply) => {
                 let _ = reply.send(users.iter().map(|u| st.recent_likes(*u)).collect());
@@ -550,8 +580,8 @@ impl Actor for FeatureShard {
             FeatureMsg::Profile(user, reply) => {
                 let _ = reply.send(st.snapshot(user));
             }
-            FeatureMsg::ItemFeatures { keys, feats, now, reply } => {
-                let _ = reply.send(st.item_features(&keys, &feats, now));
+            FeatureMsg::ItemFeatures { keys, feats, user_emb, now, reply } => {
+                let _ = reply.send(st.item_features(&keys, &feats, &user_emb, now));
             }
             FeatureMsg::Counts(reply) => {
                 let _ = reply.send((st.item_count(), st.user_count()));
@@ -596,11 +626,11 @@ mod tests {
             [ItemFeat::Count { counter: 1, window: Window::Hour }, ItemFeat::Count { counter: 1, window: Window::Day }];
         let t = 1_700_000_000;
         s.apply_item_event(k, Action::Click, t - 100);
-        assert_eq!(s.item_features(&[k], &feats, t).values, vec![1.0, 1.0]);
+        assert_eq!(s.item_features(&[k], &feats, &[], t).values, vec![1.0, 1.0]);
         s.apply_item_event(k, Action::Click, t - 50); // invalidates the cached sums
-        assert_eq!(s.item_features(&[k], &feats, t).values, vec![2.0, 2.0]);
+        assert_eq!(s.item_features(&[k], &feats, &[], t).values, vec![2.0, 2.0]);
         // Two hours later the clicks left the 1h window but not the 1d one.
-        assert_eq!(s.item_features(&[k], &feats, t + 7200).values, vec![0.0, 2.0]);
+        assert_eq!(s.item_features(&[k], &feats, &[], t + 7200).values, vec![0.0, 2.0]);
     }
 
     #[test]
@@ -616,9 +646,11 @@ mod tests {
             ItemFeat::Count { counter: 1, window: Window::Hour },
             ItemFeat::AgeHours,
         ];
-        let rows = s.item_features(&[k, key_of("missing")], &feats, 4600);
+        let rows = s.item_features(&[k, key_of("missing")], &feats, &[1.0, 0.0, 0.0, 0.0], 4600);
         assert_eq!(&rows.values[..4], &[9.5, 1.0, 1.0, 1.0]);
         assert!(rows.meta[1].is_none());
+        // item("i1") has embedding [1, 0, 0, 0]: identical direction to the user's.
+        assert!((rows.meta[0].as_ref().unwrap().emb_cosine - 1.0).abs() < 1e-6);
     }
 
     #[test]

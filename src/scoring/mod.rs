@@ -1,14 +1,15 @@
 //! Multi-stage scoring through ONNX Runtime. Each scorer is a ractor actor that owns one
 //! dedicated OS thread holding its own ort sessions (one per model): inference never runs on the
-//! async workers and sessions are never shared behind a lock. Queues are bounded; a full scorer
-//! is skipped, and when none can take the job the coordinator falls back.
+//! async workers and sessions are never shared behind a lock. All scorer threads pull chunks
+//! from one bounded FIFO queue (see `queue`); when it is full the coordinator falls back.
 pub mod manifest;
+mod queue;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ort::session::Session;
 use ort::value::TensorRef;
@@ -16,6 +17,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::oneshot;
 
 pub use manifest::{Manifest, ModelSpec};
+use queue::Chunk;
+pub use queue::WorkQueue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScoringError {
@@ -33,8 +36,8 @@ pub enum ScoringError {
     Timeout,
 }
 
-/// Batches at least this large are split across two scorers.
-const SPLIT_ROWS: usize = 400;
+/// Smallest chunk worth its own model run (a run has a fixed cost of tens of microseconds).
+const MIN_CHUNK_ROWS: usize = 200;
 
 static ORT_ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
 
@@ -91,15 +94,6 @@ pub enum Stage {
     Heavy,
 }
 
-/// A batch to score: `rows × cols` row-major, columns in the model's manifest order.
-pub struct ScoreJob {
-    pub stage: Stage,
-    pub rows: usize,
-    pub cols: usize,
-    pub data: Vec<f32>,
-    pub reply: oneshot::Sender<Result<Vec<f32>, String>>,
-}
-
 struct LoadedModel {
     session: Session,
     input: String,
@@ -149,8 +143,44 @@ impl LoadedModel {
     }
 }
 
-/// Body of a scorer thread: loads its own sessions, then serves jobs until its queue closes.
-fn scorer_thread(manifest: Arc<Manifest>, jobs: Receiver<ScoreJob>, ready: SyncSender<Result<(), String>>) {
+/// Tells the scorer's actor when its thread ends without being asked to (a panic), so the
+/// supervisor restarts it instead of the pool counting a dead scorer as live.
+struct ExitNotice {
+    stop: Arc<AtomicBool>,
+    actor: ActorRef<ScorerMsg>,
+}
+
+impl Drop for ExitNotice {
+    fn drop(&mut self) {
+        if !self.stop.load(Ordering::Acquire) {
+            let _ = self.actor.send_message(ScorerMsg::ThreadExited);
+        }
+    }
+}
+
+/// Lowers this thread's scheduling priority (see `scoring.scorer_nice`). Linux nice values are
+/// per thread, so only the scorer thread changes.
+fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id only changes this thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc != 0 {
+        tracing::warn!(nice, error = %std::io::Error::last_os_error(), "could not lower the scorer thread's priority");
+    }
+}
+
+/// Body of a scorer thread: loads its own sessions, then scores chunks from the shared queue
+/// until its actor stops.
+fn scorer_thread(
+    manifest: Arc<Manifest>,
+    queue: Arc<WorkQueue>,
+    stop: Arc<AtomicBool>,
+    actor: ActorRef<ScorerMsg>,
+    nice: i32,
+    ready: SyncSender<Result<(), String>>,
+) {
     let loaded = (|| -> Result<(LoadedModel, LoadedModel), ScoringError> {
         Ok((load_model(&manifest.dir, &manifest.stage1)?, load_model(&manifest.dir, &manifest.stage2)?))
     })();
@@ -164,32 +194,51 @@ fn scorer_thread(manifest: Arc<Manifest>, jobs: Receiver<ScoreJob>, ready: SyncS
             return;
         }
     };
-    while let Ok(job) = jobs.recv() {
-        let model = match job.stage {
-            Stage::Light => &mut light,
-            Stage::Heavy => &mut heavy,
+    let _notice = ExitNotice { stop: stop.clone(), actor };
+    lower_priority(nice);
+    while let Some(chunk) = queue.pop(&stop) {
+        let started = Instant::now();
+        metrics::histogram!("recsys_scoring_queue_wait_seconds").record((started - chunk.enqueued).as_secs_f64());
+        if started >= chunk.deadline {
+            // The caller has already timed out: scoring it would only delay the chunks behind it.
+            metrics::counter!("recsys_scoring_shed_total").increment(1);
+            let _ = chunk.reply.send(Err("deadline passed while queued".into()));
+            continue;
+        }
+        let (model, stage) = match chunk.stage {
+            Stage::Light => (&mut light, "stage1"),
+            Stage::Heavy => (&mut heavy, "stage2"),
         };
-        let started = std::time::Instant::now();
-        let out = model.run(job.rows, job.cols, &job.data);
-        let stage = if job.stage == Stage::Light { "stage1" } else { "stage2" };
+        let out = model.run(chunk.rows.len(), chunk.cols, chunk.matrix());
         metrics::histogram!("recsys_model_run_seconds", "model" => stage).record(started.elapsed().as_secs_f64());
-        let _ = job.reply.send(out);
+        let _ = chunk.reply.send(out);
     }
 }
 
 pub enum ScorerMsg {
-    Submit(ScoreJob),
+    /// The scorer's thread ended on its own: fail the actor so the supervisor restarts it.
+    ThreadExited,
     Crash,
 }
 
 pub struct ScorerArgs {
     pub manifest: Arc<Manifest>,
-    pub queue: usize,
+    pub queue: Arc<WorkQueue>,
     pub index: usize,
+    pub nice: i32,
 }
 
+/// Dropping the state (actor stopped or failed) retires the thread after its current chunk.
 pub struct ScorerState {
-    jobs: SyncSender<ScoreJob>,
+    stop: Arc<AtomicBool>,
+    queue: Arc<WorkQueue>,
+}
+
+impl Drop for ScorerState {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.queue.wake_all();
+    }
 }
 
 pub struct Scorer;
@@ -199,17 +248,17 @@ impl Actor for Scorer {
     type State = ScorerState;
     type Arguments = ScorerArgs;
 
-    async fn pre_start(&self, _me: ActorRef<ScorerMsg>, args: ScorerArgs) -> Result<ScorerState, ActorProcessingErr> {
-        let (tx, rx) = sync_channel(args.queue.max(1));
+    async fn pre_start(&self, me: ActorRef<ScorerMsg>, args: ScorerArgs) -> Result<ScorerState, ActorProcessingErr> {
         let (ready_tx, ready_rx) = sync_channel(1);
-        let manifest = args.manifest.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (manifest, queue, flag, nice) = (args.manifest.clone(), args.queue.clone(), stop.clone(), args.nice);
         std::thread::Builder::new()
             .name(format!("scorer-{}", args.index))
-            .spawn(move || scorer_thread(manifest, rx, ready_tx))?;
+            .spawn(move || scorer_thread(manifest, queue, flag, me, nice, ready_tx))?;
+        let state = ScorerState { stop, queue: args.queue };
         // Waiting for session creation is blocking: do it off the async workers.
-        let ready = tokio::task::spawn_blocking(move || ready_rx.recv()).await?;
-        match ready {
-            Ok(Ok(())) => Ok(ScorerState { jobs: tx }),
+        match tokio::task::spawn_blocking(move || ready_rx.recv()).await? {
+            Ok(Ok(())) => Ok(state),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err("scorer thread exited during start".into()),
         }
@@ -219,55 +268,85 @@ impl Actor for Scorer {
         &self,
         _me: ActorRef<ScorerMsg>,
         msg: ScorerMsg,
-        st: &mut ScorerState,
+        _st: &mut ScorerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ScorerMsg::Submit(job) => match st.jobs.try_send(job) {
-                Ok(()) => Ok(()),
-                Err(TrySendError::Full(job)) => {
-                    let _ = job.reply.send(Err("scorer queue full".into()));
-                    Ok(())
-                }
-                Err(TrySendError::Disconnected(job)) => {
-                    let _ = job.reply.send(Err("scorer thread is gone".into()));
-                    Err("scorer thread is gone".into())
-                }
-            },
+            ScorerMsg::ThreadExited => Err("scorer thread exited".into()),
             ScorerMsg::Crash => panic!("crash requested for a supervision test"),
         }
     }
 }
 
-/// The node's scorers plus the loaded manifest. Empty when no model is deployed (heuristic scoring).
+/// The node's scorers, their shared queue and the loaded manifest. Empty when no model is
+/// deployed (heuristic scoring).
 pub struct ScorerPool {
     pub manifest: Option<Arc<Manifest>>,
     scorers: std::sync::RwLock<Vec<Option<ActorRef<ScorerMsg>>>>,
-    next: AtomicUsize,
-    inflight: Vec<AtomicUsize>,
-    queue: usize,
+    queue: Arc<WorkQueue>,
+    nice: i32,
+    /// Set by `start`: dropping the pool (the last request on a replaced model version finished)
+    /// stops its supervisor and scorers.
+    supervisor: OnceLock<ActorRef<()>>,
 }
 
 impl ScorerPool {
     pub fn empty() -> Self {
-        Self { manifest: None, scorers: Default::default(), next: AtomicUsize::new(0), inflight: vec![], queue: 0 }
-    }
-
-    pub fn new(manifest: Arc<Manifest>, n: usize, queue: usize) -> Self {
         Self {
-            manifest: Some(manifest),
-            scorers: std::sync::RwLock::new(vec![None; n]),
-            next: AtomicUsize::new(0),
-            inflight: (0..n).map(|_| AtomicUsize::new(0)).collect(),
-            queue,
+            manifest: None,
+            scorers: Default::default(),
+            queue: Arc::new(WorkQueue::new(1)),
+            nice: 0,
+            supervisor: OnceLock::new(),
         }
     }
 
+    /// `n` scorers sharing one queue of at most `n × queue_per_scorer` chunks.
+    pub fn new(manifest: Arc<Manifest>, n: usize, queue_per_scorer: usize) -> Self {
+        Self {
+            manifest: Some(manifest),
+            scorers: std::sync::RwLock::new(vec![None; n]),
+            queue: Arc::new(WorkQueue::new(n * queue_per_scorer)),
+            nice: 0,
+            supervisor: OnceLock::new(),
+        }
+    }
+
+    /// Starts the scorers under their supervisor (each loads its own sessions). An ONNX file ort
+    /// cannot load fails here, before the pool serves anything.
+    pub async fn start(self) -> Result<Arc<Self>, ScoringError> {
+        let pool = Arc::new(self);
+        if pool.manifest.is_none() {
+            return Ok(pool);
+        }
+        let (sup, _) = Actor::spawn(None, ScorerSupervisor, pool.clone())
+            .await
+            .map_err(|e| ScoringError::Failed(format!("scorers did not start: {}", startup_cause(&e.to_string()))))?;
+        let _ = pool.supervisor.set(sup);
+        Ok(pool)
+    }
+
+    /// Stops the supervisor first (so nothing is restarted), then every scorer.
+    pub fn stop(&self) {
+        if let Some(sup) = self.supervisor.get() {
+            sup.stop(None);
+        }
+        for a in self.scorers.read().unwrap_or_else(|p| p.into_inner()).iter().flatten() {
+            a.stop(None);
+        }
+    }
+
+    /// Scorer threads started from now on run at this nice value.
+    pub fn with_nice(mut self, nice: i32) -> Self {
+        self.nice = nice;
+        self
+    }
+
     pub fn len(&self) -> usize {
-        self.inflight.len()
+        self.scorers.read().expect("scorer lock").len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inflight.is_empty()
+        self.len() == 0
     }
 
     pub fn set(&self, i: usize, a: Option<ActorRef<ScorerMsg>>) {
@@ -278,34 +357,8 @@ impl ScorerPool {
         self.scorers.read().expect("scorer lock").iter().filter(|a| a.is_some()).count()
     }
 
-    /// Large batches are cut in two and scored on two scorers at once when at least two are idle
-    /// (halving the stage's wall time at low load); under load, or for small batches, one scorer
-    /// takes the whole batch so the split never costs queue slots other requests need.
-    pub async fn score_split(
-        &self,
-        stage: Stage,
-        rows: usize,
-        cols: usize,
-        data: Vec<f32>,
-        timeout: Duration,
-    ) -> Result<Vec<f32>, ScoringError> {
-        let idle = self.inflight.iter().filter(|n| n.load(Ordering::Relaxed) == 0).count();
-        if rows < SPLIT_ROWS || idle < 2 || self.live() < 2 {
-            return self.score(stage, rows, cols, data, timeout).await;
-        }
-        let half = rows / 2;
-        let mut first = data;
-        let second = first.split_off(half * cols);
-        let (a, b) = tokio::join!(
-            self.score(stage, half, cols, first, timeout),
-            self.score(stage, rows - half, cols, second, timeout)
-        );
-        let mut a = a?;
-        a.extend(b?);
-        Ok(a)
-    }
-
-    /// Scores on the least-busy live scorer with queue room; the deadline bounds the wait.
+    /// Scores `rows × cols` (row-major, manifest column order) and returns the outputs in row
+    /// order. Batches of at least `2 × MIN_CHUNK_ROWS` rows are cut into one chunk per live scorer.
     pub async fn score(
         &self,
         stage: Stage,
@@ -314,36 +367,175 @@ impl ScorerPool {
         data: Vec<f32>,
         timeout: Duration,
     ) -> Result<Vec<f32>, ScoringError> {
-        let n = self.inflight.len();
-        if n == 0 {
+        self.score_in(stage, rows, cols, data, timeout, usize::MAX).await
+    }
+
+    /// `score` cut into at most `max_parts` chunks.
+    pub async fn score_in(
+        &self,
+        stage: Stage,
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+        timeout: Duration,
+        max_parts: usize,
+    ) -> Result<Vec<f32>, ScoringError> {
+        if self.manifest.is_none() {
             return Err(ScoringError::Failed("no model deployed".into()));
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let pick = (0..n)
-            .map(|o| (start + o) % n)
-            .filter(|i| self.inflight[*i].load(Ordering::Relaxed) < self.queue)
-            .min_by_key(|i| self.inflight[*i].load(Ordering::Relaxed));
-        let Some(i) = pick else { return Err(ScoringError::Overloaded) };
-        let actor = self.scorers.read().expect("scorer lock")[i].clone();
-        let Some(actor) = actor else { return Err(ScoringError::Failed(format!("scorer {i} is restarting"))) };
-        let (tx, rx) = oneshot::channel();
-        self.inflight[i].fetch_add(1, Ordering::Relaxed);
-        let _guard = InflightGuard(&self.inflight[i]);
-        actor
-            .send_message(ScorerMsg::Submit(ScoreJob { stage, rows, cols, data, reply: tx }))
-            .map_err(|e| ScoringError::Failed(e.to_string()))?;
-        match tokio::time::timeout(timeout, rx).await {
-            Err(_) => Err(ScoringError::Timeout),
-            Ok(Err(_)) => Err(ScoringError::Failed("scorer dropped the job".into())),
-            Ok(Ok(r)) => r.map_err(ScoringError::Failed),
+        let live = self.live();
+        if live == 0 {
+            return Err(ScoringError::Failed("no scorer is running".into()));
         }
+        if data.len() != rows * cols {
+            return Err(ScoringError::Failed(format!("{} values for {rows}×{cols}", data.len())));
+        }
+        let parts = (rows / MIN_CHUNK_ROWS).clamp(1, live.min(max_parts).max(1));
+        let data = Arc::new(data);
+        let now = Instant::now();
+        let mut batch = Vec::with_capacity(parts);
+        let mut replies = Vec::with_capacity(parts);
+        for p in 0..parts {
+            let (tx, rx) = oneshot::channel();
+            batch.push(Chunk {
+                stage,
+                cols,
+                data: data.clone(),
+                rows: rows * p / parts..rows * (p + 1) / parts,
+                deadline: now + timeout,
+                enqueued: now,
+                reply: tx,
+            });
+            replies.push(rx);
+        }
+        if !self.queue.push_all(batch, stage == Stage::Heavy) {
+            return Err(ScoringError::Overloaded);
+        }
+        let gather = async {
+            let mut out = Vec::new();
+            for rx in replies {
+                match rx.await {
+                    Ok(Ok(v)) => out.extend(v),
+                    Ok(Err(e)) => return Err(ScoringError::Failed(e)),
+                    Err(_) => return Err(ScoringError::Failed("scorer dropped the job".into())),
+                }
+            }
+            Ok(out)
+        };
+        tokio::time::timeout(timeout, gather).await.unwrap_or(Err(ScoringError::Timeout))
     }
 }
 
-struct InflightGuard<'a>(&'a AtomicUsize);
-impl Drop for InflightGuard<'_> {
+/// ractor wraps a failed child start in one "Actor panicked during startup '…'" per supervision
+/// level; the operator needs only the innermost reason (the ort error).
+fn startup_cause(msg: &str) -> &str {
+    let mut m = msg;
+    while let Some(rest) = m.strip_prefix("Actor panicked during startup '") {
+        m = rest.strip_suffix('\'').unwrap_or(rest);
+    }
+    m
+}
+
+impl Drop for ScorerPool {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.stop();
+    }
+}
+
+/// The deployed model version. A reload builds a whole new pool (manifest checked against the
+/// declared features, sessions loaded by new scorer threads, a canary row scored) and only then
+/// swaps it in; any failure leaves the serving version untouched. Requests hold the pool they
+/// started with, so the old version finishes its in-flight work and stops when the last one drops it.
+pub struct Models {
+    current: std::sync::RwLock<Arc<ScorerPool>>,
+    reloading: tokio::sync::Mutex<()>,
+    scorers: usize,
+    queue_per_scorer: usize,
+    nice: i32,
+    /// Configured libonnxruntime, for a node that started without a model.
+    runtime: Option<PathBuf>,
+}
+
+impl Models {
+    pub fn new(pool: Arc<ScorerPool>, scorers: usize, queue_per_scorer: usize, nice: i32) -> Self {
+        Self {
+            current: std::sync::RwLock::new(pool),
+            reloading: Default::default(),
+            scorers,
+            queue_per_scorer,
+            nice,
+            runtime: None,
+        }
+    }
+
+    pub fn with_runtime(mut self, lib: Option<PathBuf>) -> Self {
+        self.runtime = lib;
+        self
+    }
+
+    /// A fixed pool (tests, benches); `reload` still works with one scorer.
+    pub fn fixed(pool: Arc<ScorerPool>) -> Self {
+        Self::new(pool, 1, 8, 0)
+    }
+
+    pub fn current(&self) -> Arc<ScorerPool> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Deploys the version in `dir`; returns (previous version, new version).
+    pub async fn reload(
+        &self,
+        dir: &Path,
+        plan: &Arc<crate::features::FeaturePlan>,
+    ) -> Result<(Option<String>, String), ScoringError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let manifest = {
+            let (dir, plan, runtime) = (dir.to_path_buf(), plan.clone(), self.runtime.clone());
+            tokio::task::spawn_blocking(move || {
+                let m = Manifest::load(&dir, &plan)?;
+                if ORT_ENV.get().is_none() {
+                    let lib = find_runtime(runtime.as_deref()).ok_or_else(|| {
+                        ScoringError::Runtime("libonnxruntime not found; run scripts/setup.sh".into())
+                    })?;
+                    init_runtime(&lib)?;
+                }
+                Ok::<_, ScoringError>(m)
+            })
+            .await
+            .map_err(|e| ScoringError::Failed(e.to_string()))??
+        };
+        let manifest = Arc::new(manifest);
+        let version = manifest.version.clone();
+        let pool =
+            ScorerPool::new(manifest.clone(), self.scorers, self.queue_per_scorer).with_nice(self.nice).start().await?;
+        // Canary: one row of declared defaults through both stages must give finite outputs of the
+        // declared width (catches a model whose shapes disagree with its manifest).
+        let canary = |cols: &[usize]| cols.iter().map(|c| plan.defaults[*c]).collect::<Vec<f32>>();
+        let checks = [
+            (Stage::Light, canary(&manifest.stage1_columns), 1),
+            (Stage::Heavy, canary(&manifest.stage2_columns), manifest.stage2.output_width),
+        ];
+        for (stage, row, width) in checks {
+            let cols = row.len();
+            let out = pool.score(stage, 1, cols, row, Duration::from_secs(5)).await.map_err(|e| {
+                ScoringError::Model { path: dir.to_path_buf(), message: format!("canary row through {stage:?}: {e}") }
+            })?;
+            if out.len() != width || !out.iter().all(|v| v.is_finite()) {
+                return Err(ScoringError::Model {
+                    path: dir.to_path_buf(),
+                    message: format!("canary row through {stage:?}: expected {width} finite values, got {out:?}"),
+                });
+            }
+        }
+        let old = std::mem::replace(&mut *self.current.write().unwrap_or_else(|p| p.into_inner()), pool);
+        let previous = old.manifest.as_ref().map(|m| m.version.clone());
+        tracing::info!(from = ?previous, to = %version, "model version deployed");
+        Ok((previous, version))
+    }
+
+    /// Stops the serving version's scorers (node shutdown).
+    pub fn stop(&self) {
+        self.current().stop();
     }
 }
 
@@ -351,10 +543,10 @@ impl Drop for InflightGuard<'_> {
 pub struct ScorerSupervisor;
 
 pub struct ScorerSupervisorState {
-    pool: Arc<ScorerPool>,
+    /// Weak: the pool owns the supervisor, not the other way round (see `ScorerPool::drop`).
+    pool: std::sync::Weak<ScorerPool>,
     children: std::collections::HashMap<ractor::ActorId, usize>,
     manifest: Arc<Manifest>,
-    queue: usize,
 }
 
 impl Actor for ScorerSupervisor {
@@ -366,13 +558,12 @@ impl Actor for ScorerSupervisor {
         let manifest = pool.manifest.clone().ok_or("scorer supervisor without a model")?;
         let mut children = std::collections::HashMap::new();
         for i in 0..pool.len() {
-            let args = ScorerArgs { manifest: manifest.clone(), queue: pool.queue, index: i };
+            let args = ScorerArgs { manifest: manifest.clone(), queue: pool.queue.clone(), index: i, nice: pool.nice };
             let (a, _) = Actor::spawn_linked(None, Scorer, args, me.get_cell()).await?;
             children.insert(a.get_id(), i);
             pool.set(i, Some(a));
         }
-        let queue = pool.queue;
-        Ok(ScorerSupervisorState { pool, children, manifest, queue })
+        Ok(ScorerSupervisorState { pool: Arc::downgrade(&pool), children, manifest })
     }
 
     async fn handle_supervisor_evt(
@@ -383,14 +574,16 @@ impl Actor for ScorerSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         // Only failures restart: a clean stop is the node shutting down.
         if let SupervisionEvent::ActorFailed(cell, _) = ev {
+            let Some(pool) = st.pool.upgrade() else { return Ok(()) };
             if let Some(i) = st.children.remove(&cell.get_id()) {
                 tracing::warn!(scorer = i, "scorer failed; restarting");
                 metrics::counter!("recsys_actor_restarts_total", "role" => "scorer").increment(1);
-                st.pool.set(i, None);
-                let args = ScorerArgs { manifest: st.manifest.clone(), queue: st.queue, index: i };
+                pool.set(i, None);
+                let args =
+                    ScorerArgs { manifest: st.manifest.clone(), queue: pool.queue.clone(), index: i, nice: pool.nice };
                 let (a, _) = Actor::spawn_linked(None, Scorer, args, me.get_cell()).await?;
                 st.children.insert(a.get_id(), i);
-                st.pool.set(i, Some(a));
+                pool.set(i, Some(a));
             }
         }
         Ok(())
