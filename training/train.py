@@ -3,6 +3,7 @@ net (scikit-learn MLP, heads click/like/share/hide), both exported to ONNX with 
 ordered input features and output heads. Reproducible: fixed seeds, pinned versions.
 
     python training/train.py --data training/out/dataset.parquet --out models
+    python training/train.py --reexport models   # rewrite an existing stage-1 export (same trees)
 """
 import argparse
 import datetime
@@ -36,6 +37,59 @@ def auc(y, p):
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
+def gbdt_for_serving(classifier):
+    """The converter's TreeEnsembleClassifier, rewritten as TreeEnsembleRegressor + Sigmoid with no
+    missing-value tracks: the same trees and the same p(click) (to 1e-7), but ONNX Runtime takes its
+    single-target path (no per-class score vector per tree and row) and skips the NaN test per node.
+    Serving never sends NaN (non-finite features are replaced by their declared defaults), so the
+    missing-value branches LightGBM learned are never taken there. Measured on 20k real rows:
+    4.3-4.9 -> 3.5-4.1 us per row on one thread."""
+    te = next(n for n in classifier.graph.node if n.op_type == "TreeEnsembleClassifier")
+    a = {x.name: helper.get_attribute_value(x) for x in te.attribute}
+    if len(a["classlabels_int64s"]) != 2 or set(a["class_ids"]) != {0} or a["post_transform"] != b"LOGISTIC":
+        raise ValueError("expected a binary LightGBM classifier with one score per tree")
+    node_attrs = {k: a[k] for k in a if k.startswith("nodes_")}
+    node_attrs["nodes_missing_value_tracks_true"] = [0] * len(a["nodes_missing_value_tracks_true"])
+    regressor = helper.make_node(
+        "TreeEnsembleRegressor", [te.input[0]], ["raw_score"], domain="ai.onnx.ml",
+        n_targets=1, aggregate_function="SUM", post_transform="NONE",
+        target_ids=[0] * len(a["class_ids"]), target_nodeids=a["class_nodeids"],
+        target_treeids=a["class_treeids"], target_weights=a["class_weights"],
+        **({"base_values": a["base_values"]} if "base_values" in a else {}),
+        **node_attrs,
+    )
+    graph = helper.make_graph(
+        [regressor, helper.make_node("Sigmoid", ["raw_score"], ["click"])],
+        "stage1_gbdt",
+        [classifier.graph.input[0]],
+        [helper.make_tensor_value_info("click", TensorProto.FLOAT, [None, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 3)],
+                              producer_name="recsys-train")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+STAGE1_SPEC = {"file": "stage1_gbdt.onnx", "output": "click", "output_width": 1, "output_column": 0}
+
+
+def reexport(models_dir):
+    """Rewrites an existing classifier export in place (no retraining) and bumps the version."""
+    path = os.path.join(models_dir, "stage1_gbdt.onnx")
+    model = onnx.load(path)
+    if any(n.op_type == "TreeEnsembleRegressor" for n in model.graph.node):
+        print(f"{path} is already in serving form")
+        return
+    onnx.save(gbdt_for_serving(model), path)
+    mpath = os.path.join(models_dir, "manifest.json")
+    manifest = json.load(open(mpath))
+    manifest["stage1"].update(STAGE1_SPEC)
+    manifest["version"] += "-reg"
+    json.dump(manifest, open(mpath, "w"), indent=2)
+    print(f"rewrote {path}; manifest version {manifest['version']}")
+
+
 def export_mlp(mlp, mean, std, n_in, path):
     """Gemm/Relu layers with the standardisation folded into the graph, sigmoid heads."""
     inits = [
@@ -66,11 +120,16 @@ def export_mlp(mlp, mean, std, n_in, path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--data")
+    ap.add_argument("--out")
+    ap.add_argument("--reexport", metavar="MODELS_DIR")
     ap.add_argument("--trees", type=int, default=100)
     ap.add_argument("--leaves", type=int, default=63)
     a = ap.parse_args()
+    if a.reexport:
+        return reexport(a.reexport)
+    if not (a.data and a.out):
+        ap.error("--data and --out are required")
 
     df = pd.read_parquet(a.data)
     names = json.load(open(os.path.join(os.path.dirname(a.data), "feature_names.json")))
@@ -98,13 +157,13 @@ def main():
 
     os.makedirs(a.out, exist_ok=True)
     onx = convert_lightgbm(gbdt, initial_types=[("input", FloatTensorType([None, len(names)]))], zipmap=False, target_opset=13)
-    onnx.save(onx, os.path.join(a.out, "stage1_gbdt.onnx"))
+    onnx.save(gbdt_for_serving(onx), os.path.join(a.out, "stage1_gbdt.onnx"))
     export_mlp(mlp, mean, std, len(names), os.path.join(a.out, "stage2_mlp.onnx"))
     version = "m" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d%H%M")
     manifest = {
         "version": version,
         "trained_on": f"{len(train)} rows; holdout {report}",
-        "stage1": {"file": "stage1_gbdt.onnx", "inputs": names, "output": "probabilities", "output_width": 2, "output_column": 1},
+        "stage1": {**STAGE1_SPEC, "inputs": names},
         "stage2": {"file": "stage2_mlp.onnx", "inputs": names, "output": "heads", "output_width": len(HEADS), "heads": HEADS},
     }
     json.dump(manifest, open(os.path.join(a.out, "manifest.json"), "w"), indent=2)
