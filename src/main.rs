@@ -76,6 +76,9 @@ enum Cmd {
         items_file: Option<PathBuf>,
         #[arg(long)]
         users_file: Option<PathBuf>,
+        /// JSON-lines events: {"event_id","user","item","action":"click","ts_ms", "geo"?, "request_id"?}.
+        #[arg(long)]
+        events_file: Option<PathBuf>,
         #[arg(long)]
         quiet: bool,
     },
@@ -199,11 +202,12 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
         }
-        Cmd::Load { addr, seed, items, users, events, batch, items_file, users_file, quiet } => {
+        Cmd::Load { addr, seed, items, users, events, batch, items_file, users_file, events_file, quiet } => {
             cli::wait_serving(&addr, Duration::from_secs(120)).await?;
             let ch = cli::connect(&addr).await?;
-            let s = if items_file.is_some() || users_file.is_some() {
-                cli::load::load_files(ch, items_file.as_deref(), users_file.as_deref(), batch).await?
+            let s = if items_file.is_some() || users_file.is_some() || events_file.is_some() {
+                let (i, u, e) = (items_file.as_deref(), users_file.as_deref(), events_file.as_deref());
+                cli::load::load_files(ch, i, u, e, batch, quiet).await?
             } else {
                 let world =
                     Arc::new(recsys::world::World::generate(cli::load::synthetic_spec(seed, items, users, events)));

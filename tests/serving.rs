@@ -368,3 +368,66 @@ async fn models_reload_live_and_a_bad_model_leaves_the_old_one_serving() {
     assert_eq!(status.nodes[0].scorers, 2, "the new version runs its own two scorers");
     assert!(node.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_reads_json_lines_files_and_names_a_bad_line() {
+    let dir = temp_dir("load-files");
+    let node = start_node(&dir.join("data"), &[]).expect("node starts");
+    wait_serving(&node.addr).await;
+    let world = World::generate(synthetic_spec(3, 300, 50, 3000));
+    let lines = |v: Vec<String>| v.join("\n") + "\n";
+    let items = dir.join("items.jsonl");
+    std::fs::write(&items, lines(world.items.iter().map(|i| serde_json::to_string(i).unwrap()).collect())).unwrap();
+    let users = dir.join("users.jsonl");
+    std::fs::write(&users, lines(world.users.iter().map(|u| serde_json::to_string(u).unwrap()).collect())).unwrap();
+    let mut evs = Vec::new();
+    world.events(|e| {
+        let action = format!("{:?}", e.action).to_lowercase();
+        let line = serde_json::json!({"event_id": e.event_id, "user": e.user, "item": e.item, "action": action, "ts_ms": e.ts_ms});
+        evs.push(line.to_string());
+    });
+    let total = evs.len() as u64;
+    let user = world.users[0].id.clone();
+    evs.push(
+        serde_json::json!({"event_id": "bad-1", "user": user, "item": "i0", "action": "liek", "ts_ms": 1}).to_string(),
+    );
+    evs.push(
+        serde_json::json!({"event_id": "bad-2", "user": user, "item": "nope", "action": "click", "ts_ms": 1})
+            .to_string(),
+    );
+    let events = dir.join("events.jsonl");
+    std::fs::write(&events, lines(evs)).unwrap();
+
+    let load = |args: &[&std::path::Path]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_recsys"));
+        cmd.args(["load", "--quiet", "--batch", "700", "--addr", &node.addr]);
+        for (flag, p) in ["--items-file", "--users-file", "--events-file"].iter().zip(args) {
+            if !p.as_os_str().is_empty() {
+                cmd.arg(flag).arg(p);
+            }
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = load(&[&items, &users, &events]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains(&format!("loaded 300 items, 50 users, {total} events (0 duplicates, 2 rejected)")), "{out}");
+    assert!(err.contains("action: unknown `liek`") && err.contains("unknown item"), "reasons shown: {err}");
+    // The same events again: every one a duplicate, none counted twice.
+    let none = std::path::Path::new("");
+    let (ok, out, _) = load(&[none, none, &events]);
+    assert!(ok && out.contains(&format!("0 events ({total} duplicates, 2 rejected)")), "{out}");
+    // A line that is not JSON stops the load and names the file and line.
+    let broken = dir.join("broken.jsonl");
+    std::fs::write(&broken, "{\"event_id\":\"x\"}\n\n{not json\n").unwrap();
+    let (ok, _, err) = load(&[none, none, &broken]);
+    assert!(!ok && err.contains("broken.jsonl:1:"), "the first bad line is named: {err}");
+    let mut rec = RecommenderClient::new(recsys::cli::connect(&node.addr).await.unwrap());
+    let r = rec.recommend(req(&user, 5)).await.unwrap().into_inner();
+    assert_eq!(r.items.len(), 5, "a loaded user gets recommendations");
+    assert!(node.stop().success());
+}
