@@ -41,16 +41,88 @@ pub fn trending_weight(a: Action) -> f32 {
     }
 }
 
+/// Trending for one geo. The full ranking is rebuilt once per event-time hour (the only time a
+/// 24 × 1 h window sum changes on its own); between rebuilds each engagement updates its item's
+/// score in `best` directly, so no request ever pays for a scan of every item in the geo.
 #[derive(Default)]
 struct GeoTrending {
     items: KeyMap<HourRing>,
+    /// The best items by window score at `now`, between `TRENDING_KEEP` and twice that many.
+    best: KeyMap<f32>,
+    /// An item outside `best` enters only above this score (the lowest kept at the last prune).
+    floor: f32,
+    /// `best` in rank order, re-sorted at most every `TRENDING_REFRESH` after a change.
     top: Vec<Candidate>,
-    computed_at: Option<Instant>,
+    /// Event time the window sums are taken at; its hour is the hour `best` is valid for.
+    now: Option<i64>,
+    sorted_at: Option<Instant>,
     dirty: bool,
 }
 
-/// The ranked trending list is recomputed at most this often, so a write shows within a second.
+/// Items kept ranked per geo (the largest trending request is well below this).
+const TRENDING_KEEP: usize = 1000;
+
+/// The ranked trending list is re-sorted at most this often, so a write shows within a second.
 const TRENDING_REFRESH: Duration = Duration::from_millis(500);
+
+impl GeoTrending {
+    fn candidate(item: Key, score: f32) -> Candidate {
+        Candidate { item, group: 0, source: crate::features::SRC_TRENDING, score }
+    }
+
+    /// Full rebuild for a new hour: every item's window sum, keep the best, forget items whose
+    /// whole window is empty.
+    fn rebuild(&mut self, now: i64, hours: u32) {
+        self.items.retain(|_, ring| ring.sum(now, 24) != 0.0);
+        let scored: Vec<(Key, f32)> =
+            self.items.iter().map(|(k, ring)| (*k, ring.sum(now, hours))).filter(|(_, s)| *s > 0.0).collect();
+        self.now = Some(now);
+        self.keep_best(scored);
+    }
+
+    /// Keeps the `TRENDING_KEEP` best of `scored` in `best` and sets the entry floor.
+    fn keep_best(&mut self, mut scored: Vec<(Key, f32)>) {
+        if scored.len() > TRENDING_KEEP {
+            scored.select_nth_unstable_by(TRENDING_KEEP - 1, |a, b| b.1.total_cmp(&a.1));
+            scored.truncate(TRENDING_KEEP);
+            self.floor = scored.iter().map(|(_, s)| *s).fold(f32::INFINITY, f32::min);
+        } else {
+            self.floor = 0.0;
+        }
+        self.best = scored.into_iter().collect();
+        self.dirty = true;
+    }
+
+    /// An engagement landed on `item`: move it in (or within, or out of) the kept set.
+    fn touched(&mut self, item: Key, hours: u32) {
+        let Some(now) = self.now else { return };
+        let Some(score) = self.items.get(&item).map(|r| r.sum(now, hours)) else { return };
+        if score <= 0.0 {
+            self.dirty |= self.best.remove(&item).is_some();
+            return;
+        }
+        if self.best.contains_key(&item) || score > self.floor {
+            self.best.insert(item, score);
+            self.dirty = true;
+            if self.best.len() >= 2 * TRENDING_KEEP {
+                let all: Vec<(Key, f32)> = self.best.drain().collect();
+                self.keep_best(all);
+            }
+        }
+    }
+
+    fn ranked(&mut self, limit: usize) -> Vec<Candidate> {
+        let fresh = self.sorted_at.is_some_and(|t| t.elapsed() < TRENDING_REFRESH);
+        if self.dirty && !fresh || self.sorted_at.is_none() {
+            let mut top: Vec<Candidate> = self.best.iter().map(|(k, s)| Self::candidate(*k, *s)).collect();
+            top.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item)));
+            self.top = top;
+            self.sorted_at = Some(Instant::now());
+            self.dirty = false;
+        }
+        self.top.iter().take(limit).copied().collect()
+    }
+}
 
 pub struct GeneratorState {
     settings: GeneratorSettings,
@@ -65,9 +137,10 @@ impl GeneratorState {
     }
 
     pub fn add_engagement(&mut self, geo: Key, item: Key, action: Action, ts: i64) {
+        let hours = self.settings.trending_window_hours;
         let g = self.trending.entry(geo).or_default();
         g.items.entry(item).or_default().add(ts, trending_weight(action));
-        g.dirty = true;
+        g.touched(item, hours);
     }
 
     pub fn add_author_item(&mut self, author: Key, item: Key, created_at: i64) {
@@ -95,34 +168,10 @@ impl GeneratorState {
     pub fn trending(&mut self, geo: Key, now: i64, limit: usize) -> Vec<Candidate> {
         let hours = self.settings.trending_window_hours;
         let Some(g) = self.trending.get_mut(&geo) else { return vec![] };
-        let stale = g.computed_at.is_none_or(|t| t.elapsed() >= TRENDING_REFRESH);
-        if (g.dirty && stale) || g.computed_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-            let mut all: Vec<Candidate> = g
-                .items
-                .iter()
-                .filter_map(|(k, ring)| {
-                    let s = ring.sum(now, hours);
-                    (s > 0.0).then_some(Candidate {
-                        item: *k,
-                        group: 0,
-                        source: crate::features::SRC_TRENDING,
-                        score: s,
-                    })
-                })
-                .collect();
-            let keep = limit.max(1000).min(all.len());
-            if keep > 0 && keep < all.len() {
-                all.select_nth_unstable_by(keep - 1, |a, b| b.score.total_cmp(&a.score));
-                all.truncate(keep);
-            }
-            all.sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
-            // Items that left the window are dropped from the index to keep it bounded.
-            g.items.retain(|_, ring| ring.sum(now, 24) != 0.0);
-            g.top = all;
-            g.computed_at = Some(Instant::now());
-            g.dirty = false;
+        if g.now.is_none_or(|t| t.div_euclid(3600) != now.div_euclid(3600)) {
+            g.rebuild(now, hours);
         }
-        g.top.iter().take(limit).copied().collect()
+        g.ranked(limit)
     }
 
     pub fn author_items(&self, authors: &[Key], per_author: usize, now: i64) -> Vec<Candidate> {
@@ -272,6 +321,33 @@ mod tests {
         let t = g.trending(1, now, 10);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].item, 11);
+    }
+
+    #[test]
+    fn incremental_trending_matches_a_full_rebuild() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let now = 1_700_000_000 - 1_700_000_000 % 3600 + 1800;
+        let actions = [Action::Impression, Action::Click, Action::Like, Action::Share, Action::Hide];
+        let mut g = st();
+        // Enough items that the kept set prunes and the floor matters.
+        for _ in 0..20_000 {
+            let item = rng.random_range(0..3000u64);
+            let age = rng.random_range(0..30 * 3600);
+            g.add_engagement(1, item, actions[rng.random_range(0..5)], now - age);
+        }
+        g.trending(1, now, 10); // first rebuild; from here on updates are incremental
+        for _ in 0..20_000 {
+            let item = rng.random_range(0..3000u64);
+            g.add_engagement(1, item, actions[rng.random_range(0..4)], now - rng.random_range(0..1800));
+        }
+        let geo = g.trending.get_mut(&1).unwrap();
+        geo.sorted_at = None; // skip the refresh throttle for the comparison
+        let incremental: Vec<Key> = geo.ranked(700).iter().map(|c| c.item).collect();
+        geo.now = None;
+        let full: Vec<Key> = g.trending(1, now, 700).iter().map(|c| c.item).collect();
+        assert_eq!(incremental.len(), 700);
+        assert_eq!(incremental, full);
     }
 
     #[test]
