@@ -291,6 +291,12 @@ pub fn replay(store: &Store, cfg: &Config, feature_parts: &[u32], gen_parts: &[u
         }
     }
     routed.apply_to_states(&mut features, &mut generators);
+    // Rank trending now, so the first request per geo does not pay the scan.
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    for g in generators.values_mut() {
+        g.warm_trending(now);
+    }
     Ok((features, generators))
 }
 

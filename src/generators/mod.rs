@@ -174,6 +174,16 @@ impl GeneratorState {
         g.ranked(limit)
     }
 
+    /// Builds every geo's ranking for the hour of `now` (after a replay, before serving).
+    pub fn warm_trending(&mut self, now: i64) {
+        let hours = self.settings.trending_window_hours;
+        for g in self.trending.values_mut() {
+            if g.now.is_none_or(|t| t.div_euclid(3600) != now.div_euclid(3600)) {
+                g.rebuild(now, hours);
+            }
+        }
+    }
+
     pub fn author_items(&self, authors: &[Key], per_author: usize, now: i64) -> Vec<Candidate> {
         let mut out = Vec::new();
         for a in authors {
