@@ -619,35 +619,47 @@ impl Pipeline {
             }
         }
         cov.stages.push(st);
-        let user_feats: Vec<Option<f32>> = plan
-            .kinds
-            .iter()
-            .map(|k| match k {
-                FeatureKind::User(f) => profile.feature(*f, now),
-                _ => None,
-            })
-            .collect();
+        // User columns are the same for every candidate: a template row carries them (and every
+        // default); item and cross columns are then filled per candidate from short column lists.
+        let mut template = plan.defaults.clone();
+        let mut user_defaulted = 0u32;
+        let mut item_cols: Vec<(usize, usize)> = Vec::new();
+        let mut cross_cols: Vec<(usize, CrossFeat)> = Vec::new();
+        for (col, kind) in plan.kinds.iter().enumerate() {
+            match kind {
+                FeatureKind::User(f) => match profile.feature(*f, now) {
+                    Some(v) if v.is_finite() => template[col] = v,
+                    _ => user_defaulted += 1,
+                },
+                FeatureKind::Item(_) => item_cols.push((col, plan.item_col[col].unwrap_or(0))),
+                FeatureKind::Cross(f) => cross_cols.push((col, *f)),
+            }
+        }
         let geo = if !r.geo.is_empty() { key_of(&r.geo) } else { key_of(&profile.geo) };
         let mut any_default = false;
         for i in 0..n {
             let row = &mut rows[i * width..(i + 1) * width];
-            let c = &cands[i];
-            for (col, kind) in plan.kinds.iter().enumerate() {
-                let v: Option<f32> = match kind {
-                    FeatureKind::Item(_) => item_rows[i]
-                        .as_ref()
-                        .map(|(rep, j)| rep.values[j * rep.stride + plan.item_col[col].unwrap_or(0)]),
-                    FeatureKind::User(_) => user_feats[col],
-                    FeatureKind::Cross(f) => cross(*f, c, metas[i].as_ref(), profile, geo),
-                };
-                row[col] = match v {
-                    Some(v) if v.is_finite() => v,
-                    _ => {
-                        defaulted[i] += 1;
-                        plan.defaults[col]
+            row.copy_from_slice(&template);
+            let mut missing = user_defaulted;
+            match &item_rows[i] {
+                Some((rep, j)) => {
+                    let values = &rep.values[j * rep.stride..(j + 1) * rep.stride];
+                    for &(col, k) in &item_cols {
+                        match values[k] {
+                            v if v.is_finite() => row[col] = v,
+                            _ => missing += 1,
+                        }
                     }
-                };
+                }
+                None => missing += item_cols.len() as u32,
             }
+            for &(col, f) in &cross_cols {
+                match cross(f, &cands[i], metas[i].as_ref(), profile, geo) {
+                    Some(v) if v.is_finite() => row[col] = v,
+                    _ => missing += 1,
+                }
+            }
+            defaulted[i] = missing;
             any_default |= metas[i].is_none();
         }
         if any_default {
