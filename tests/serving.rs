@@ -363,6 +363,20 @@ async fn models_reload_live_and_a_bad_model_leaves_the_old_one_serving() {
     assert!(after.items.iter().all(|i| i.explanation.as_ref().unwrap().scored_by == "value_model"));
     let versions = traffic.await.unwrap();
     assert!(versions.iter().all(|v| *v == original || v == "m-reloaded-in-test/stage1"), "{versions:?}");
+    // Two reloads at once: never both running; the loser is told UNAVAILABLE, not queued.
+    let again = || {
+        let mut a = admin.clone();
+        let d = dir.join("good").to_str().unwrap().to_string();
+        async move { a.reload_models(pb::ReloadModelsRequest { models_dir: d }).await }
+    };
+    let (x, y) = tokio::join!(again(), again());
+    for r in [&x, &y] {
+        if let Err(e) = r {
+            assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+            assert!(e.message().contains("in progress"), "{}", e.message());
+        }
+    }
+    assert!(x.is_ok() || y.is_ok(), "one of two concurrent reloads deploys");
     let status = admin.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.models.unwrap().stage1, "m-reloaded-in-test/stage1");
     assert_eq!(status.nodes[0].scorers, 2, "the new version runs its own two scorers");

@@ -83,7 +83,9 @@ impl pb::admin_server::Admin for AdminService {
                 metrics::counter!("recsys_model_reloads_total", "outcome" => "rejected").increment(1);
                 tracing::warn!(dir = %dir.display(), error = %e, "model reload rejected; the serving version stays");
                 Err(match e {
-                    ScoringError::Overloaded | ScoringError::Timeout => Status::unavailable(format!("models_dir: {e}")),
+                    ScoringError::Overloaded | ScoringError::Timeout | ScoringError::Busy => {
+                        Status::unavailable(format!("models_dir: {e}; the serving version stays"))
+                    }
                     _ => Status::invalid_argument(format!("models_dir: {e}; the serving version stays")),
                 })
             }

@@ -34,6 +34,8 @@ pub enum ScoringError {
     Failed(String),
     #[error("scoring did not finish within its deadline")]
     Timeout,
+    #[error("another model reload is in progress")]
+    Busy,
 }
 
 /// Smallest chunk worth its own model run (a run has a fixed cost of tens of microseconds).
@@ -448,7 +450,8 @@ impl Drop for ScorerPool {
 /// started with, so the old version finishes its in-flight work and stops when the last one drops it.
 pub struct Models {
     current: std::sync::RwLock<Arc<ScorerPool>>,
-    reloading: tokio::sync::Mutex<()>,
+    /// Set while a reload runs; a second one is refused rather than queued (no lock across awaits).
+    reloading: AtomicBool,
     scorers: usize,
     queue_per_scorer: usize,
     nice: i32,
@@ -488,7 +491,10 @@ impl Models {
         dir: &Path,
         plan: &Arc<crate::features::FeaturePlan>,
     ) -> Result<(Option<String>, String), ScoringError> {
-        let _one_at_a_time = self.reloading.lock().await;
+        if self.reloading.swap(true, Ordering::AcqRel) {
+            return Err(ScoringError::Busy);
+        }
+        let _done = ReloadGuard(&self.reloading);
         let manifest = {
             let (dir, plan, runtime) = (dir.to_path_buf(), plan.clone(), self.runtime.clone());
             tokio::task::spawn_blocking(move || {
@@ -536,6 +542,13 @@ impl Models {
     /// Stops the serving version's scorers (node shutdown).
     pub fn stop(&self) {
         self.current().stop();
+    }
+}
+
+struct ReloadGuard<'a>(&'a AtomicBool);
+impl Drop for ReloadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
