@@ -705,7 +705,19 @@ impl Pipeline {
             cov.fallback("heuristic_scores");
             return (0..n).filter_map(|i| make(i, heuristic(i), 0.0, vec![], "heuristic")).collect();
         };
-        let present: Vec<usize> = (0..n).filter(|i| metas[*i].is_some()).collect();
+        let mut present: Vec<usize> = (0..n).filter(|i| metas[*i].is_some()).collect();
+        if !manifest.stage1_order.is_empty() {
+            // Same scores in any order; sorted rows run faster (see ModelSpec::batch_order).
+            let key = |i: usize, c: usize| rows[i * width + c];
+            present.sort_unstable_by(|&a, &b| {
+                manifest
+                    .stage1_order
+                    .iter()
+                    .map(|&c| key(a, c).total_cmp(&key(b, c)))
+                    .find(|o| o.is_ne())
+                    .unwrap_or(a.cmp(&b))
+            });
+        }
         let gather = |idx: &[usize], cols: &[usize]| -> Vec<f32> {
             let mut m = Vec::with_capacity(idx.len() * cols.len());
             for &i in idx {

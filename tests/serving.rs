@@ -284,6 +284,16 @@ fn node_refuses_bad_config_and_bad_models() {
     std::fs::write(models.join("manifest.json"), manifest.replacen("\"item_price\"", "\"bogus_feature\"", 1)).unwrap();
     let out = node_fails(&dir.join("d2"), &["--models-dir", models.to_str().unwrap()]);
     assert!(out.contains("bogus_feature"), "unknown model input not named: {out}");
+    // The batch-order hint must name a declared feature too.
+    let order = manifest.replacen(
+        "\"batch_order\": [\n      \"cross_emb_cosine\"",
+        "\"batch_order\": [\n      \"no_such_col\"",
+        1,
+    );
+    assert_ne!(order, manifest, "the committed manifest carries stage1.batch_order");
+    std::fs::write(models.join("manifest.json"), order).unwrap();
+    let out = node_fails(&dir.join("d3"), &["--models-dir", models.to_str().unwrap()]);
+    assert!(out.contains("stage1.batch_order") && out.contains("no_such_col"), "bad batch_order not named: {out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

