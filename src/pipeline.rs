@@ -784,12 +784,12 @@ impl Pipeline {
         // The same lookup brings the ids and author names, for the ranked list only.
         let keys: Vec<Key> = scored.iter().map(|p| p.key).collect();
         let wants = BriefWants { embedding: false, names: true };
-        let briefs = self.briefs(&keys, wants, left, "final_refilter", cov).await;
+        let mut briefs = self.briefs(&keys, wants, left, "final_refilter", cov).await;
         let mut removed = 0u32;
         let mut row_of: HashMap<Arc<str>, usize> = HashMap::with_capacity(scored.len());
         let mut kept: Vec<Scored> = Vec::with_capacity(scored.len());
         for p in scored {
-            let names = briefs.get(&p.key).filter(|b| !b.deleted && b.in_stock).and_then(|b| b.names.clone());
+            let names = briefs.remove(&p.key).filter(|b| !b.deleted && b.in_stock).and_then(|b| b.names);
             let Some((item, author)) = names else {
                 removed += 1;
                 continue;

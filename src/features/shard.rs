@@ -195,7 +195,6 @@ pub struct FeatureShardState {
     /// together so one candidate costs one or two cache lines here, not one per field.
     heads: Vec<ItemHead>,
     attrs: Vec<f32>,
-    embeddings: Vec<Arc<[f32]>>,
     counters: Vec<u32>,
     /// Per row: every (counter, window) sum, valid for the 5-minute bucket in `window_sums_at`
     /// (window sums only change at bucket boundaries or when an event lands, which invalidates).
@@ -226,7 +225,6 @@ impl FeatureShardState {
             index: KeyMap::default(),
             heads: vec![],
             attrs: vec![],
-            embeddings: vec![],
             counters: vec![],
             window_sums: vec![],
             users: KeyMap::default(),
@@ -262,7 +260,6 @@ impl FeatureShardState {
                     flags: 0,
                 });
                 self.attrs.resize(self.attrs.len() + w, 0.0);
-                self.embeddings.push(Arc::from(Vec::new()));
                 self.counters.resize(self.counters.len() + ITEM_COUNTER_WIDTH, 0);
                 self.window_sums.push([0.0; WINDOW_SUMS]);
                 r
@@ -280,12 +277,10 @@ impl FeatureShardState {
         a[A_DURATION] = it.duration_secs;
         a[A_VIDEO] = if it.is_video { 1.0 } else { 0.0 };
         a[A_TOPIC] = it.topic as f32;
-        let mut emb = vec![0.0; self.settings.emb_dim];
-        for (d, v) in emb.iter_mut().zip(&it.embedding) {
-            *d = *v;
-        }
-        a[A_FIXED..].copy_from_slice(&emb);
-        self.embeddings[row] = Arc::from(emb);
+        // Missing or short embeddings are zero-padded to the declared width.
+        let emb = &mut a[A_FIXED..];
+        emb.fill(0.0);
+        emb.iter_mut().zip(&it.embedding).for_each(|(d, v)| *d = *v);
     }
 
     /// Marks items deleted (rows stay so that late events and filters still resolve them).
@@ -372,7 +367,10 @@ impl FeatureShardState {
             topic: self.attrs[r * self.attr_width() + A_TOPIC] as u32,
             deleted: self.heads[r].flags & FLAG_DELETED != 0,
             in_stock: self.heads[r].flags & FLAG_IN_STOCK != 0,
-            embedding: wants.embedding.then(|| self.embeddings[r].clone()),
+            // The embedding lives in the attribute row; the write path gets its own copy.
+            embedding: wants
+                .embedding
+                .then(|| Arc::from(&self.attrs[r * self.attr_width() + A_FIXED..(r + 1) * self.attr_width()])),
             names: wants.names.then(|| (self.heads[r].id.clone(), self.heads[r].author.clone())),
         })
     }
