@@ -7,7 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("recsys_descriptor.bin"))
-        .compile_protos(&["proto/recsys/v1/recsys.proto"], &["proto"])?;
+        .compile_protos(&["proto/recsys/v1/recsys.proto", "proto/recsys/internal/v1/internal.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

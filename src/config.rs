@@ -36,15 +36,37 @@ pub struct NodeConfig {
     pub listen: String,
     pub metrics_listen: Option<String>,
     pub data_dir: PathBuf,
+    /// Other nodes' addresses (gossip and gRPC share one port: UDP and TCP).
     pub seeds: Vec<String>,
+    /// Address peers reach this node at; defaults to `listen` (set it when listening on 0.0.0.0).
+    pub advertise_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
+    /// Gossip cluster name: nodes of another cluster are ignored.
+    pub name: String,
+    /// Node ids the first ring forms over; nodes stay NOT_SERVING until all of them have joined.
+    /// Empty: this node alone (a one-node cluster).
+    pub initial_nodes: Vec<String>,
     pub partitions_per_role: u32,
     pub replication_factor: u32,
     pub virtual_nodes: u32,
+    /// Nodes that run scorers; empty: every node. Others send their matrices to these.
+    pub scorer_nodes: Vec<String>,
+    pub gossip_interval_ms: u64,
+    /// Phi-accrual threshold: a peer is down after about phi × its mean heartbeat interval.
+    pub phi_threshold: f64,
+    /// A peer that comes back is routed to only after it stayed alive this long.
+    pub flap_debounce_ms: u64,
+    /// Background anti-entropy round between replicas.
+    pub anti_entropy_interval_ms: u64,
+    /// At start, how long to wait for peers holding this node's partitions before catching up.
+    pub catch_up_wait_ms: u64,
+    /// Key for signing page tokens; every node of a cluster must have the same. Empty: derived
+    /// from the cluster name (fine on a laptop, not in production). Env: RECSYS_CLUSTER_SECRET.
+    pub secret: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +114,9 @@ pub struct RetrievalConfig {
     pub coengagement_neighbors: usize,
     /// Recent items kept per author.
     pub author_recent_items: usize,
+    /// The global trending list (hit by every event and request) is spread over this many
+    /// generator partitions.
+    pub global_trending_shards: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,6 +146,8 @@ pub struct ScoringConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     pub max_batch: usize,
+    /// How long a write waits for each replica's acknowledgement.
+    pub replica_timeout_ms: u64,
     pub embedding_dim: usize,
     pub topics: u32,
 }
@@ -148,12 +175,26 @@ impl Default for NodeConfig {
             metrics_listen: None,
             data_dir: PathBuf::from("data/node-1"),
             seeds: vec![],
+            advertise_addr: None,
         }
     }
 }
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self { partitions_per_role: 32, replication_factor: 2, virtual_nodes: 64 }
+        Self {
+            name: "recsys".into(),
+            initial_nodes: vec![],
+            partitions_per_role: 32,
+            replication_factor: 2,
+            virtual_nodes: 64,
+            scorer_nodes: vec![],
+            gossip_interval_ms: 100,
+            phi_threshold: 6.0,
+            flap_debounce_ms: 300,
+            anti_entropy_interval_ms: 5000,
+            catch_up_wait_ms: 3000,
+            secret: String::new(),
+        }
     }
 }
 impl Default for StageShare {
@@ -189,6 +230,7 @@ impl Default for RetrievalConfig {
             coengagement_max_pairs_per_event: 10,
             coengagement_neighbors: 50,
             author_recent_items: 50,
+            global_trending_shards: 8,
         }
     }
 }
@@ -216,7 +258,7 @@ impl Default for ScoringConfig {
 }
 impl Default for IngestConfig {
     fn default() -> Self {
-        Self { max_batch: 5000, embedding_dim: 8, topics: 20 }
+        Self { max_batch: 5000, replica_timeout_ms: 3000, embedding_dim: 8, topics: 20 }
     }
 }
 impl Default for StoreConfig {
@@ -240,11 +282,50 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Reads several files, each overriding the keys of the ones before it (tables merge key by
+    /// key; arrays, like the feature list, are replaced whole). A per-node file then holds only
+    /// what differs from the shared one.
+    pub fn load_layered(paths: &[PathBuf]) -> Result<Self, ConfigError> {
+        let mut merged = toml::Value::Table(Default::default());
+        let mut last = PathBuf::new();
+        for path in paths {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+            let v: toml::Value = toml::from_str(&text)
+                .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+            merge(&mut merged, v);
+            last = path.clone();
+        }
+        let cfg: Config = merged
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: last, message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad =
             |key: &str, message: &str| Err(ConfigError::Invalid { key: key.to_string(), message: message.to_string() });
         if self.cluster.partitions_per_role == 0 || self.cluster.partitions_per_role > 4096 {
             return bad("cluster.partitions_per_role", "must be in 1..=4096");
+        }
+        if self.cluster.replication_factor == 0 {
+            return bad("cluster.replication_factor", "must be at least 1");
+        }
+        if !(10..=10_000).contains(&self.cluster.gossip_interval_ms) {
+            return bad("cluster.gossip_interval_ms", "must be in 10..=10000");
+        }
+        if !(1.0..=100.0).contains(&self.cluster.phi_threshold) {
+            return bad("cluster.phi_threshold", "must be in 1..=100");
+        }
+        if self.retrieval.global_trending_shards == 0 || self.retrieval.global_trending_shards > 64 {
+            return bad("retrieval.global_trending_shards", "must be in 1..=64");
+        }
+        if self.node.node_id.is_empty()
+            || self.node.node_id.len() > 64
+            || self.node.node_id.contains(char::is_whitespace)
+        {
+            return bad("node.node_id", "must be 1..=64 characters without spaces");
         }
         if self.serving.max_k == 0 {
             return bad("serving.max_k", "must be at least 1");
@@ -285,6 +366,22 @@ impl Config {
     }
 }
 
+fn merge(into: &mut toml::Value, from: toml::Value) {
+    match (into, from) {
+        (toml::Value::Table(a), toml::Value::Table(b)) => {
+            for (k, v) in b {
+                match a.get_mut(&k) {
+                    Some(existing) if existing.is_table() && v.is_table() => merge(existing, v),
+                    _ => {
+                        a.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +390,23 @@ mod tests {
     fn unknown_key_is_rejected_by_name() {
         let err = Config::parse("[serving]\nmax_kk = 3\n", Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("max_kk"), "{err}");
+    }
+
+    #[test]
+    fn later_files_override_key_by_key() {
+        let dir = std::env::temp_dir().join(format!("recsys-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let node = dir.join("n2.toml");
+        std::fs::write(&node, "[node]\nnode_id = \"n2\"\n[cluster]\ninitial_nodes = [\"n1\", \"n2\"]\n").unwrap();
+        let cfg = Config::load_layered(&[PathBuf::from("config/node.toml"), node.clone()]).unwrap();
+        assert_eq!(cfg.node.node_id, "n2");
+        assert_eq!(cfg.cluster.initial_nodes, vec!["n1", "n2"]);
+        assert_eq!(cfg.cluster.partitions_per_role, 32, "keys not in the later file stay");
+        assert!(cfg.features.len() >= 30);
+        std::fs::write(&node, "[cluster]\nreplicas = 2\n").unwrap();
+        let err = Config::load_layered(&[PathBuf::from("config/node.toml"), node]).unwrap_err();
+        assert!(err.to_string().contains("replicas"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub const SLOTS: usize = 12 + 24 + 7;
 pub const WIDTH: usize = SLOTS + 6;
 const TOTALS: usize = SLOTS + 3;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Window {
     Hour = 0,
     Day = 1,

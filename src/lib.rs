@@ -15,4 +15,5 @@ pub mod pipeline;
 pub mod ranking;
 pub mod scoring;
 pub mod store;
+pub mod transport;
 pub mod world;

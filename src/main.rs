@@ -19,15 +19,23 @@ struct Cli {
 enum Cmd {
     /// Run a node: gRPC API, partition actors, scorers.
     Node {
+        /// Config files; later ones override the keys of earlier ones.
         #[arg(long, default_value = "config/node.toml")]
-        config: PathBuf,
+        config: Vec<PathBuf>,
         #[arg(long)]
         node_id: Option<String>,
+        /// gRPC (TCP) and gossip (UDP) address.
         #[arg(long)]
         listen: Option<String>,
-        /// Comma-separated seed addresses of other nodes.
+        /// Address peers reach this node at (defaults to --listen).
+        #[arg(long)]
+        advertise_addr: Option<String>,
+        /// Comma-separated addresses of other nodes.
         #[arg(long, value_delimiter = ',')]
         seeds: Vec<String>,
+        /// Comma-separated node ids the first ring forms over.
+        #[arg(long, value_delimiter = ',')]
+        initial_nodes: Vec<String>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
         #[arg(long)]
@@ -35,16 +43,22 @@ enum Cmd {
         #[arg(long)]
         models_dir: Option<PathBuf>,
     },
-    /// The main job: start a node, load a synthetic world, show recommendations, keep serving.
+    /// The main job: start a local cluster (3 nodes by default), load a synthetic world through
+    /// one node, show recommendations asked of another, keep serving.
     Demo {
-        #[arg(long, default_value = "127.0.0.1:7400")]
-        listen: String,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// n1 listens on this port, n2 on the next, ...
+        #[arg(long, default_value_t = 7401)]
+        base_port: u16,
+        #[arg(long, default_value_t = 9401)]
+        metrics_base_port: u16,
         #[arg(long, default_value = "data/demo")]
         data_dir: PathBuf,
         #[arg(long, default_value = "config/node.toml")]
         config: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:9400")]
-        metrics_listen: String,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long, default_value_t = 100_000)]
@@ -164,9 +178,25 @@ fn init_tracing() {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Node { config, node_id, listen, seeds, data_dir, metrics_listen, models_dir } => {
+        Cmd::Node {
+            config,
+            node_id,
+            listen,
+            advertise_addr,
+            seeds,
+            initial_nodes,
+            data_dir,
+            metrics_listen,
+            models_dir,
+        } => {
             init_tracing();
-            let mut cfg = Config::load(&config)?;
+            let mut cfg = Config::load_layered(&config)?;
+            if let Some(v) = advertise_addr {
+                cfg.node.advertise_addr = Some(v);
+            }
+            if !initial_nodes.is_empty() {
+                cfg.cluster.initial_nodes = initial_nodes;
+            }
             if let Some(v) = node_id {
                 cfg.node.node_id = v;
             }
@@ -188,12 +218,14 @@ async fn main() -> anyhow::Result<()> {
             cfg.validate()?;
             recsys::node::run(cfg).await?;
         }
-        Cmd::Demo { listen, data_dir, config, metrics_listen, seed, items, users, events, exit } => {
+        Cmd::Demo { nodes, host, base_port, metrics_base_port, data_dir, config, seed, items, users, events, exit } => {
             cli::demo::run(cli::demo::DemoSpec {
-                listen,
+                nodes,
+                host,
+                base_port,
+                metrics_base_port,
                 data_dir,
                 config,
-                metrics_listen,
                 seed,
                 items,
                 users,
@@ -239,20 +271,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Status { addr } => {
             let ch = cli::connect(&addr).await?;
-            let s =
-                pb::admin_client::AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
-            println!(
-                "ring epoch {} digest {}  partitions/role {}  replication {}",
-                s.ring_epoch, s.ring_digest, s.partitions_per_role, s.replication_factor
-            );
-            for n in &s.nodes {
-                println!(
-                    "  {:<10} {:<22} {:<8} generator partitions {:>4}  feature partitions {:>4}  scorers {}",
-                    n.node_id, n.address, n.state, n.generator_partitions, n.feature_partitions, n.scorers
-                );
-            }
-            println!("data: {} items, {} users, {} events", s.items, s.users, s.events);
-            println!("models: {:?}", s.models.map(|m| (m.stage1, m.stage2)));
+            let s = match pb::admin_client::AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => anyhow::bail!("{:?}: {}", s.code(), s.message()),
+            };
+            cli::print_status(&s);
         }
         Cmd::Reload { addr, models_dir } => {
             let ch = cli::connect(&addr).await?;

@@ -1,5 +1,7 @@
-//! `recsys node`: lock the data dir, serve health (NOT_SERVING) at once, replay sled into the
-//! partition actors, load the models into the scorers, then flip to SERVING. SIGTERM drains.
+//! `recsys node`: lock the data dir, serve health (NOT_SERVING) and the internal API at once,
+//! join the gossip, form (or reload) the ring, replay this node's partitions one at a time from
+//! their op logs, catch up with their other replicas, start the scorers, then flip to SERVING.
+//! SIGTERM announces `leaving`, drains and stops.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -11,7 +13,8 @@ use crate::api::admin::{AdminService, AdminState};
 use crate::api::ingest::IngestService;
 use crate::api::pb;
 use crate::api::recommender::RecommenderService;
-use crate::cluster::{Member, MemberState, Ring, Role, Router};
+use crate::cluster::membership::MembershipSettings;
+use crate::cluster::{replication, MemberState, Membership, Part, Ring, RingSpec, Role};
 use crate::config::Config;
 use crate::features::shard::{FeatureShard, FeatureShardArgs, FeatureShardState};
 use crate::features::FeaturePlan;
@@ -19,9 +22,12 @@ use crate::generators::{GeneratorArgs, GeneratorShard, GeneratorState};
 use crate::ingest::{self, Writer};
 use crate::logging::FeatureLogger;
 use crate::pipeline::Pipeline;
-use crate::ranking::PageCache;
+use crate::ranking::{PageCache, PageTokens};
 use crate::scoring::{self, Manifest, Models, ScorerPool};
 use crate::store::Store;
+use crate::transport::pb as ipb;
+use crate::transport::server::InternalService;
+use crate::transport::{LocalPartitions, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -34,12 +40,12 @@ pub enum NodeError {
 type FeatureLoader = Arc<dyn Fn(u32) -> FeatureShardState + Send + Sync>;
 type GeneratorLoader = Arc<dyn Fn(u32) -> GeneratorState + Send + Sync>;
 
-/// Supervises this node's partition actors: a crashed partition is taken out of the router,
-/// rebuilt from sled, and put back.
+/// Supervises this node's partition actors: a crashed partition is taken out of service (reads
+/// go to its other replicas), rebuilt from its op log, and put back.
 pub struct PartitionSupervisor;
 
 pub struct PartitionSupervisorArgs {
-    pub router: Arc<Router>,
+    pub local: Arc<LocalPartitions>,
     pub features: Vec<(u32, FeatureShardState)>,
     pub generators: Vec<(u32, GeneratorState)>,
     pub feature_loader: FeatureLoader,
@@ -47,7 +53,7 @@ pub struct PartitionSupervisorArgs {
 }
 
 pub struct PartitionSupervisorState {
-    router: Arc<Router>,
+    local: Arc<LocalPartitions>,
     /// Children by actor id (not by registered name: names are process-global in ractor).
     children: std::collections::HashMap<ractor::ActorId, (Role, u32)>,
     feature_loader: FeatureLoader,
@@ -69,16 +75,16 @@ impl Actor for PartitionSupervisor {
             let a = FeatureShardArgs { partition: p, initial: Some(st), load: args.feature_loader.clone() };
             let (r, _) = Actor::spawn_linked(None, FeatureShard, a, me.get_cell()).await?;
             children.insert(r.get_id(), (Role::Feature, p));
-            args.router.set_feature(p, Some(r));
+            args.local.set_feature(p, Some(r));
         }
         for (p, st) in args.generators {
             let a = GeneratorArgs { partition: p, initial: Some(st), load: args.generator_loader.clone() };
             let (r, _) = Actor::spawn_linked(None, GeneratorShard, a, me.get_cell()).await?;
             children.insert(r.get_id(), (Role::Generator, p));
-            args.router.set_generator(p, Some(r));
+            args.local.set_generator(p, Some(r));
         }
         Ok(PartitionSupervisorState {
-            router: args.router,
+            local: args.local,
             children,
             feature_loader: args.feature_loader,
             generator_loader: args.generator_loader,
@@ -93,22 +99,23 @@ impl Actor for PartitionSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         let SupervisionEvent::ActorFailed(cell, err) = ev else { return Ok(()) };
         let Some((role, p)) = st.children.remove(&cell.get_id()) else { return Ok(()) };
-        let role_name = if role == Role::Feature { "feature" } else { "generator" };
-        tracing::warn!(role = role_name, partition = p, error = %err, "partition actor failed; reloading it from the store");
-        metrics::counter!("recsys_actor_restarts_total", "role" => role_name).increment(1);
+        tracing::warn!(role = role.as_str(), partition = p, error = %err, "partition actor failed; rebuilding it from its op log");
+        metrics::counter!("recsys_actor_restarts_total", "role" => role.as_str()).increment(1);
+        // Out of service while it rebuilds: reads go to its replicas, writes to it are refused
+        // (and reach it later by anti-entropy) rather than logged without being applied.
         let id = if role == Role::Feature {
-            st.router.set_feature(p, None);
+            st.local.set_feature(p, None);
             let a = FeatureShardArgs { partition: p, initial: None, load: st.feature_loader.clone() };
             let (r, _) = Actor::spawn_linked(None, FeatureShard, a, me.get_cell()).await?;
             let id = r.get_id();
-            st.router.set_feature(p, Some(r));
+            st.local.set_feature(p, Some(r));
             id
         } else {
-            st.router.set_generator(p, None);
+            st.local.set_generator(p, None);
             let a = GeneratorArgs { partition: p, initial: None, load: st.generator_loader.clone() };
             let (r, _) = Actor::spawn_linked(None, GeneratorShard, a, me.get_cell()).await?;
             let id = r.get_id();
-            st.router.set_generator(p, Some(r));
+            st.local.set_generator(p, Some(r));
             id
         };
         st.children.insert(id, (role, p));
@@ -116,17 +123,101 @@ impl Actor for PartitionSupervisor {
     }
 }
 
+/// Loaders that rebuild one partition from the store (supervisor restarts).
+pub fn loaders(store: &Store, cfg: &Arc<Config>) -> (FeatureLoader, GeneratorLoader) {
+    let (s1, c1) = (store.clone(), cfg.clone());
+    let f: FeatureLoader = Arc::new(move |p| {
+        ingest::replay_feature(&s1, &c1, p).unwrap_or_else(|e| {
+            tracing::error!(partition = p, error = %e, "rebuild failed; partition starts empty");
+            FeatureShardState::new(ingest::shard_settings(&c1))
+        })
+    });
+    let (s2, c2) = (store.clone(), cfg.clone());
+    let g: GeneratorLoader = Arc::new(move |p| {
+        ingest::replay_generator(&s2, &c2, p).unwrap_or_else(|e| {
+            tracing::error!(partition = p, error = %e, "rebuild failed; partition starts empty");
+            GeneratorState::new(ingest::generator_settings(&c2))
+        })
+    });
+    (f, g)
+}
+
 pub struct NodeHandles {
     pub pipeline: Arc<OnceLock<Arc<Pipeline>>>,
     pub writer: Arc<OnceLock<Arc<Writer>>>,
     pub admin: Arc<OnceLock<Arc<AdminState>>>,
     pub logger: Arc<OnceLock<FeatureLogger>>,
+    pub transport: Arc<OnceLock<Arc<Transport>>>,
+}
+
+async fn resolve(addr: &str, what: &str) -> Result<SocketAddr, NodeError> {
+    // A DNS name (a StatefulSet pod's own record) may appear a moment after the pod starts.
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::net::lookup_host(addr).await.map(|mut a| a.next()) {
+            Ok(Some(a)) => return Ok(a),
+            other if Instant::now() >= end => {
+                let why = other.err().map(|e| e.to_string()).unwrap_or_else(|| "no address".into());
+                return Err(NodeError::Startup(format!("{what} `{addr}`: {why}")));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+fn page_key(cfg: &Config) -> Vec<u8> {
+    let secret =
+        std::env::var("RECSYS_CLUSTER_SECRET").ok().filter(|s| !s.is_empty()).unwrap_or(cfg.cluster.secret.clone());
+    if secret.is_empty() {
+        tracing::warn!("cluster.secret is empty: page tokens are signed with a key derived from the cluster name");
+        format!("recsys-default-page-key/{}", cfg.cluster.name).into_bytes()
+    } else {
+        secret.into_bytes()
+    }
+}
+
+/// Waits until every initial member has joined the gossip, then forms ring epoch 1.
+async fn form_ring(cfg: &Config, membership: &Membership) -> RingSpec {
+    let me = cfg.node.node_id.clone();
+    let mut initial = cfg.cluster.initial_nodes.clone();
+    if initial.is_empty() {
+        initial = vec![me.clone()];
+    }
+    let mut changes = membership.subscribe();
+    let mut last_log = Instant::now();
+    loop {
+        let live: Vec<String> = membership.members().into_iter().filter(|m| m.live).map(|m| m.node_id).collect();
+        let missing: Vec<&String> = initial.iter().filter(|n| !live.contains(n)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        if last_log.elapsed() > Duration::from_secs(5) {
+            tracing::info!(missing = ?missing, "waiting for the initial nodes to join");
+            last_log = Instant::now();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+    }
+    RingSpec::new(
+        1,
+        &initial,
+        cfg.cluster.partitions_per_role,
+        cfg.cluster.replication_factor,
+        cfg.cluster.virtual_nodes,
+    )
+    .with_scorers(&cfg.cluster.scorer_nodes)
 }
 
 pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let cfg = Arc::new(cfg);
     let err = |m: String| NodeError::Startup(m);
+    let me = cfg.node.node_id.clone();
     let plan = Arc::new(FeaturePlan::new(&cfg.features, cfg.ingest.embedding_dim).map_err(|e| err(e.to_string()))?);
+    if !cfg.cluster.initial_nodes.is_empty() && !cfg.cluster.initial_nodes.contains(&me) {
+        return Err(err(format!(
+            "cluster.initial_nodes ({}) does not name this node `{me}`; joining a running cluster comes with scaling",
+            cfg.cluster.initial_nodes.join(", ")
+        )));
+    }
 
     std::fs::create_dir_all(&cfg.node.data_dir)
         .map_err(|e| err(format!("data dir {}: {e}", cfg.node.data_dir.display())))?;
@@ -142,17 +233,20 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
 
     // Models are checked before anything is served: a manifest naming unknown features is refused.
     let models_dir = cfg.scoring.models_dir.clone();
+    let scorer_here = cfg.cluster.scorer_nodes.is_empty() || cfg.cluster.scorer_nodes.contains(&me);
     let manifest = if models_dir.join("manifest.json").is_file() {
         let m = Manifest::load(&models_dir, &plan).map_err(|e| err(format!("refusing to start: {e}")))?;
-        let lib = scoring::find_runtime(cfg.scoring.onnxruntime_lib.as_deref()).ok_or_else(|| {
-            err("refusing to start: libonnxruntime not found; run scripts/setup.sh or set ORT_DYLIB_PATH".into())
-        })?;
-        let t = Instant::now();
-        tokio::task::spawn_blocking(move || scoring::init_runtime(&lib))
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .map_err(|e| err(e.to_string()))?;
-        tracing::info!(version = %m.version, ms = t.elapsed().as_millis() as u64, "onnxruntime ready");
+        if scorer_here {
+            let lib = scoring::find_runtime(cfg.scoring.onnxruntime_lib.as_deref()).ok_or_else(|| {
+                err("refusing to start: libonnxruntime not found; run scripts/setup.sh or set ORT_DYLIB_PATH".into())
+            })?;
+            let t = Instant::now();
+            tokio::task::spawn_blocking(move || scoring::init_runtime(&lib))
+                .await
+                .map_err(|e| err(e.to_string()))?
+                .map_err(|e| err(e.to_string()))?;
+            tracing::info!(version = %m.version, ms = t.elapsed().as_millis() as u64, "onnxruntime ready");
+        }
         Some(Arc::new(m))
     } else {
         tracing::warn!(dir = %models_dir.display(), "no models/manifest.json: serving with heuristic scores");
@@ -164,7 +258,8 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         crate::metrics::install(Some(addr)).map_err(|e| err(format!("metrics exporter: {e}")))?;
     }
 
-    // Serve health and reflection right away; the recsys services answer UNAVAILABLE until loaded.
+    // Serve health, reflection and the internal API right away; the public services answer
+    // UNAVAILABLE until loaded, the internal one until the ring has formed.
     let addr: SocketAddr = cfg.node.listen.parse().map_err(|e| err(format!("listen `{}`: {e}", cfg.node.listen)))?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| err(format!("bind {addr}: {e}")))?;
     let local = listener.local_addr().map_err(|e| err(e.to_string()))?;
@@ -178,6 +273,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         writer: Arc::new(OnceLock::new()),
         admin: Arc::new(OnceLock::new()),
         logger: Arc::new(OnceLock::new()),
+        transport: Arc::new(OnceLock::new()),
     };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -186,10 +282,11 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         .map_err(|e| err(e.to_string()))?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let max_msg = 64 * 1024 * 1024;
+    let internal = InternalService { transport: handles.transport.clone(), pipeline: handles.pipeline.clone() };
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .initial_connection_window_size(Some(4 * 1024 * 1024))
-        .initial_stream_window_size(Some(2 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024))
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -203,7 +300,12 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             })
             .max_decoding_message_size(max_msg),
         )
-        .add_service(pb::admin_server::AdminServer::new(AdminService { state: handles.admin.clone() }));
+        .add_service(pb::admin_server::AdminServer::new(AdminService { state: handles.admin.clone() }))
+        .add_service(
+            ipb::internal_server::InternalServer::new(internal)
+                .max_decoding_message_size(max_msg)
+                .max_encoding_message_size(max_msg),
+        );
     let mut rx = shutdown_rx.clone();
     // Small replies on a persistent connection: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -214,77 +316,138 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             })
             .await
     });
-    tracing::info!(%local, node = %cfg.node.node_id, "listening (NOT_SERVING while loading)");
-    println!("recsys node {} listening on {local}", cfg.node.node_id);
+    tracing::info!(%local, node = %me, "listening (NOT_SERVING while loading)");
+    println!("recsys node {me} listening on {local}");
 
-    // Load: open sled, replay every partition this node owns.
+    // Gossip on the same port, over UDP.
+    let advertise = match &cfg.node.advertise_addr {
+        Some(a) => resolve(a, "advertise_addr").await?,
+        None if local.ip().is_unspecified() => {
+            return Err(err(format!(
+                "listen {local} is a wildcard address: set node.advertise_addr / --advertise-addr"
+            )))
+        }
+        None => local,
+    };
+    let membership = Membership::start(
+        MembershipSettings {
+            node_id: me.clone(),
+            cluster_name: cfg.cluster.name.clone(),
+            listen: local,
+            advertise,
+            seeds: cfg.node.seeds.clone(),
+            gossip_interval: Duration::from_millis(cfg.cluster.gossip_interval_ms),
+            phi_threshold: cfg.cluster.phi_threshold,
+            flap_debounce: Duration::from_millis(cfg.cluster.flap_debounce_ms),
+        },
+        MemberState::Joining,
+    )
+    .await
+    .map_err(|e| err(e.to_string()))?;
+
+    // The ring: the persisted joined set when this node has one, else the first ring over the
+    // initial nodes once they have all joined.
+    let table = cfg.node.data_dir.join("cluster.json");
+    let spec = match RingSpec::load(&table).map_err(|e| err(e.to_string()))? {
+        Some(s) => {
+            tracing::info!(epoch = s.epoch, members = ?s.members, "rejoining with the persisted ring");
+            s
+        }
+        None => {
+            let s = form_ring(&cfg, &membership).await;
+            s.save(&table).map_err(|e| err(e.to_string()))?;
+            tracing::info!(epoch = s.epoch, members = ?s.members, digest = %s.digest(), "formed the first ring");
+            s
+        }
+    };
+    let ring = Arc::new(Ring::from_spec(spec));
+    membership.set_ring(ring.epoch, &ring.digest).await;
+
+    // Load: open sled, replay this node's partitions one at a time.
     let t = Instant::now();
     let data_dir = cfg.node.data_dir.clone();
     let cache = cfg.store.cache_capacity_mb;
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir.join("sled"), cache))
+    let parts_n = ring.partitions;
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir.join("sled"), cache, parts_n))
         .await
         .map_err(|e| err(e.to_string()))?
         .map_err(|e| err(e.to_string()))?;
-    let members =
-        vec![Member { node_id: cfg.node.node_id.clone(), address: local.to_string(), state: MemberState::Serving }];
-    let ring = Ring::build(
-        1,
-        std::slice::from_ref(&cfg.node.node_id),
-        cfg.cluster.partitions_per_role,
-        cfg.cluster.replication_factor,
-        cfg.cluster.virtual_nodes,
+    let fparts = ring.partitions_of(Role::Feature, &me);
+    let gparts = ring.partitions_of(Role::Generator, &me);
+    let mut features = Vec::with_capacity(fparts.len());
+    let mut generators = Vec::with_capacity(gparts.len());
+    let mut ops = 0u64;
+    for &p in &fparts {
+        let (s, c) = (store.clone(), cfg.clone());
+        let st = tokio::task::spawn_blocking(move || ingest::replay_feature(&s, &c, p))
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(format!("replay feature/{p}: {e}")))?;
+        ops += store.op_count(Part::new(Role::Feature, p));
+        features.push((p, st));
+    }
+    for &p in &gparts {
+        let (s, c) = (store.clone(), cfg.clone());
+        let st = tokio::task::spawn_blocking(move || ingest::replay_generator(&s, &c, p))
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(format!("replay generator/{p}: {e}")))?;
+        ops += store.op_count(Part::new(Role::Generator, p));
+        generators.push((p, st));
+    }
+    let (items, users): (usize, usize) =
+        features.iter().fold((0, 0), |(i, u), (_, s)| (i + s.item_count(), u + s.user_count()));
+    tracing::info!(
+        items,
+        users,
+        ops,
+        feature_partitions = fparts.len(),
+        generator_partitions = gparts.len(),
+        ms = t.elapsed().as_millis() as u64,
+        "replayed this node's partitions"
     );
-    let fparts = ring.partitions_of(Role::Feature, &cfg.node.node_id);
-    let gparts = ring.partitions_of(Role::Generator, &cfg.node.node_id);
-    let router = Arc::new(Router::new(cfg.node.node_id.clone(), ring));
-    let (store2, cfg2, f2, g2) = (store.clone(), cfg.clone(), fparts.clone(), gparts.clone());
-    let (mut fstates, mut gstates) = tokio::task::spawn_blocking(move || ingest::replay(&store2, &cfg2, &f2, &g2))
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .map_err(|e| err(format!("replay: {e}")))?;
-    let (items, users, events) = {
-        let s = store.clone();
-        tokio::task::spawn_blocking(move || s.counts()).await.map_err(|e| err(e.to_string()))?
-    };
-    tracing::info!(items, users, events, ms = t.elapsed().as_millis() as u64, "replayed partitions from sled");
-    println!("loaded {items} items, {users} users, {events} events from sled in {} ms", t.elapsed().as_millis());
+    println!(
+        "loaded {} feature and {} generator partitions ({items} items, {users} users, {ops} ops) in {} ms",
+        fparts.len(),
+        gparts.len(),
+        t.elapsed().as_millis()
+    );
 
-    let (s3, c3) = (store.clone(), cfg.clone());
-    let feature_loader: FeatureLoader = Arc::new(move |p| match ingest::replay(&s3, &c3, &[p], &[]) {
-        Ok((mut f, _)) => f.remove(&p).unwrap_or_else(|| FeatureShardState::new(ingest::shard_settings(&c3))),
-        Err(e) => {
-            tracing::error!(partition = p, error = %e, "reload failed; partition starts empty");
-            FeatureShardState::new(ingest::shard_settings(&c3))
-        }
-    });
-    let (s4, c4) = (store.clone(), cfg.clone());
-    let generator_loader: GeneratorLoader = Arc::new(move |p| match ingest::replay(&s4, &c4, &[], &[p]) {
-        Ok((_, mut g)) => g.remove(&p).unwrap_or_else(|| GeneratorState::new(ingest::generator_settings(&c4))),
-        Err(e) => {
-            tracing::error!(partition = p, error = %e, "reload failed; partition starts empty");
-            GeneratorState::new(ingest::generator_settings(&c4))
-        }
-    });
-    let args = PartitionSupervisorArgs {
-        router: router.clone(),
-        features: fparts.iter().map(|p| (*p, fstates.remove(p).expect("replayed"))).collect(),
-        generators: gparts.iter().map(|p| (*p, gstates.remove(p).expect("replayed"))).collect(),
-        feature_loader,
-        generator_loader,
-    };
+    let local_parts = Arc::new(LocalPartitions::new(me.clone(), ring.partitions, store.clone()));
+    let (feature_loader, generator_loader) = loaders(&store, &cfg);
+    let args =
+        PartitionSupervisorArgs { local: local_parts.clone(), features, generators, feature_loader, generator_loader };
     let (partition_sup, _) =
         Actor::spawn(None, PartitionSupervisor, args).await.map_err(|e| err(format!("partition actors: {e}")))?;
+    let transport = Arc::new(Transport::new(me.clone(), ring.clone(), local_parts.clone(), membership.clone()));
+    let _ = handles.transport.set(transport.clone());
+
+    // Catch up with the other replicas of this node's partitions before serving reads of them.
+    let own: Vec<Part> = fparts
+        .iter()
+        .map(|p| Part::new(Role::Feature, *p))
+        .chain(gparts.iter().map(|p| Part::new(Role::Generator, *p)))
+        .collect();
+    wait_for_replicas(&transport, &own, Duration::from_millis(cfg.cluster.catch_up_wait_ms)).await;
+    let c = replication::catch_up(&transport, &own, Duration::from_secs(60)).await;
+    println!("caught up: {} ops pulled for {} partitions from replicas", c.ops_pulled, c.parts_behind);
+    for p in &own {
+        local_parts.set_ready(*p, true);
+    }
 
     let pool = match &manifest {
-        Some(m) => ScorerPool::new(m.clone(), cfg.scoring.scorers, cfg.scoring.queue_per_scorer)
+        Some(m) if scorer_here => ScorerPool::new(m.clone(), cfg.scoring.scorers, cfg.scoring.queue_per_scorer)
             .with_nice(cfg.scoring.scorer_nice)
             .start()
             .await
             .map_err(|e| err(format!("refusing to start: {e}")))?,
+        // Not a scorer node: the manifest gives the matrix columns; scoring goes to scorer nodes.
+        Some(m) => Arc::new(ScorerPool::new(m.clone(), 0, 1)),
         None => Arc::new(ScorerPool::empty()),
     };
+    let scorers = if scorer_here { cfg.scoring.scorers } else { 0 };
     let models = Arc::new(
-        Models::new(pool, cfg.scoring.scorers, cfg.scoring.queue_per_scorer, cfg.scoring.scorer_nice)
+        Models::new(pool, scorers.max(1), cfg.scoring.queue_per_scorer, cfg.scoring.scorer_nice)
             .with_runtime(cfg.scoring.onnxruntime_lib.clone()),
     );
 
@@ -294,41 +457,114 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let pipeline = Arc::new(Pipeline {
         cfg: cfg.clone(),
         plan: plan.clone(),
-        router: router.clone(),
+        transport: transport.clone(),
         models: models.clone(),
         pages: PageCache::new(Duration::from_secs(cfg.serving.page_cache_ttl_secs), cfg.serving.page_cache_capacity),
+        tokens: PageTokens::new(&page_key(&cfg)),
         logger: Some(logger),
         inflight: tokio::sync::Semaphore::new(cfg.serving.max_in_flight),
     });
     let _ = handles.pipeline.set(pipeline);
-    let _ = handles.writer.set(Arc::new(Writer { cfg: cfg.clone(), store: store.clone(), router: router.clone() }));
+    let _ = handles.writer.set(Arc::new(Writer { cfg: cfg.clone(), transport: transport.clone() }));
     let _ = handles.admin.set(Arc::new(AdminState {
-        router: router.clone(),
-        store: store.clone(),
-        members,
+        transport: transport.clone(),
         models: models.clone(),
         plan: plan.clone(),
         models_dir: models_dir.clone(),
     }));
+    membership.set_state(MemberState::Serving).await;
     for s in services {
         health.set_service_status(s, tonic_health::ServingStatus::Serving).await;
     }
     tracing::info!(ms = t.elapsed().as_millis() as u64, "SERVING");
     println!("SERVING on {local} (ready in {} ms)", t.elapsed().as_millis());
 
+    let anti_entropy = tokio::spawn(anti_entropy_loop(
+        transport.clone(),
+        own.clone(),
+        Duration::from_millis(cfg.cluster.anti_entropy_interval_ms),
+    ));
+
     wait_for_signal().await;
     tracing::info!("shutting down");
+    println!("leaving");
+    anti_entropy.abort();
+    membership.set_state(MemberState::Leaving).await;
     for s in services {
         health.set_service_status(s, tonic_health::ServingStatus::NotServing).await;
     }
+    // Let the `leaving` state reach the peers (a few gossip rounds) so they stop routing here
+    // before the port closes; requests already running finish meanwhile.
+    tokio::time::sleep(Duration::from_millis(cfg.cluster.gossip_interval_ms * 4)).await;
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), server_task).await;
+    membership.shutdown().await;
     partition_sup.stop(None);
     models.stop();
     let _ = store.flush().await;
     drop(lock_file);
     println!("stopped");
     Ok(())
+}
+
+/// Waits (bounded) until, for each partition, some other replica is alive, so a restarted node
+/// can pull what it missed before it serves; a node whose peers are all down starts alone.
+async fn wait_for_replicas(t: &Transport, own: &[Part], limit: Duration) {
+    let end = Instant::now() + limit;
+    let mut changes = t.membership.subscribe();
+    loop {
+        let waiting = own.iter().any(|p| {
+            let owners = t.ring.owners(p.role, p.partition);
+            owners.len() > 1 && !owners.iter().any(|o| *o != t.node_id && t.membership.is_routable(o))
+        });
+        let left = end.saturating_duration_since(Instant::now());
+        if !waiting || left.is_zero() {
+            return;
+        }
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(500)), changes.changed()).await;
+    }
+}
+
+/// Background anti-entropy: every interval, when a peer comes back, and right after this process
+/// was frozen (its own clock ticks jumped), compare digests with the replicas and pull what is
+/// missing. After a freeze, this node's partitions stop serving reads until they caught up.
+async fn anti_entropy_loop(t: Arc<Transport>, own: Vec<Part>, every: Duration) {
+    let mut changes = t.membership.subscribe();
+    let tick = Duration::from_millis(100);
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = Instant::now();
+    let mut last_round = Instant::now();
+    loop {
+        let peer_changed = tokio::select! {
+            _ = ticker.tick() => false,
+            r = changes.changed() => r.is_ok(),
+        };
+        let gap = last_tick.elapsed();
+        last_tick = Instant::now();
+        let frozen = gap > Duration::from_secs(1);
+        if frozen {
+            tracing::warn!(
+                gap_ms = gap.as_millis() as u64,
+                "this process was frozen; catching up before serving reads"
+            );
+            metrics::counter!("recsys_freezes_detected_total").increment(1);
+            for p in &own {
+                t.local.set_ready(*p, false);
+            }
+        }
+        if frozen || peer_changed || last_round.elapsed() >= every {
+            let s = replication::catch_up(&t, &own, Duration::from_secs(30)).await;
+            if frozen {
+                for p in &own {
+                    t.local.set_ready(*p, true);
+                }
+                tracing::info!(ops = s.ops_pulled, "caught up after the freeze; serving reads again");
+            }
+            last_round = Instant::now();
+            last_tick = Instant::now();
+        }
+    }
 }
 
 async fn wait_for_signal() {

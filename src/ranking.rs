@@ -5,8 +5,6 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
-use crate::ids::key_of;
-
 #[derive(Debug, Clone)]
 pub struct Scored {
     pub item: Arc<str>,
@@ -64,39 +62,112 @@ pub struct RankedList {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TokenError {
-    #[error("page_token is malformed")]
+    #[error("malformed")]
     Malformed,
-    #[error("page_token belongs to another user")]
+    #[error("belongs to another user or was altered")]
     WrongUser,
-    #[error("page_token expired or unknown to this node")]
+    #[error("expired or unknown to the node holding its ranking")]
     Expired,
 }
 
-const TOKEN_VERSION: &str = "p1";
+const TOKEN_VERSION: &str = "p2";
 
-fn check(request_id: &str, offset: usize, user: &str) -> String {
-    format!("{:016x}", key_of(&format!("{request_id}/{offset}/{user}")))
+/// Page tokens: `p2.<node>.<request>.<offset>.<mac>`, signed with the cluster's key (HMAC-SHA256,
+/// truncated to 64 bits) so a client can neither forge one nor move it to another user. The node
+/// named is the one holding the ranked list; any node serves the page by asking it.
+#[derive(Clone)]
+pub struct PageTokens {
+    key: Arc<[u8]>,
 }
 
-pub fn make_token(request_id: &str, offset: usize, user: &str) -> String {
-    format!("{TOKEN_VERSION}.{request_id}.{offset}.{}", check(request_id, offset, user))
+impl PageTokens {
+    pub fn new(key: &[u8]) -> Self {
+        Self { key: Arc::from(key) }
+    }
+
+    fn mac(&self, node: &str, request_id: &str, offset: usize, user: &str) -> String {
+        use hmac::{Mac, SimpleHmac};
+        let mut m = <SimpleHmac<sha2::Sha256> as Mac>::new_from_slice(&self.key).expect("hmac takes any key length");
+        m.update(format!("{node}\n{request_id}\n{offset}\n{user}").as_bytes());
+        let tag = m.finalize().into_bytes();
+        tag[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn make(&self, node: &str, request_id: &str, offset: usize, user: &str) -> String {
+        format!("{TOKEN_VERSION}.{node}.{request_id}.{offset}.{}", self.mac(node, request_id, offset, user))
+    }
+
+    /// Returns (node, request id, offset) of a token minted for `user`.
+    pub fn parse(&self, token: &str, user: &str) -> Result<(String, String, usize), TokenError> {
+        if token.len() > 512 {
+            return Err(TokenError::Malformed);
+        }
+        let Some(rest) = token.strip_prefix("p2.") else { return Err(TokenError::Malformed) };
+        // The node id may itself contain dots: the last three fields are fixed.
+        let mut tail = rest.rsplitn(4, '.');
+        let (Some(sum), Some(off), Some(rid), Some(node)) = (tail.next(), tail.next(), tail.next(), tail.next()) else {
+            return Err(TokenError::Malformed);
+        };
+        if node.is_empty() || rid.is_empty() || rid.len() > 64 {
+            return Err(TokenError::Malformed);
+        }
+        let offset: usize = off.parse().map_err(|_| TokenError::Malformed)?;
+        if sum.len() != 16 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(TokenError::Malformed);
+        }
+        if sum != self.mac(node, rid, offset, user) {
+            return Err(TokenError::WrongUser);
+        }
+        Ok((node.to_string(), rid.to_string(), offset))
+    }
 }
 
-/// Returns (request id, offset) of a token minted for `user`.
-pub fn parse_token(token: &str, user: &str) -> Result<(String, usize), TokenError> {
-    let parts: Vec<&str> = token.split('.').collect();
-    let [v, rid, off, sum] = parts.as_slice() else { return Err(TokenError::Malformed) };
-    if *v != TOKEN_VERSION || rid.is_empty() || rid.len() > 64 {
-        return Err(TokenError::Malformed);
+/// A ranked item as it travels between nodes (a later page served by the node holding the list).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ScoredWire {
+    pub item: Arc<str>,
+    pub author: Arc<str>,
+    pub score: f32,
+    pub sources: u8,
+    pub stage1: f32,
+    pub heads: Vec<f32>,
+    pub scored_by: String,
+    pub defaulted: u32,
+}
+
+impl From<&Scored> for ScoredWire {
+    fn from(s: &Scored) -> Self {
+        Self {
+            item: s.item.clone(),
+            author: s.author.clone(),
+            score: s.score,
+            sources: s.sources,
+            stage1: s.stage1,
+            heads: s.heads.clone(),
+            scored_by: s.scored_by.to_string(),
+            defaulted: s.defaulted,
+        }
     }
-    let offset: usize = off.parse().map_err(|_| TokenError::Malformed)?;
-    if sum.len() != 16 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(TokenError::Malformed);
+}
+
+impl From<ScoredWire> for Scored {
+    fn from(s: ScoredWire) -> Self {
+        let scored_by = match s.scored_by.as_str() {
+            "value_model" => "value_model",
+            "stage1" => "stage1",
+            _ => "heuristic",
+        };
+        Self {
+            item: s.item,
+            author: s.author,
+            score: s.score,
+            sources: s.sources,
+            stage1: s.stage1,
+            heads: s.heads,
+            scored_by,
+            defaulted: s.defaulted,
+        }
     }
-    if *sum != check(rid, offset, user) {
-        return Err(TokenError::WrongUser);
-    }
-    Ok((rid.to_string(), offset))
 }
 
 /// Ranked lists by request id, bounded in count and age.
@@ -171,11 +242,14 @@ mod tests {
 
     #[test]
     fn tokens_reject_garbage_and_other_users() {
-        let t = make_token("r1", 10, "u1");
-        assert_eq!(parse_token(&t, "u1"), Ok(("r1".to_string(), 10)));
-        assert_eq!(parse_token(&t, "u2"), Err(TokenError::WrongUser));
-        assert_eq!(parse_token("garbage", "u1"), Err(TokenError::Malformed));
-        assert_eq!(parse_token("p1.r1.x.0000000000000000", "u1"), Err(TokenError::Malformed));
+        let tokens = PageTokens::new(b"cluster key");
+        let t = tokens.make("n1.eu", "r1", 10, "u1");
+        assert_eq!(tokens.parse(&t, "u1"), Ok(("n1.eu".to_string(), "r1".to_string(), 10)));
+        assert_eq!(tokens.parse(&t, "u2"), Err(TokenError::WrongUser));
+        assert_eq!(PageTokens::new(b"other key").parse(&t, "u1"), Err(TokenError::WrongUser), "another cluster's key");
+        assert_eq!(tokens.parse(&t.replace(".10.", ".11."), "u1"), Err(TokenError::WrongUser));
+        assert_eq!(tokens.parse("garbage", "u1"), Err(TokenError::Malformed));
+        assert_eq!(tokens.parse("p2.n1.r1.x.0000000000000000", "u1"), Err(TokenError::Malformed));
     }
 
     #[test]

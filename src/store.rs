@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::{Part, Role};
 use crate::ids::Key;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +41,7 @@ pub struct UserRecord {
     pub blocked_authors: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[repr(u8)]
 pub enum Action {
     Impression = 1,
@@ -169,60 +170,147 @@ impl EventRecord {
     }
 }
 
-/// sled database with one tree per record kind. Cloning is cheap (sled handles are shared).
+/// One write to one partition, as logged: `id` makes it idempotent (a retried event maps to the
+/// same id), `at` orders replay (event time for events, the coordinator's clock for upserts,
+/// which also decides last-writer-wins between two upserts of one record).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoggedOp {
+    pub id: u64,
+    pub at: i64,
+    pub op: crate::ingest::ops::Op,
+}
+
+/// Anti-entropy buckets per partition: ops are spread over them by the top bits of their id.
+pub const BUCKETS: usize = 64;
+const BUCKET_SHIFT: u32 = 58;
+
+pub fn bucket_of(id: u64) -> usize {
+    (id >> BUCKET_SHIFT) as usize
+}
+
+/// Per bucket: number of ops and the xor of their ids. Two replicas with equal digests hold the
+/// same ops (up to hash collisions); a differing bucket names where to look.
+pub type Digest = Vec<(u32, u64)>;
+
+/// The node's durable copy, in sled: one op log per partition, keyed
+/// `[role][partition BE][op id BE]`, so a partition is one contiguous key range (replayed alone,
+/// streamed whole to another node later, dropped with one range delete) and an op id is
+/// inserted at most once (atomically, so two concurrent retries count once).
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
-    items: sled::Tree,
-    users: sled::Tree,
-    events: sled::Tree,
+    log: sled::Tree,
+    partitions: u32,
+    digests: std::sync::Arc<Vec<std::sync::Mutex<Digest>>>,
+}
+
+fn op_key(part: Part, id: u64) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = part.role as u8;
+    k[1..5].copy_from_slice(&part.partition.to_be_bytes());
+    k[5..13].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn part_prefix(part: Part) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[0] = part.role as u8;
+    k[1..5].copy_from_slice(&part.partition.to_be_bytes());
+    k
 }
 
 impl Store {
-    pub fn open(dir: &Path, cache_mb: u64) -> Result<Self, StoreError> {
+    pub fn open(dir: &Path, cache_mb: u64, partitions: u32) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_mb * 1024 * 1024)
             .mode(sled::Mode::HighThroughput)
             .open()?;
-        Ok(Self { items: db.open_tree("items")?, users: db.open_tree("users")?, events: db.open_tree("events")?, db })
+        let n = Role::ALL.len() * partitions as usize;
+        let digests = (0..n).map(|_| std::sync::Mutex::new(vec![(0, 0); BUCKETS])).collect();
+        Ok(Self { log: db.open_tree("oplog")?, db, partitions, digests: std::sync::Arc::new(digests) })
     }
 
-    pub fn put_items(&self, items: &[ItemRecord]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for it in items {
-            batch.insert(it.id.as_bytes(), serde_json::to_vec(it).expect("item serializes"));
+    fn digest_slot(&self, part: Part) -> &std::sync::Mutex<Digest> {
+        &self.digests[part.index(self.partitions)]
+    }
+
+    /// Appends each op unless its id is already logged for this partition. Returns, per op,
+    /// whether it was new. Blocking: call from a blocking thread.
+    pub fn append(&self, part: Part, ops: &[LoggedOp]) -> Result<Vec<bool>, StoreError> {
+        let mut fresh = Vec::with_capacity(ops.len());
+        for o in ops {
+            let v = postcard::to_allocvec(&(o.at, &o.op))
+                .map_err(|e| StoreError::Corrupt { tree: "oplog", message: e.to_string() })?;
+            let new = self.log.compare_and_swap(op_key(part, o.id), None as Option<&[u8]>, Some(v))?.is_ok();
+            if new {
+                let mut d = self.digest_slot(part).lock().unwrap_or_else(|p| p.into_inner());
+                let b = &mut d[bucket_of(o.id)];
+                b.0 += 1;
+                b.1 ^= o.id;
+            }
+            fresh.push(new);
         }
-        Ok(self.items.apply_batch(batch)?)
+        Ok(fresh)
     }
 
-    pub fn get_item(&self, id: &str) -> Result<Option<ItemRecord>, StoreError> {
-        match self.items.get(id.as_bytes())? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt { tree: "items", message: e.to_string() }),
+    fn decode(part: Part, k: &[u8], v: &[u8]) -> Result<LoggedOp, StoreError> {
+        let id = u64::from_be_bytes(
+            k[5..13]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt { tree: "oplog", message: format!("short key in {part}") })?,
+        );
+        let (at, op): (i64, crate::ingest::ops::Op) = postcard::from_bytes(v)
+            .map_err(|e| StoreError::Corrupt { tree: "oplog", message: format!("{part}: {e}") })?;
+        Ok(LoggedOp { id, at, op })
+    }
+
+    /// Every op of one partition in replay order (`at`, then id), and rebuilds its digest.
+    pub fn scan(&self, part: Part) -> Result<Vec<LoggedOp>, StoreError> {
+        let mut out = Vec::new();
+        let mut digest = vec![(0u32, 0u64); BUCKETS];
+        for kv in self.log.scan_prefix(part_prefix(part)) {
+            let (k, v) = kv?;
+            let op = Self::decode(part, &k, &v)?;
+            let b = &mut digest[bucket_of(op.id)];
+            b.0 += 1;
+            b.1 ^= op.id;
+            out.push(op);
         }
+        *self.digest_slot(part).lock().unwrap_or_else(|p| p.into_inner()) = digest;
+        out.sort_by_key(|o| (o.at, o.id));
+        Ok(out)
     }
 
-    pub fn put_users(&self, users: &[UserRecord]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for u in users {
-            batch.insert(u.id.as_bytes(), serde_json::to_vec(u).expect("user serializes"));
-        }
-        Ok(self.users.apply_batch(batch)?)
+    pub fn digest(&self, part: Part) -> Digest {
+        self.digest_slot(part).lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Stores each event unless its id is already there (atomic per id, so two concurrent
-    /// retries of one batch cannot both count). Returns, per event, whether it was new.
-    pub fn insert_new_events(&self, events: &[EventRecord]) -> Result<Vec<bool>, StoreError> {
-        events
-            .iter()
-            .map(|e| {
-                let r = self.events.compare_and_swap(e.event_id.as_bytes(), None as Option<&[u8]>, Some(e.encode()))?;
-                Ok(r.is_ok())
+    /// Op ids of one bucket of a partition, in id order.
+    pub fn bucket_ids(&self, part: Part, bucket: usize) -> Result<Vec<u64>, StoreError> {
+        let lo = op_key(part, (bucket as u64) << BUCKET_SHIFT);
+        let range = if bucket + 1 < BUCKETS {
+            self.log.range(lo..op_key(part, ((bucket + 1) as u64) << BUCKET_SHIFT))
+        } else {
+            let mut hi = part_prefix(part).to_vec();
+            hi.extend_from_slice(&[0xff; 9]);
+            self.log.range(lo.to_vec()..hi)
+        };
+        range
+            .keys()
+            .map(|k| {
+                let k = k?;
+                Ok(u64::from_be_bytes(k[5..13].try_into().unwrap_or([0; 8])))
             })
             .collect()
+    }
+
+    pub fn get(&self, part: Part, id: u64) -> Result<Option<LoggedOp>, StoreError> {
+        let k = op_key(part, id);
+        match self.log.get(k)? {
+            None => Ok(None),
+            Some(v) => Self::decode(part, &k, &v).map(Some),
+        }
     }
 
     /// One flush per write batch; the ack waits for it.
@@ -230,30 +318,9 @@ impl Store {
         Ok(self.db.flush_async().await?)
     }
 
-    pub fn scan_items(&self) -> impl Iterator<Item = Result<ItemRecord, StoreError>> + '_ {
-        self.items.iter().values().map(|v| {
-            let v = v?;
-            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { tree: "items", message: e.to_string() })
-        })
-    }
-
-    pub fn scan_users(&self) -> impl Iterator<Item = Result<UserRecord, StoreError>> + '_ {
-        self.users.iter().values().map(|v| {
-            let v = v?;
-            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { tree: "users", message: e.to_string() })
-        })
-    }
-
-    pub fn scan_events(&self) -> impl Iterator<Item = Result<EventRecord, StoreError>> + '_ {
-        self.events.iter().values().map(|v| {
-            let v = v?;
-            EventRecord::decode(&v)
-                .ok_or_else(|| StoreError::Corrupt { tree: "events", message: "undecodable event".into() })
-        })
-    }
-
-    pub fn counts(&self) -> (u64, u64, u64) {
-        (self.items.len() as u64, self.users.len() as u64, self.events.len() as u64)
+    /// Ops logged per partition (sums the digest; no scan).
+    pub fn op_count(&self, part: Part) -> u64 {
+        self.digest_slot(part).lock().unwrap_or_else(|p| p.into_inner()).iter().map(|b| u64::from(b.0)).sum()
     }
 }
 
@@ -278,24 +345,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn survives_reopen() {
+    async fn op_log_is_idempotent_per_partition_and_survives_reopen() {
+        use crate::ingest::ops::Op;
         let dir = std::env::temp_dir().join(format!("recsys-store-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        let part = Part::new(Role::Feature, 3);
+        let other = Part::new(Role::Feature, 4);
+        let ops: Vec<LoggedOp> = (0..200u64)
+            .map(|i| LoggedOp {
+                id: i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                at: 1000 - i as i64,
+                op: Op::Pair { a: i, b: i + 1 },
+            })
+            .collect();
         {
-            let s = Store::open(&dir, 8).unwrap();
-            s.put_users(&[UserRecord {
-                id: "u1".into(),
-                geo: "us".into(),
-                signup_at: 1,
-                follows: vec!["a1".into()],
-                blocked_authors: vec![],
-            }])
-            .unwrap();
+            let s = Store::open(&dir, 8, 8).unwrap();
+            assert!(s.append(part, &ops).unwrap().iter().all(|n| *n));
+            assert!(s.append(part, &ops[..10]).unwrap().iter().all(|n| !*n), "a retried op is not new");
+            assert!(s.append(other, &ops[..10]).unwrap().iter().all(|n| *n), "partitions are separate");
+            assert_eq!(s.op_count(part), 200);
             s.flush().await.unwrap();
         }
-        let s = Store::open(&dir, 8).unwrap();
-        let users: Vec<_> = s.scan_users().collect::<Result<_, _>>().unwrap();
-        assert_eq!(users[0].follows, vec!["a1".to_string()]);
+        let s = Store::open(&dir, 8, 8).unwrap();
+        let back = s.scan(part).unwrap();
+        assert_eq!(back.len(), 200);
+        assert!(back.windows(2).all(|w| w[0].at <= w[1].at), "replay in `at` order");
+        assert_eq!(s.op_count(part), 200);
+        let total: usize = (0..BUCKETS).map(|b| s.bucket_ids(part, b).unwrap().len()).sum();
+        assert_eq!(total, 200);
+        let d = s.digest(part);
+        for (b, (count, xor)) in d.iter().enumerate() {
+            let ids = s.bucket_ids(part, b).unwrap();
+            assert_eq!(*count as usize, ids.len());
+            assert_eq!(*xor, ids.iter().fold(0, |x, i| x ^ i));
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

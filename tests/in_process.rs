@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::Actor;
-use recsys::cluster::{Ring, Router};
+use recsys::cluster::membership::MembershipSettings;
+use recsys::cluster::{MemberState, Membership, Part, Ring, Role};
 use recsys::config::Config;
 use recsys::features::shard::FeatureMsg;
 use recsys::features::FeaturePlan;
@@ -16,16 +17,17 @@ use recsys::ids::{self, key_of, partition_of};
 use recsys::ingest::{self, Writer};
 use recsys::node::{PartitionSupervisor, PartitionSupervisorArgs};
 use recsys::pipeline::{Pipeline, Request};
-use recsys::ranking::PageCache;
+use recsys::ranking::{PageCache, PageTokens};
 use recsys::scoring::{self, Manifest, Models, ScorerPool, Stage};
 use recsys::store::Store;
+use recsys::transport::{LocalPartitions, Transport};
 use recsys::world::World;
 
 struct Rig {
     pipeline: Arc<Pipeline>,
-    router: Arc<Router>,
-    store: Store,
+    local: Arc<LocalPartitions>,
     world: World,
+    partitions: u32,
 }
 
 fn config() -> Config {
@@ -34,25 +36,44 @@ fn config() -> Config {
     cfg
 }
 
+/// One node wired by hand: gossip of one, a ring of one, its partitions under their supervisor.
 async fn rig(name: &str, scorers: Option<Arc<ScorerPool>>) -> Rig {
     let cfg = Arc::new(config());
     let dir = common::temp_dir(name);
-    let store = Store::open(&dir.join("sled"), 16).unwrap();
+    let parts = cfg.cluster.partitions_per_role;
+    let store = Store::open(&dir.join("sled"), 16, parts).unwrap();
     let plan = Arc::new(FeaturePlan::new(&cfg.features, cfg.ingest.embedding_dim).unwrap());
-    let ring = Ring::build(1, &["n1".to_string()], cfg.cluster.partitions_per_role, 2, 64);
-    let parts: Vec<u32> = (0..ring.partitions).collect();
-    let router = Arc::new(Router::new("n1".into(), ring));
-    let (mut f, mut g) = ingest::replay(&store, &cfg, &parts, &parts).unwrap();
-    let (s1, c1, s2, c2) = (store.clone(), cfg.clone(), store.clone(), cfg.clone());
+    let ring = Arc::new(Ring::build(1, &["n1".to_string()], parts, 2, 64));
+    let gossip = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = gossip.local_addr().unwrap();
+    drop(gossip);
+    let settings = MembershipSettings {
+        node_id: "n1".into(),
+        cluster_name: format!("test-{name}"),
+        listen: addr,
+        advertise: addr,
+        seeds: vec![],
+        gossip_interval: Duration::from_millis(100),
+        phi_threshold: 6.0,
+        flap_debounce: Duration::from_millis(300),
+    };
+    let membership = Membership::start(settings, MemberState::Serving).await.unwrap();
+    let local = Arc::new(LocalPartitions::new("n1".into(), parts, store.clone()));
+    let (feature_loader, generator_loader) = recsys::node::loaders(&store, &cfg);
     let args = PartitionSupervisorArgs {
-        router: router.clone(),
-        features: parts.iter().map(|p| (*p, f.remove(p).unwrap())).collect(),
-        generators: parts.iter().map(|p| (*p, g.remove(p).unwrap())).collect(),
-        feature_loader: Arc::new(move |p| ingest::replay(&s1, &c1, &[p], &[]).unwrap().0.remove(&p).unwrap()),
-        generator_loader: Arc::new(move |p| ingest::replay(&s2, &c2, &[], &[p]).unwrap().1.remove(&p).unwrap()),
+        local: local.clone(),
+        features: (0..parts).map(|p| (p, ingest::replay_feature(&store, &cfg, p).unwrap())).collect(),
+        generators: (0..parts).map(|p| (p, ingest::replay_generator(&store, &cfg, p).unwrap())).collect(),
+        feature_loader,
+        generator_loader,
     };
     Actor::spawn(None, PartitionSupervisor, args).await.unwrap();
-    let writer = Writer { cfg: cfg.clone(), store: store.clone(), router: router.clone() };
+    for p in 0..parts {
+        local.set_ready(Part::new(Role::Feature, p), true);
+        local.set_ready(Part::new(Role::Generator, p), true);
+    }
+    let transport = Arc::new(Transport::new("n1".into(), ring, local.clone(), membership));
+    let writer = Writer { cfg: cfg.clone(), transport: transport.clone() };
     let world = World::generate(recsys::cli::load::synthetic_spec(3, 1500, 100, 0));
     writer.upsert_items(world.items.clone()).await.unwrap();
     writer.upsert_users(world.users.clone()).await.unwrap();
@@ -64,13 +85,14 @@ async fn rig(name: &str, scorers: Option<Arc<ScorerPool>>) -> Rig {
     let pipeline = Arc::new(Pipeline {
         cfg: cfg.clone(),
         plan,
-        router: router.clone(),
+        transport,
         models: Arc::new(Models::fixed(scorers.unwrap_or_else(|| Arc::new(ScorerPool::empty())))),
         pages: PageCache::new(Duration::from_secs(60), 100),
+        tokens: PageTokens::new(b"test key"),
         logger: None,
         inflight: tokio::sync::Semaphore::new(16),
     });
-    Rig { pipeline, router, store, world }
+    Rig { pipeline, local, world, partitions: parts }
 }
 
 fn req(user: &str) -> Request {
@@ -96,10 +118,13 @@ async fn missing_partitions_degrade_instead_of_failing() {
     assert!(!ok.coverage.degraded);
     assert!(ok.coverage.fallbacks.contains(&"heuristic_scores"), "no model deployed here: heuristic expected");
     // Take out the feature partition owning the first recommended item and a generator partition.
-    let gone = partition_of(ids::ITEM, key_of(&ok.items[0].1.item), r.router.partitions());
-    r.router.set_feature(gone, None);
-    let geo = partition_of(ids::GEO, key_of(recsys::ingest::GLOBAL_GEO), r.router.partitions());
-    r.router.set_generator(geo, None);
+    let gone = partition_of(ids::ITEM, key_of(&ok.items[0].1.item), r.partitions);
+    r.local.set_feature(gone, None);
+    // One shard of the global trending list.
+    let geo =
+        recsys::ingest::ops::global_trending_partitions(r.pipeline.cfg.retrieval.global_trending_shards, r.partitions)
+            [0];
+    r.local.set_generator(geo, None);
     let d = r.pipeline.recommend(req(&user), Duration::from_millis(500)).await.unwrap();
     assert!(d.coverage.degraded);
     assert!(!d.items.is_empty(), "a request that has anything to return returns it");
@@ -110,23 +135,22 @@ async fn missing_partitions_degrade_instead_of_failing() {
     assert!(retrieval.missing.contains(&geo));
     // Candidates of the missing partition cannot be verified, so none of them is served.
     for (_, it) in &d.items {
-        assert_ne!(partition_of(ids::ITEM, key_of(&it.item), r.router.partitions()), gone);
+        assert_ne!(partition_of(ids::ITEM, key_of(&it.item), r.partitions), gone);
     }
-    let _ = r.store;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_partition_is_rebuilt_from_sled() {
     let r = rig("supervise", None).await;
-    let p = partition_of(ids::ITEM, key_of(&r.world.items[0].id), r.router.partitions());
-    let before = r.router.feature_actor(p).unwrap();
+    let p = partition_of(ids::ITEM, key_of(&r.world.items[0].id), r.partitions);
+    let before = r.local.feature_actor(p).unwrap();
     let counts = before.call(FeatureMsg::Counts, Some(Duration::from_secs(5))).await.unwrap().unwrap();
     assert!(counts.0 > 0);
     before.send_message(FeatureMsg::Crash).unwrap();
     // Wait (bounded) for the supervisor to swap in the rebuilt actor.
     let rebuilt = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            if let Some(a) = r.router.feature_actor(p) {
+            if let Some(a) = r.local.feature_actor(p) {
                 if a.get_id() != before.get_id() {
                     return a;
                 }

@@ -182,9 +182,13 @@ async fn node_serves_recommendations_and_survives_restart() {
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
         assert!(e.message().contains(field), "message {:?} does not name {field}", e.message());
     }
-    let other_user = recsys::ranking::make_token(&p1.request_id, 10, "someone-else");
-    let e = rec.recommend(pb::RecommendRequest { page_token: other_user, ..req(&user, 5) }).await.unwrap_err();
+    // A token is signed for its user: another user presenting it is refused.
+    let e = rec
+        .recommend(pb::RecommendRequest { page_token: p1.next_page_token.clone(), ..req("someone-else", 5) })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("page_token"), "{}", e.message());
     let big: Vec<pb::Event> = (0..5001)
         .map(|i| pb::Event {
             event_id: format!("big{i}"),

@@ -22,6 +22,7 @@ impl From<PipelineError> for Status {
             PipelineError::NotFound(m) => Status::not_found(m),
             PipelineError::DeadlineExceeded { .. } => Status::deadline_exceeded(e.to_string()),
             PipelineError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
+            PipelineError::Unavailable(m) => Status::unavailable(m),
             PipelineError::Internal(_) => Status::internal(e.to_string()),
         }
     }
@@ -33,7 +34,7 @@ impl From<IngestError> for Status {
             IngestError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
             IngestError::Invalid(m) => Status::invalid_argument(m),
             IngestError::Store(_) | IngestError::Internal(_) => Status::internal(e.to_string()),
-            IngestError::Apply(_) => Status::unavailable(e.to_string()),
+            IngestError::Unavailable(m) => Status::unavailable(m),
         }
     }
 }

@@ -69,6 +69,8 @@ impl pb::recommender_server::Recommender for RecommenderService {
                         partitions_asked: s.asked,
                         partitions_answered: s.answered,
                         missing_partitions: s.missing,
+                        replica_partitions: s.from_replica,
+                        failed_nodes: s.failed_nodes,
                     })
                     .collect(),
                 fallbacks: c.fallbacks.into_iter().map(String::from).collect(),

@@ -18,10 +18,14 @@ use crate::api::pb::recommender_client::RecommenderClient;
 use crate::world::World;
 
 pub struct DemoSpec {
-    pub listen: String,
+    /// Nodes to start (n1..nN); 1 runs a one-node cluster.
+    pub nodes: usize,
+    pub host: String,
+    /// n1 listens on this port, n2 on the next, ...
+    pub base_port: u16,
+    pub metrics_base_port: u16,
     pub data_dir: PathBuf,
     pub config: PathBuf,
-    pub metrics_listen: String,
     pub seed: u64,
     pub items: usize,
     pub users: usize,
@@ -29,57 +33,85 @@ pub struct DemoSpec {
     pub exit_after: bool,
 }
 
+impl DemoSpec {
+    fn addr(&self, i: usize) -> String {
+        format!("{}:{}", self.host, self.base_port as usize + i)
+    }
+}
+
 pub async fn run(spec: DemoSpec) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=9).contains(&spec.nodes), "--nodes: between 1 and 9");
     let exe = std::env::current_exe()?;
-    println!("== starting `recsys node` on {} (data in {})", spec.listen, spec.data_dir.display());
-    let mut child = tokio::process::Command::new(exe)
-        .args(["node", "--listen", &spec.listen, "--data-dir"])
-        .arg(&spec.data_dir)
-        .arg("--config")
-        .arg(&spec.config)
-        .args(["--metrics-listen", &spec.metrics_listen])
-        .kill_on_drop(true)
-        .spawn()
-        .context("spawning the node")?;
-    // If the node exits while the demo drives it (bad config, port taken), stop at once.
+    let ids: Vec<String> = (1..=spec.nodes).map(|i| format!("n{i}")).collect();
+    let addrs: Vec<String> = (0..spec.nodes).map(|i| spec.addr(i)).collect();
+    let mut children = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let dir = spec.data_dir.join(id);
+        let metrics = format!("{}:{}", spec.host, spec.metrics_base_port as usize + i);
+        println!("== starting node {id} on {} (metrics {metrics}, data in {})", addrs[i], dir.display());
+        let seeds: Vec<&str> = addrs.iter().filter(|a| **a != addrs[i]).map(|a| a.as_str()).collect();
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(["node", "--node-id", id, "--listen", &addrs[i], "--data-dir"])
+            .arg(&dir)
+            .arg("--config")
+            .arg(&spec.config)
+            .args(["--metrics-listen", &metrics, "--initial-nodes", &ids.join(",")])
+            .kill_on_drop(true);
+        if !seeds.is_empty() {
+            cmd.args(["--seeds", &seeds.join(",")]);
+        }
+        children.push(cmd.spawn().context("spawning a node")?);
+    }
+    // If a node exits while the demo drives the cluster (bad config, port taken), stop at once.
+    let exited = futures::future::select_all(children.iter_mut().map(|c| Box::pin(c.wait())));
     let result = tokio::select! {
-        r = drive(&spec) => r,
-        status = child.wait() => Err(anyhow::anyhow!("the node exited early ({}); see its output above", status?)),
+        r = drive(&spec, &addrs) => r,
+        (status, i, _) = exited => Err(anyhow::anyhow!("node n{} exited early ({}); see its output above", i + 1, status?)),
     };
+    let last = addrs.last().cloned().unwrap_or_default();
     if let Err(e) = &result {
         eprintln!("demo failed: {e:#}");
     } else if !spec.exit_after {
         println!("\nServing until interrupted (Ctrl-C). Try:");
-        println!("  target/release/recsys recommend --addr {} --user u42 --k 10 --explain", spec.listen);
-        println!("  grpcurl -plaintext {} list", spec.listen);
-        println!("  grpcurl -plaintext -d '{{\"user_id\":\"u7\",\"surface\":\"home\",\"k\":5}}' {} recsys.v1.Recommender/Recommend", spec.listen);
-        println!("  curl -s http://{}/metrics | grep recsys_stage", spec.metrics_listen);
+        println!("  target/release/recsys status --addr {}", addrs[0]);
+        println!("  target/release/recsys recommend --addr {last} --user u42 --k 10 --explain");
+        println!("  target/release/recsys bench --addr {last} --concurrency 4 --requests 2000");
+        println!("  curl -s http://{}:{}/metrics | grep recsys_stage", spec.host, spec.metrics_base_port);
+        let exited = futures::future::select_all(children.iter_mut().map(|c| Box::pin(c.wait())));
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
-            _ = child.wait() => {},
+            _ = exited => {},
         }
     }
     // SIGTERM for a clean shutdown (flush, lock released).
-    if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    for child in &children {
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    for child in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    }
     result
 }
 
-async fn drive(spec: &DemoSpec) -> anyhow::Result<()> {
-    super::wait_serving(&spec.listen, Duration::from_secs(300)).await?;
-    let ch = super::connect(&spec.listen).await?;
+async fn drive(spec: &DemoSpec, addrs: &[String]) -> anyhow::Result<()> {
+    for a in addrs {
+        super::wait_serving(a, Duration::from_secs(300)).await?;
+    }
+    let first = &addrs[0];
+    let last = addrs.last().unwrap_or(first);
+    let ch = super::connect(first).await?;
     let status = AdminClient::new(ch.clone()).cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
+    println!("\n== cluster status (from n1)");
+    super::print_status(&status);
     let world = Arc::new(World::generate(load::synthetic_spec(spec.seed, spec.items, spec.users, spec.events)));
-    if status.items >= spec.items as u64 && status.events >= spec.events as u64 {
-        println!(
-            "== data already loaded ({} items, {} users, {} events): restart kept it",
-            status.items, status.users, status.events
-        );
+    let marker = spec.data_dir.join(format!("loaded-{}-{}-{}-{}", spec.seed, spec.items, spec.users, spec.events));
+    if marker.exists() {
+        println!("== data already loaded (seed {}): the restart kept it", spec.seed);
     } else {
         println!(
-            "== loading synthetic world: {} items, {} users, {} events (seed {})",
+            "\n== loading synthetic world through n1: {} items, {} users, {} events (seed {})",
             spec.items, spec.users, spec.events, spec.seed
         );
         let s = load::load_world(ch.clone(), world.clone(), 5000, false).await?;
@@ -87,7 +119,13 @@ async fn drive(spec: &DemoSpec) -> anyhow::Result<()> {
             "   loaded {} items, {} users, {} events ({} duplicates) in {:.1}s",
             s.items, s.users, s.events, s.duplicates, s.seconds
         );
+        std::fs::write(&marker, b"")?;
     }
+    println!(
+        "\n== recommendations asked of {}, the last node",
+        if addrs.len() > 1 { "n".to_string() + &addrs.len().to_string() } else { "n1".into() }
+    );
+    let ch = super::connect(last).await?;
     let mut rec = RecommenderClient::new(ch.clone());
     for user in ["u1", "u42", "u977", "new-user-without-history"] {
         println!("\n== Recommend user={user} k=8 explain=true");
@@ -104,7 +142,9 @@ async fn drive(spec: &DemoSpec) -> anyhow::Result<()> {
             .into_inner();
         super::print_recommendation(&r);
         if user == "u42" && !r.next_page_token.is_empty() {
-            let p2 = rec
+            // Page 2 through another node: the token names the node holding the ranking.
+            let other = addrs.get(1).unwrap_or(first);
+            let p2 = RecommenderClient::new(super::connect(other).await?)
                 .recommend(pb::RecommendRequest {
                     user_id: user.into(),
                     surface: "home".into(),
@@ -116,12 +156,12 @@ async fn drive(spec: &DemoSpec) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             let ids: Vec<_> = p2.items.iter().map(|i| format!("{}(#{})", i.item_id, i.rank)).collect();
-            println!("  page 2: {}", ids.join(" "));
+            println!("  page 2 (asked of {other}): {}", ids.join(" "));
         }
     }
-    println!("\n== latency summary (400 requests, concurrency 4)");
+    println!("\n== latency summary (400 requests, concurrency 4, through {last})");
     let report = bench::run(BenchSpec {
-        addr: spec.listen.clone(),
+        addr: last.clone(),
         concurrency: 4,
         rate: None,
         requests: 400,

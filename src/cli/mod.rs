@@ -86,3 +86,73 @@ pub fn print_recommendation(r: &pb::RecommendResponse) {
         println!("  next_page_token: {}", r.next_page_token);
     }
 }
+
+/// `recsys status`: nodes, their states and ring views, then each partition's replicas (`*` marks
+/// a replica that is alive and serving the partition, as the answering node sees it).
+pub fn print_status(s: &pb::ClusterStatusResponse) {
+    println!(
+        "cluster seen from {}: ring epoch {} digest {}, {} partitions per role, replication {}",
+        s.self_node_id, s.ring_epoch, s.ring_digest, s.partitions_per_role, s.replication_factor
+    );
+    println!(
+        "  {:<12} {:<22} {:<8} {:>13} {:>6} {:>6} {:>8}  RING",
+        "NODE", "ADDRESS", "STATE", "GENERATION", "GEN", "FEAT", "SCORERS"
+    );
+    for n in &s.nodes {
+        let agrees = if n.ring_epoch == s.ring_epoch && n.ring_digest == s.ring_digest {
+            "same".to_string()
+        } else if n.ring_digest.is_empty() {
+            "unknown".to_string()
+        } else {
+            format!("DIFFERS: epoch {} digest {}", n.ring_epoch, n.ring_digest)
+        };
+        println!(
+            "  {:<12} {:<22} {:<8} {:>13} {:>6} {:>6} {:>8}  {}",
+            n.node_id,
+            if n.address.is_empty() { "-" } else { &n.address },
+            n.state,
+            n.generation,
+            n.generator_partitions,
+            n.feature_partitions,
+            n.scorers,
+            agrees
+        );
+    }
+    let models = s.models.as_ref().map(|m| format!("{}, {}", m.stage1, m.stage2)).unwrap_or("none (heuristic)".into());
+    println!("held here: {} items, {} users, {} events; models: {models}", s.items, s.users, s.events);
+    let under: Vec<String> = s
+        .partitions
+        .iter()
+        .filter(|p| p.live.iter().filter(|l| **l).count() < p.replicas.len())
+        .map(|p| format!("{}/{}", p.role, p.partition))
+        .collect();
+    let none: Vec<String> = s
+        .partitions
+        .iter()
+        .filter(|p| !p.live.iter().any(|l| *l))
+        .map(|p| format!("{}/{}", p.role, p.partition))
+        .collect();
+    println!(
+        "partitions: {} total, {} with a replica down, {} with no live replica{}",
+        s.partitions.len(),
+        under.len(),
+        none.len(),
+        if none.is_empty() { String::new() } else { format!(": {}", none.join(" ")) }
+    );
+    for role in ["generator", "feature"] {
+        println!("  {role} partitions (replicas in ring order, * = live):");
+        let line: Vec<String> = s
+            .partitions
+            .iter()
+            .filter(|p| p.role == role)
+            .map(|p| {
+                let reps: Vec<String> =
+                    p.replicas.iter().zip(&p.live).map(|(r, l)| format!("{r}{}", if *l { "*" } else { "" })).collect();
+                format!("{:>3}:{}", p.partition, reps.join(","))
+            })
+            .collect();
+        for chunk in line.chunks(6) {
+            println!("    {}", chunk.join("  "));
+        }
+    }
+}

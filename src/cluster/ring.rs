@@ -1,43 +1,132 @@
 //! Partition placement: a fixed number of partitions per role, each mapped to an ordered list of
 //! distinct owner nodes by a consistent-hash ring with virtual nodes. Built over the *joined*
-//! nodes, never over momentary liveness, so a flapping node does not move partitions.
+//! nodes (the persisted `RingSpec`), never over momentary liveness, so a node that dies or flaps
+//! moves nothing: its partitions are served by their other replicas until an operator removes it.
+use std::path::Path;
+
 use consistent_hash::{DefaultHash, Node, StaticHashRing};
+use serde::{Deserialize, Serialize};
 
 use super::Role;
 
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("cluster table {path}: {message}")]
+    Persist { path: String, message: String },
+}
+
+/// What the ring is built from; persisted in each node's data dir so a restarted node rejoins
+/// with the same table even while some members are down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingSpec {
+    /// Raised on every change of the joined set.
+    pub epoch: u64,
+    /// The joined node ids, sorted.
+    pub members: Vec<String>,
+    pub partitions: u32,
+    pub replication: u32,
+    pub vnodes: u32,
+    /// Nodes that run scorers; empty means every member.
+    #[serde(default)]
+    pub scorer_nodes: Vec<String>,
+}
+
+impl RingSpec {
+    pub fn new(epoch: u64, members: &[String], partitions: u32, replication: u32, vnodes: u32) -> Self {
+        let mut members = members.to_vec();
+        members.sort();
+        members.dedup();
+        Self { epoch, members, partitions, replication, vnodes, scorer_nodes: vec![] }
+    }
+
+    pub fn with_scorers(mut self, scorers: &[String]) -> Self {
+        let mut s = scorers.to_vec();
+        s.sort();
+        s.dedup();
+        self.scorer_nodes = s;
+        self
+    }
+
+    /// Covers everything placement depends on: two nodes with the same digest place every
+    /// partition on the same owners.
+    pub fn digest(&self) -> String {
+        let text = format!(
+            "members={};partitions={};replication={};vnodes={};scorers={}",
+            self.members.join(","),
+            self.partitions,
+            self.replication,
+            self.vnodes,
+            self.scorer_nodes.join(",")
+        );
+        format!("{:016x}", crate::ids::key_of(&text))
+    }
+
+    pub fn load(path: &Path) -> Result<Option<Self>, RingError> {
+        let err = |m: String| RingError::Persist { path: path.display().to_string(), message: m };
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| err(e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err(e.to_string())),
+        }
+    }
+
+    /// Written to a temporary file and renamed: a crash leaves the old table or the new one.
+    pub fn save(&self, path: &Path) -> Result<(), RingError> {
+        let err = |m: String| RingError::Persist { path: path.display().to_string(), message: m };
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec_pretty(self).map_err(|e| err(e.to_string()))?;
+        std::fs::write(&tmp, body).map_err(|e| err(e.to_string()))?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Ring {
+    pub spec: RingSpec,
     pub epoch: u64,
     pub digest: String,
     pub partitions: u32,
+    /// Effective replication (at most the number of members).
     pub replication: u32,
-    /// owners[role][partition] = node ids, primary first.
+    /// owners[role][partition] = node ids, preferred first.
     generator_owners: Vec<Vec<String>>,
     feature_owners: Vec<Vec<String>>,
+    /// Scorer nodes in ring order of the request key space.
+    scorers: Vec<String>,
 }
 
 impl Ring {
     pub fn build(epoch: u64, nodes: &[String], partitions: u32, replication: u32, vnodes: u32) -> Self {
-        let mut sorted = nodes.to_vec();
-        sorted.sort();
-        sorted.dedup();
+        Self::from_spec(RingSpec::new(epoch, nodes, partitions, replication, vnodes))
+    }
+
+    pub fn from_spec(spec: RingSpec) -> Self {
         let ring = StaticHashRing::new(
             DefaultHash,
-            sorted.iter().map(|n| Node::new(n.clone()).quantity(vnodes.max(1) as usize)),
+            spec.members.iter().map(|n| Node::new(n.clone()).quantity(spec.vnodes.max(1) as usize)),
         );
-        let r = (replication.max(1) as usize).min(sorted.len().max(1));
+        let r = (spec.replication.max(1) as usize).min(spec.members.len().max(1));
         let owners = |role: &str| -> Vec<Vec<String>> {
-            (0..partitions).map(|p| ring.calc_candidates(&(role, p)).take(r).map(|n| n.key.clone()).collect()).collect()
+            (0..spec.partitions)
+                .map(|p| ring.calc_candidates(&(role, p)).take(r).map(|n| n.key.clone()).collect())
+                .collect()
         };
-        let digest = format!("{:016x}", crate::ids::key_of(&sorted.join(",")));
+        let scorers = if spec.scorer_nodes.is_empty() { spec.members.clone() } else { spec.scorer_nodes.clone() };
         Self {
-            epoch,
-            digest,
-            partitions,
+            epoch: spec.epoch,
+            digest: spec.digest(),
+            partitions: spec.partitions,
             replication: r as u32,
             generator_owners: owners("generator"),
             feature_owners: owners("feature"),
+            scorers,
+            spec,
         }
+    }
+
+    pub fn members(&self) -> &[String] {
+        &self.spec.members
     }
 
     pub fn owners(&self, role: Role, partition: u32) -> &[String] {
@@ -45,12 +134,25 @@ impl Ring {
             Role::Generator => &self.generator_owners,
             Role::Feature => &self.feature_owners,
         };
-        &table[partition as usize]
+        table.get(partition as usize).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+
+    pub fn owns(&self, role: Role, partition: u32, node: &str) -> bool {
+        self.owners(role, partition).iter().any(|n| n == node)
     }
 
     /// Partitions of a role whose owner list contains `node`.
     pub fn partitions_of(&self, role: Role, node: &str) -> Vec<u32> {
-        (0..self.partitions).filter(|p| self.owners(role, *p).iter().any(|n| n == node)).collect()
+        (0..self.partitions).filter(|p| self.owns(role, *p, node)).collect()
+    }
+
+    /// Nodes that may run scorers.
+    pub fn scorer_nodes(&self) -> &[String] {
+        &self.scorers
+    }
+
+    pub fn is_scorer(&self, node: &str) -> bool {
+        self.scorers.iter().any(|n| n == node)
     }
 }
 
@@ -58,9 +160,13 @@ impl Ring {
 mod tests {
     use super::*;
 
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
     #[test]
     fn placement_is_deterministic_and_moves_little() {
-        let three: Vec<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+        let three = names(&["n1", "n2", "n3"]);
         let a = Ring::build(1, &three, 256, 2, 64);
         let mut shuffled = three.clone();
         shuffled.reverse();
@@ -77,6 +183,41 @@ mod tests {
         let moved = (0..256).filter(|p| a.owners(Role::Feature, *p)[0] != c.owners(Role::Feature, *p)[0]).count();
         assert!(moved < 110, "moved {moved} of 256 primaries");
         assert_ne!(a.digest, c.digest);
+    }
+
+    #[test]
+    fn three_nodes_share_partitions_and_none_holds_all() {
+        let r = Ring::build(1, &names(&["n1", "n2", "n3"]), 32, 2, 64);
+        for n in ["n1", "n2", "n3"] {
+            for role in Role::ALL {
+                let held = r.partitions_of(role, n).len();
+                assert!(held > 0 && held < 32, "{n} holds {held} {role:?} partitions");
+            }
+        }
+    }
+
+    #[test]
+    fn digest_covers_settings_not_order() {
+        let a = RingSpec::new(1, &names(&["b", "a"]), 32, 2, 64);
+        let b = RingSpec::new(1, &names(&["a", "b"]), 32, 2, 64);
+        assert_eq!(a.digest(), b.digest());
+        assert_ne!(a.digest(), RingSpec::new(1, &names(&["a", "b"]), 32, 1, 64).digest());
+        assert_ne!(a.digest(), RingSpec::new(1, &names(&["a", "b"]), 64, 2, 64).digest());
+        assert_ne!(a.digest(), a.clone().with_scorers(&names(&["a"])).digest());
+    }
+
+    #[test]
+    fn spec_persists() {
+        let dir = std::env::temp_dir().join(format!("recsys-ring-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.json");
+        assert_eq!(RingSpec::load(&path).unwrap(), None);
+        let s = RingSpec::new(3, &names(&["n1", "n2"]), 16, 2, 64).with_scorers(&names(&["n2"]));
+        s.save(&path).unwrap();
+        assert_eq!(RingSpec::load(&path).unwrap(), Some(s.clone()));
+        let r = Ring::from_spec(s);
+        assert!(r.is_scorer("n2") && !r.is_scorer("n1"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub enum FeatureError {
     UndeclaredInput(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ItemFeat {
     AgeHours,
     Price,

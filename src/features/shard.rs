@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use fastbloom::BloomFilter;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
 
 use super::{ItemFeat, UserFeat};
 use crate::counters::{self, Window};
 use crate::ids::{key_of, Key, KeyMap};
-use crate::store::{Action, ItemRecord, UserRecord};
+use crate::ingest::ops::Op;
+use crate::store::{Action, ItemRecord, LoggedOp, UserRecord};
 
 /// Fixed item attributes before the embedding, in `attrs` row order.
 const A_PRICE: usize = 0;
@@ -24,7 +26,7 @@ const FLAG_DELETED: u8 = 1;
 const FLAG_IN_STOCK: u8 = 2;
 
 /// What filters and the ingest path need to know about an item.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ItemBrief {
     pub author_key: Key,
     pub topic: u32,
@@ -38,7 +40,7 @@ pub struct ItemBrief {
 }
 
 /// Which optional parts of an `ItemBrief` a caller needs.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct BriefWants {
     pub embedding: bool,
     pub names: bool,
@@ -46,7 +48,7 @@ pub struct BriefWants {
 
 /// Cross-feature inputs of a fetched item: plain data, no shared references (ids and author
 /// names are fetched only for the ranked list, in the final re-filter).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct ItemMeta {
     pub author_key: Key,
     pub topic: u32,
@@ -58,7 +60,7 @@ pub struct ItemMeta {
 }
 
 /// Item-side feature values for a batch: `values` is row-major with one row per requested key.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ItemFeatureRows {
     pub stride: usize,
     pub values: Vec<f32>,
@@ -66,7 +68,7 @@ pub struct ItemFeatureRows {
 }
 
 /// One engagement as it lands on the user's partition, with the item facts it needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UserEvent {
     pub user: Key,
     pub user_id: String,
@@ -80,7 +82,7 @@ pub struct UserEvent {
 
 /// Two rotating bloom filters: when the current one reaches capacity the older one is dropped,
 /// so memory per user is bounded and the oldest impressions are forgotten first.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct SeenFilter {
     current: BloomFilter,
     previous: Option<BloomFilter>,
@@ -129,7 +131,7 @@ pub struct UserState {
 }
 
 /// A copy of what a request needs from the user's profile.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct UserSnapshot {
     pub known: bool,
     pub geo: String,
@@ -200,6 +202,12 @@ pub struct FeatureShardState {
     /// (window sums only change at bucket boundaries or when an event lands, which invalidates).
     window_sums: Vec<[f32; WINDOW_SUMS]>,
     users: KeyMap<UserState>,
+    /// Last-writer-wins versions (`at`, op id) of item and user upserts, so replicas that
+    /// receive two upserts of one record in different orders keep the same one.
+    item_versions: KeyMap<(i64, u64)>,
+    user_versions: KeyMap<(i64, u64)>,
+    /// Engagement events applied to this partition's items.
+    events: u64,
 }
 
 struct ItemHead {
@@ -228,6 +236,46 @@ impl FeatureShardState {
             counters: vec![],
             window_sums: vec![],
             users: KeyMap::default(),
+            item_versions: KeyMap::default(),
+            user_versions: KeyMap::default(),
+            events: 0,
+        }
+    }
+
+    /// Applies one logged op of this partition (live writes, catch-up and replay alike).
+    pub fn apply(&mut self, o: &LoggedOp) {
+        let newer = |m: &mut KeyMap<(i64, u64)>, k: Key| {
+            let v = (o.at, o.id);
+            match m.get(&k) {
+                Some(old) if *old > v => false,
+                _ => {
+                    m.insert(k, v);
+                    true
+                }
+            }
+        };
+        match &o.op {
+            Op::UpsertItem(it) => {
+                if newer(&mut self.item_versions, key_of(&it.id)) {
+                    self.upsert_item(it);
+                }
+            }
+            Op::DeleteItem(k) => {
+                self.delete_items(&[*k]);
+            }
+            Op::UpsertUser(u) => {
+                if newer(&mut self.user_versions, key_of(&u.id)) {
+                    self.upsert_user(u);
+                }
+            }
+            Op::ItemEvent { item, action, ts } => {
+                self.events += 1;
+                self.apply_item_event(*item, *action, *ts)
+            }
+            Op::UserEvent(e) => self.apply_user_event(e),
+            Op::AuthorItem { .. } | Op::Engagement { .. } | Op::Pair { .. } => {
+                debug_assert!(false, "generator op sent to a feature partition");
+            }
         }
     }
 
@@ -483,11 +531,8 @@ fn new_user(id: &str, s: &ShardSettings) -> UserState {
 }
 
 pub enum FeatureMsg {
-    UpsertItems(Arc<Vec<ItemRecord>>, RpcReplyPort<()>),
-    DeleteItems(Vec<Key>, RpcReplyPort<u32>),
-    UpsertUsers(Arc<Vec<UserRecord>>, RpcReplyPort<()>),
-    ItemEvents(Vec<(Key, Action, i64)>, RpcReplyPort<()>),
-    UserEvents(Vec<UserEvent>, RpcReplyPort<()>),
+    /// Logged ops (already durable) to apply, in order.
+    Apply(Arc<Vec<LoggedOp>>, RpcReplyPort<()>),
     /// Item state per key, with the optional parts asked for.
     Briefs(Vec<Key>, BriefWants, RpcReplyPort<Vec<Option<ItemBrief>>>),
     RecentLikes(Vec<Key>, RpcReplyPort<Vec<Vec<Key>>>),
@@ -500,7 +545,8 @@ pub enum FeatureMsg {
         now: i64,
         reply: RpcReplyPort<ItemFeatureRows>,
     },
-    Counts(RpcReplyPort<(usize, usize)>),
+    /// (items, users, events) held by the partition.
+    Counts(RpcReplyPort<(usize, usize, u64)>),
     /// Test hook for supervision: the handler panics, the supervisor restarts the partition.
     Crash,
 }
@@ -542,30 +588,9 @@ impl Actor for FeatureShard {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            FeatureMsg::UpsertItems(items, reply) => {
-                for it in items.iter() {
-                    st.upsert_item(it);
-                }
-                let _ = reply.send(());
-            }
-            FeatureMsg::DeleteItems(keys, reply) => {
-                let _ = reply.send(st.delete_items(&keys));
-            }
-            FeatureMsg::UpsertUsers(users, reply) => {
-                for u in users.iter() {
-                    st.upsert_user(u);
-                }
-                let _ = reply.send(());
-            }
-            FeatureMsg::ItemEvents(events, reply) => {
-                for (k, a, ts) in events {
-                    st.apply_item_event(k, a, ts);
-                }
-                let _ = reply.send(());
-            }
-            FeatureMsg::UserEvents(events, reply) => {
-                for e in &events {
-                    st.apply_user_event(e);
+            FeatureMsg::Apply(ops, reply) => {
+                for o in ops.iter() {
+                    st.apply(o);
                 }
                 let _ = reply.send(());
             }
@@ -582,7 +607,7 @@ impl Actor for FeatureShard {
                 let _ = reply.send(st.item_features(&keys, &feats, &user_emb, now));
             }
             FeatureMsg::Counts(reply) => {
-                let _ = reply.send((st.item_count(), st.user_count()));
+                let _ = reply.send((st.item_count(), st.user_count(), st.events));
             }
             FeatureMsg::Crash => panic!("crash requested for a supervision test"),
         }

@@ -7,13 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
 
 use crate::counters::HourRing;
 use crate::ids::{Key, KeyMap};
-use crate::store::Action;
+use crate::ingest::ops::Op;
+use crate::store::{Action, LoggedOp};
 
 /// A candidate from one generator: item, source bit, and the generator's own score.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Candidate {
     pub item: Key,
     /// Preference within one generator: 0 first (the user's own geo for trending), then 1, ...
@@ -136,6 +138,16 @@ impl GeneratorState {
         Self { settings, trending: KeyMap::default(), authors: KeyMap::default(), coengaged: KeyMap::default() }
     }
 
+    /// Applies one logged op of this partition (live writes, catch-up and replay alike).
+    pub fn apply(&mut self, o: &LoggedOp) {
+        match &o.op {
+            Op::AuthorItem { author, item, created_at } => self.add_author_item(*author, *item, *created_at),
+            Op::Engagement { geo, item, action, ts } => self.add_engagement(*geo, *item, *action, *ts),
+            Op::Pair { a, b } => self.add_pair(*a, *b),
+            _ => debug_assert!(false, "feature op sent to a generator partition"),
+        }
+    }
+
     pub fn add_engagement(&mut self, geo: Key, item: Key, action: Action, ts: i64) {
         let hours = self.settings.trending_window_hours;
         let g = self.trending.entry(geo).or_default();
@@ -221,20 +233,19 @@ impl GeneratorState {
 }
 
 pub enum GeneratorMsg {
-    Engagement(Vec<(Key, Key, Action, i64)>, RpcReplyPort<()>),
-    AuthorItems(Vec<(Key, Key, i64)>, RpcReplyPort<()>),
-    Pairs(Vec<(Key, Key)>, RpcReplyPort<()>),
+    /// Logged ops (already durable) to apply, in order.
+    Apply(Arc<Vec<LoggedOp>>, RpcReplyPort<()>),
     Retrieve(Arc<RetrieveQuery>, RpcReplyPort<Vec<Candidate>>),
     Crash,
 }
 
 /// What one generator partition is asked for: only the keys it owns.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RetrieveQuery {
     pub now: i64,
-    /// Geos with their preference group (the user's geo 0, the global fallback 1).
-    pub trending_geos: Vec<(Key, u8)>,
-    pub trending_limit: usize,
+    /// Geos with their preference group (the user's geo 0, the global fallback 1) and how many
+    /// of the geo's trending items to return.
+    pub trending_geos: Vec<(Key, u8, usize)>,
     pub authors: Vec<Key>,
     pub per_author: usize,
     pub seeds: Vec<Key>,
@@ -275,30 +286,16 @@ impl Actor for GeneratorShard {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            GeneratorMsg::Engagement(evs, reply) => {
-                for (geo, item, a, ts) in evs {
-                    st.add_engagement(geo, item, a, ts);
-                }
-                let _ = reply.send(());
-            }
-            GeneratorMsg::AuthorItems(items, reply) => {
-                for (author, item, created) in items {
-                    st.add_author_item(author, item, created);
-                }
-                let _ = reply.send(());
-            }
-            GeneratorMsg::Pairs(pairs, reply) => {
-                for (a, b) in pairs {
-                    st.add_pair(a, b);
+            GeneratorMsg::Apply(ops, reply) => {
+                for o in ops.iter() {
+                    st.apply(o);
                 }
                 let _ = reply.send(());
             }
             GeneratorMsg::Retrieve(q, reply) => {
                 let mut out = Vec::new();
-                for (g, group) in &q.trending_geos {
-                    out.extend(
-                        st.trending(*g, q.now, q.trending_limit).into_iter().map(|c| Candidate { group: *group, ..c }),
-                    );
+                for (g, group, limit) in &q.trending_geos {
+                    out.extend(st.trending(*g, q.now, *limit).into_iter().map(|c| Candidate { group: *group, ..c }));
                 }
                 out.extend(st.author_items(&q.authors, q.per_author, q.now));
                 out.extend(st.coengaged(&q.seeds, q.per_seed));

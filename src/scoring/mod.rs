@@ -96,6 +96,15 @@ pub enum Stage {
     Heavy,
 }
 
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Light => "stage1",
+            Stage::Heavy => "stage2",
+        }
+    }
+}
+
 struct LoadedModel {
     session: Session,
     input: String,

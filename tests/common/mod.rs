@@ -115,3 +115,132 @@ pub fn node_fails(data_dir: &Path, extra: &[&str]) -> String {
     assert!(!out.status.success(), "node started but should have refused");
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
+
+/// A free loopback port for both TCP (gRPC) and UDP (gossip).
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = t.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port for TCP and UDP");
+}
+
+/// A local cluster of real `recsys node` processes on loopback, n1..nN.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub ids: Vec<String>,
+    pub addrs: Vec<String>,
+    pub nodes: Vec<Option<NodeProc>>,
+    config: PathBuf,
+}
+
+impl Cluster {
+    /// `overrides` is TOML laid over config/node.toml for every node (small worlds, one scorer).
+    pub fn start(name: &str, n: usize, overrides: &str) -> Cluster {
+        let dir = temp_dir(name);
+        let config = dir.join("overrides.toml");
+        std::fs::write(&config, overrides).unwrap();
+        let ids: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+        let addrs: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut c = Cluster { dir, ids, addrs, nodes: Vec::new(), config };
+        for i in 0..n {
+            let p = c.spawn(i).unwrap_or_else(|e| panic!("node n{} did not start: {e}", i + 1));
+            c.nodes.push(Some(p));
+        }
+        c
+    }
+
+    fn spawn(&self, i: usize) -> Result<NodeProc, String> {
+        let seeds: Vec<&str> = self.addrs.iter().filter(|a| **a != self.addrs[i]).map(|a| a.as_str()).collect();
+        let data = self.dir.join(&self.ids[i]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_recsys"))
+            .current_dir(repo())
+            .args(["node", "--config", "config/node.toml", "--config"])
+            .arg(&self.config)
+            .args(["--node-id", &self.ids[i], "--listen", &self.addrs[i], "--data-dir"])
+            .arg(&data)
+            .args(["--seeds", &seeds.join(","), "--initial-nodes", &self.ids.join(",")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(format!("stderr: {l}"));
+            }
+        });
+        Ok(NodeProc { child, addr: self.addrs[i].clone(), lines: rx })
+    }
+
+    /// Waits (bounded) until every running node's health says SERVING.
+    pub async fn wait_serving(&self) {
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.is_some() {
+                wait_health(&self.addrs[i], Duration::from_secs(90)).await;
+            }
+        }
+    }
+
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(n) = self.nodes[i].take() {
+            n.kill9();
+        }
+    }
+
+    pub fn signal(&self, i: usize, sig: &str) {
+        let pid = self.nodes[i].as_ref().expect("node running").child.id();
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap().success();
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
+    /// Starts node i again on its port and data dir.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node n{} still running", i + 1);
+        self.nodes[i] = Some(self.spawn(i).expect("node restarts"));
+    }
+
+    pub fn pid(&self, i: usize) -> u32 {
+        self.nodes[i].as_ref().expect("node running").child.id()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in self.nodes.iter_mut() {
+            if let Some(p) = n.take() {
+                // Resume a paused node first, so SIGKILL and wait do not hang on it.
+                let _ = Command::new("kill").arg("-CONT").arg(p.child.id().to_string()).status();
+                p.kill9();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits (bounded, polling health, never a blind sleep) until the node at `addr` is SERVING.
+pub async fn wait_health(addr: &str, limit: Duration) {
+    recsys::cli::wait_serving(addr, limit).await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Resident memory of a process in MiB, from /proc.
+pub fn rss_mib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}

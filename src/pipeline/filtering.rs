@@ -1,0 +1,102 @@
+//! Stage 2: filters. The seen filter runs on the profile's bloom filter; the rest on item state
+//! (deleted, out of stock, blocked author) looked up in the items' feature partitions. A filter
+//! is one entry in `FILTERS` plus its test in `reason`.
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::{Coverage, Pipeline};
+use crate::cluster::{Part, Role};
+use crate::features::shard::{BriefWants, ItemBrief, UserSnapshot};
+use crate::generators::Candidate;
+use crate::ids::{self, partition_of, Key, KeyMap};
+use crate::transport::{ReadQuery, ReadReply};
+
+/// Filters in the order they are applied (and counted in coverage).
+pub const FILTERS: [&str; 5] = ["seen", "deleted", "out_of_stock", "blocked_author", "unverified"];
+
+/// Why item state removes a candidate (an index into `FILTERS`), if it does.
+fn reason(b: &ItemBrief, profile: &UserSnapshot) -> Option<usize> {
+    if b.deleted {
+        Some(1)
+    } else if !b.in_stock {
+        Some(2)
+    } else if profile.blocked.binary_search(&b.author_key).is_ok() {
+        Some(3)
+    } else {
+        None
+    }
+}
+
+impl Pipeline {
+    /// Item state per key from the owning feature partitions (replicas on failure).
+    pub(super) async fn briefs(
+        &self,
+        keys: &[Key],
+        wants: BriefWants,
+        deadline: Instant,
+        stage: &'static str,
+        cov: &mut Coverage,
+    ) -> KeyMap<ItemBrief> {
+        let parts = self.transport.ring.partitions;
+        let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
+        for k in keys {
+            by_part.entry(partition_of(ids::ITEM, *k, parts)).or_default().push(*k);
+        }
+        let mut asked_keys: HashMap<Part, Vec<Key>> = HashMap::with_capacity(by_part.len());
+        let asks: Vec<(Part, ReadQuery)> = by_part
+            .into_iter()
+            .map(|(p, ks)| {
+                let part = Part::new(Role::Feature, p);
+                asked_keys.insert(part, ks.clone());
+                (part, ReadQuery::Briefs(ks, wants))
+            })
+            .collect();
+        let out = self.transport.read_fanout(stage, asks, deadline).await;
+        cov.stage(out.coverage);
+        let mut briefs = KeyMap::with_capacity_and_hasher(keys.len(), Default::default());
+        for (part, reply) in out.replies {
+            let (ReadReply::Briefs(bs), Some(ks)) = (reply, asked_keys.remove(&part)) else { continue };
+            briefs.extend(ks.into_iter().zip(bs).filter_map(|(k, b)| b.map(|b| (k, b))));
+        }
+        briefs
+    }
+
+    pub(super) async fn filter(
+        &self,
+        cands: Vec<Candidate>,
+        profile: &UserSnapshot,
+        deadline: Instant,
+        cov: &mut Coverage,
+    ) -> Vec<Candidate> {
+        let mut removed = [0u32; FILTERS.len()];
+        let cands: Vec<Candidate> = match &profile.seen {
+            Some(seen) => cands
+                .into_iter()
+                .filter(|c| {
+                    let s = seen.contains(c.item);
+                    removed[0] += u32::from(s);
+                    !s
+                })
+                .collect(),
+            None => cands,
+        };
+        let keys: Vec<Key> = cands.iter().map(|c| c.item).collect();
+        let briefs = self.briefs(&keys, BriefWants::default(), deadline, "filtering", cov).await;
+        let kept: Vec<Candidate> = cands
+            .into_iter()
+            .filter(|c| {
+                // Unverifiable (unknown item, or its partition missing on every replica): never shown.
+                let why = briefs.get(&c.item).map_or(Some(4), |b| reason(b, profile));
+                if let Some(w) = why {
+                    removed[w] += 1;
+                }
+                why.is_none()
+            })
+            .collect();
+        for (name, n) in FILTERS.into_iter().zip(removed) {
+            metrics::counter!("recsys_filter_removed_total", "filter" => name).increment(u64::from(n));
+            cov.filter_removed.push((name, n));
+        }
+        kept
+    }
+}

@@ -1,0 +1,255 @@
+//! Fan-out with per-node budgets and replica retry. Reads: each partition goes to its preferred
+//! replica (this node when it holds one, else the first live owner in ring order), one call per
+//! node; a node that errors or misses its budget has its partitions retried on the next replica
+//! while time remains; what is still missing is reported, never waited for. Writes: every live
+//! replica of each partition, acknowledged when all that were asked answered and at least one
+//! made it durable.
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{CallError, ReadQuery, ReadReply, Transport};
+use crate::cluster::Part;
+use crate::ingest::ops::Plan;
+use crate::store::LoggedOp;
+
+/// What one stage asked and got, for the reply's coverage.
+#[derive(Debug, Default, Clone)]
+pub struct StageCoverage {
+    pub stage: &'static str,
+    pub asked: u32,
+    pub answered: u32,
+    pub missing: Vec<u32>,
+    /// Answered by a replica other than the preferred one.
+    pub from_replica: Vec<u32>,
+    pub failed_nodes: Vec<String>,
+}
+
+pub struct ReadOutcome {
+    pub replies: Vec<(Part, ReadReply)>,
+    pub coverage: StageCoverage,
+}
+
+/// Share of the time left that a first attempt may use when a partition has another replica to
+/// fall back on: a slow node then still leaves time for the retry.
+const FIRST_TRY_SHARE: f64 = 0.6;
+
+struct Pending {
+    part: Part,
+    query: ReadQuery,
+    candidates: VecDeque<String>,
+    preferred: String,
+}
+
+impl Transport {
+    /// Replicas to try for a read, best first: this node when it holds the partition and is
+    /// caught up, then the owners that are alive and serving, in ring order.
+    pub fn read_candidates(&self, part: Part) -> (String, VecDeque<String>) {
+        let owners = self.ring.owners(part.role, part.partition);
+        let me_owner = owners.contains(&self.node_id);
+        let preferred = if me_owner { self.node_id.clone() } else { owners.first().cloned().unwrap_or_default() };
+        let mut c = VecDeque::with_capacity(owners.len());
+        if me_owner && self.local.is_ready(part) {
+            c.push_back(self.node_id.clone());
+        }
+        for o in owners {
+            if *o != self.node_id && self.membership.is_routable(o) {
+                c.push_back(o.clone());
+            }
+        }
+        (preferred, c)
+    }
+
+    pub async fn read_fanout(
+        &self,
+        stage: &'static str,
+        asks: Vec<(Part, ReadQuery)>,
+        deadline: Instant,
+    ) -> ReadOutcome {
+        let mut cov = StageCoverage { stage, asked: asks.len() as u32, ..Default::default() };
+        let mut replies = Vec::with_capacity(asks.len());
+        let mut pending: Vec<Pending> = asks
+            .into_iter()
+            .map(|(part, query)| {
+                let (preferred, candidates) = self.read_candidates(part);
+                Pending { part, query, candidates, preferred }
+            })
+            .collect();
+        let mut first = true;
+        loop {
+            let (ready, none): (Vec<Pending>, Vec<Pending>) =
+                pending.into_iter().partition(|p| !p.candidates.is_empty());
+            cov.missing.extend(none.iter().map(|p| p.part.partition));
+            pending = ready;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if pending.is_empty() || left < Duration::from_micros(200) {
+                break;
+            }
+            let fallback = pending.iter().any(|p| p.candidates.len() > 1);
+            let budget = if first && fallback { left.mul_f64(FIRST_TRY_SHARE) } else { left };
+            first = false;
+            let mut by_node: HashMap<String, Vec<Pending>> = HashMap::new();
+            for p in pending {
+                by_node.entry(p.candidates[0].clone()).or_default().push(p);
+            }
+            let calls = by_node.into_iter().map(|(node, ps)| async move {
+                let asks: Vec<(Part, ReadQuery)> = ps.iter().map(|p| (p.part, p.query.clone())).collect();
+                let res = match self.client(&node) {
+                    None => Err(format!("no address for {node}")),
+                    Some(c) => match tokio::time::timeout(budget, c.read(asks, budget)).await {
+                        Ok(Ok(r)) => Ok(r),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("{node} missed its {} ms budget", budget.as_millis())),
+                    },
+                };
+                (node, ps, res)
+            });
+            let mut retry = Vec::new();
+            for (node, ps, res) in futures::future::join_all(calls).await {
+                match res {
+                    Ok(results) => {
+                        let mut by_part: HashMap<Part, Result<ReadReply, CallError>> = results.into_iter().collect();
+                        for mut p in ps {
+                            match by_part.remove(&p.part) {
+                                Some(Ok(r)) => {
+                                    if node != p.preferred {
+                                        cov.from_replica.push(p.part.partition);
+                                    }
+                                    replies.push((p.part, r));
+                                }
+                                other => {
+                                    let why = other.map(|r| r.err().map(|e| e.to_string()).unwrap_or_default());
+                                    tracing::debug!(stage, node = %node, part = %p.part, error = ?why, "partition failed; next replica");
+                                    p.candidates.pop_front();
+                                    retry.push(p);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(stage, node = %node, error = %e, "node call failed; its partitions go to their next replica");
+                        metrics::counter!("recsys_partition_misses_total", "stage" => stage, "node" => node.clone())
+                            .increment(ps.len() as u64);
+                        if !cov.failed_nodes.contains(&node) {
+                            cov.failed_nodes.push(node.clone());
+                        }
+                        for mut p in ps {
+                            p.candidates.pop_front();
+                            retry.push(p);
+                        }
+                    }
+                }
+            }
+            pending = retry;
+        }
+        cov.missing.extend(pending.iter().map(|p| p.part.partition));
+        cov.answered = replies.len() as u32;
+        if !cov.from_replica.is_empty() {
+            metrics::counter!("recsys_replica_fallbacks_total", "stage" => stage)
+                .increment(cov.from_replica.len() as u64);
+        }
+        cov.missing.sort_unstable();
+        cov.from_replica.sort_unstable();
+        ReadOutcome { replies, coverage: cov }
+    }
+
+    /// Sends each partition's ops to every replica that takes writes. Per partition, the result
+    /// is durable on every replica that answered and on at least one; `new` says per op whether
+    /// any replica had not seen it before (false on all: a retried duplicate).
+    pub async fn write(&self, plan: Plan, timeout: Duration) -> Result<WriteResult, WriteError> {
+        let mut by_node: BTreeMap<String, NodeOps> = BTreeMap::new();
+        let mut state: BTreeMap<Part, PartWrite> = BTreeMap::new();
+        for (part, ops) in plan {
+            let owners = self.ring.owners(part.role, part.partition);
+            let targets: Vec<&String> =
+                owners.iter().filter(|o| **o == self.node_id || self.membership.takes_writes(o)).collect();
+            if targets.is_empty() {
+                return Err(WriteError::Unavailable {
+                    part,
+                    reason: format!("no replica is reachable (owners: {})", owners.join(", ")),
+                });
+            }
+            let n = ops.len();
+            let ops = Arc::new(ops);
+            for t in targets {
+                by_node.entry(t.clone()).or_default().push((part, ops.clone()));
+            }
+            state.insert(part, PartWrite { new: vec![false; n], ok: 0, errors: vec![] });
+        }
+        let calls = by_node.into_iter().map(|(node, asks)| async move {
+            let parts: Vec<Part> = asks.iter().map(|(p, _)| *p).collect();
+            let res = match self.client(&node) {
+                None => Err(format!("no address for {node}")),
+                Some(c) => match tokio::time::timeout(timeout, c.apply(asks, timeout)).await {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("{node} did not acknowledge within {} ms", timeout.as_millis())),
+                },
+            };
+            (node, parts, res)
+        });
+        let mut flush_micros = 0;
+        let mut replica_failures = 0u32;
+        for (node, parts, res) in futures::future::join_all(calls).await {
+            match res {
+                Ok((results, flush)) => {
+                    flush_micros = flush_micros.max(flush);
+                    for (part, r) in results {
+                        let Some(s) = state.get_mut(&part) else { continue };
+                        match r {
+                            Ok(flags) => {
+                                s.ok += 1;
+                                s.new.iter_mut().zip(flags).for_each(|(n, f)| *n |= f);
+                            }
+                            Err(e) => {
+                                replica_failures += 1;
+                                s.errors.push(format!("{node}: {e}"));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node, error = %e, "replica write failed; it catches up by anti-entropy");
+                    for part in parts {
+                        replica_failures += 1;
+                        if let Some(s) = state.get_mut(&part) {
+                            s.errors.push(e.clone());
+                        }
+                    }
+                }
+            }
+        }
+        if replica_failures > 0 {
+            metrics::counter!("recsys_replica_write_failures_total").increment(u64::from(replica_failures));
+        }
+        let mut new = BTreeMap::new();
+        for (part, s) in state {
+            if s.ok == 0 {
+                return Err(WriteError::Unavailable { part, reason: s.errors.join("; ") });
+            }
+            new.insert(part, s.new);
+        }
+        Ok(WriteResult { new, flush_micros, replica_failures })
+    }
+}
+
+/// The ops one node is sent, per partition.
+type NodeOps = Vec<(Part, Arc<Vec<LoggedOp>>)>;
+
+struct PartWrite {
+    new: Vec<bool>,
+    ok: u32,
+    errors: Vec<String>,
+}
+
+pub struct WriteResult {
+    pub new: BTreeMap<Part, Vec<bool>>,
+    pub flush_micros: u64,
+    pub replica_failures: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("partition {part}: {reason}")]
+    Unavailable { part: Part, reason: String },
+}

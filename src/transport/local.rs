@@ -1,0 +1,221 @@
+//! This node's partition actors, reached directly (no serialization). Also the node-side half of
+//! the write path: ops are logged in sled (atomically per op id), flushed once per call, then
+//! applied to the actors.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use ractor::rpc::CallResult;
+use ractor::{ActorRef, RpcReplyPort};
+
+use super::{CallError, ReadQuery, ReadReply};
+use crate::cluster::{Part, Role};
+use crate::features::shard::FeatureMsg;
+use crate::generators::GeneratorMsg;
+use crate::store::{LoggedOp, Store};
+
+/// Applying logged ops to an actor is local work; a generous bound only guards a wedged actor.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct LocalPartitions {
+    pub node_id: String,
+    pub partitions: u32,
+    pub store: Store,
+    // Swapped when a supervisor restarts a partition; never held across an await.
+    generators: RwLock<Vec<Option<ActorRef<GeneratorMsg>>>>,
+    features: RwLock<Vec<Option<ActorRef<FeatureMsg>>>>,
+    /// Serves reads: false while the partition catches up with its replicas.
+    ready: Vec<AtomicBool>,
+    /// Completed anti-entropy rounds (status: lets an operator or a test see catch-up progress).
+    pub catch_up_rounds: std::sync::atomic::AtomicU64,
+}
+
+pub type ApplyResults = Vec<(Part, Result<Vec<bool>, String>)>;
+
+impl LocalPartitions {
+    pub fn new(node_id: String, partitions: u32, store: Store) -> Self {
+        let n = partitions as usize;
+        Self {
+            node_id,
+            partitions,
+            store,
+            generators: RwLock::new(vec![None; n]),
+            features: RwLock::new(vec![None; n]),
+            ready: (0..2 * n).map(|_| AtomicBool::new(false)).collect(),
+            catch_up_rounds: Default::default(),
+        }
+    }
+
+    pub fn set_generator(&self, p: u32, a: Option<ActorRef<GeneratorMsg>>) {
+        self.generators.write().unwrap_or_else(|e| e.into_inner())[p as usize] = a;
+    }
+    pub fn set_feature(&self, p: u32, a: Option<ActorRef<FeatureMsg>>) {
+        self.features.write().unwrap_or_else(|e| e.into_inner())[p as usize] = a;
+    }
+    pub fn generator_actor(&self, p: u32) -> Option<ActorRef<GeneratorMsg>> {
+        self.generators.read().unwrap_or_else(|e| e.into_inner()).get(p as usize).cloned().flatten()
+    }
+    pub fn feature_actor(&self, p: u32) -> Option<ActorRef<FeatureMsg>> {
+        self.features.read().unwrap_or_else(|e| e.into_inner()).get(p as usize).cloned().flatten()
+    }
+
+    /// An actor runs for the partition (writes can be applied).
+    pub fn is_open(&self, part: Part) -> bool {
+        match part.role {
+            Role::Feature => self.feature_actor(part.partition).is_some(),
+            Role::Generator => self.generator_actor(part.partition).is_some(),
+        }
+    }
+
+    /// Open and caught up: reads may be served from it.
+    pub fn is_ready(&self, part: Part) -> bool {
+        self.ready.get(part.index(self.partitions)).is_some_and(|r| r.load(Ordering::Acquire)) && self.is_open(part)
+    }
+
+    pub fn set_ready(&self, part: Part, ready: bool) {
+        if let Some(r) = self.ready.get(part.index(self.partitions)) {
+            r.store(ready, Ordering::Release);
+        }
+    }
+
+    pub async fn read(&self, part: Part, q: ReadQuery, timeout: Duration) -> Result<ReadReply, CallError> {
+        if !self.is_ready(part) {
+            let why = if self.is_open(part) { "catching up" } else { "not open on this node" };
+            return Err(CallError::Unavailable { part, reason: format!("{why} ({})", self.node_id) });
+        }
+        let p = part.partition;
+        match (part.role, q) {
+            (Role::Feature, ReadQuery::Profile(user)) => self
+                .feature(part, timeout, move |rp| FeatureMsg::Profile(user, rp))
+                .await
+                .map(|s| ReadReply::Profile(Box::new(s))),
+            (Role::Feature, ReadQuery::Briefs(keys, wants)) => {
+                self.feature(part, timeout, move |rp| FeatureMsg::Briefs(keys, wants, rp)).await.map(ReadReply::Briefs)
+            }
+            (Role::Feature, ReadQuery::ItemFeatures { keys, feats, user_emb, now }) => self
+                .feature(part, timeout, move |reply| FeatureMsg::ItemFeatures { keys, feats, user_emb, now, reply })
+                .await
+                .map(ReadReply::ItemFeatures),
+            (Role::Feature, ReadQuery::RecentLikes(users)) => self
+                .feature(part, timeout, move |rp| FeatureMsg::RecentLikes(users, rp))
+                .await
+                .map(ReadReply::RecentLikes),
+            (Role::Generator, ReadQuery::Retrieve(q)) => {
+                let actor = self.generator_actor(p).ok_or_else(|| self.not_here(part))?;
+                call(&actor, part, timeout, move |rp| GeneratorMsg::Retrieve(q, rp)).await.map(ReadReply::Retrieve)
+            }
+            (_, q) => Err(CallError::Unavailable {
+                part,
+                reason: format!("{} is not a {} query", q.kind(), part.role.as_str()),
+            }),
+        }
+    }
+
+    async fn feature<T: Send + 'static>(
+        &self,
+        part: Part,
+        timeout: Duration,
+        build: impl FnOnce(RpcReplyPort<T>) -> FeatureMsg,
+    ) -> Result<T, CallError> {
+        let actor = self.feature_actor(part.partition).ok_or_else(|| self.not_here(part))?;
+        call(&actor, part, timeout, build).await
+    }
+
+    fn not_here(&self, part: Part) -> CallError {
+        CallError::Unavailable { part, reason: format!("no partition actor on {}", self.node_id) }
+    }
+
+    /// Logs (idempotently), flushes once, then applies the new ops to the partition actors.
+    /// Partitions without a running actor are refused before anything is logged, so an op is
+    /// never logged here without reaching the in-memory state (a rebuild replays the log).
+    pub async fn apply(
+        &self,
+        asks: Vec<(Part, Arc<Vec<LoggedOp>>)>,
+        owned: impl Fn(Part) -> bool,
+    ) -> (ApplyResults, u64) {
+        let mut results: ApplyResults = Vec::with_capacity(asks.len());
+        let mut open = Vec::with_capacity(asks.len());
+        for (part, ops) in asks {
+            if !owned(part) {
+                results.push((part, Err(format!("{part} is not owned by {}", self.node_id))));
+            } else if !self.is_open(part) {
+                results.push((part, Err(format!("{part} is not open on {}", self.node_id))));
+            } else {
+                open.push((part, ops));
+            }
+        }
+        if open.is_empty() {
+            return (results, 0);
+        }
+        let store = self.store.clone();
+        let logged = tokio::task::spawn_blocking(move || {
+            let out: Vec<_> = open
+                .into_iter()
+                .map(|(part, ops)| {
+                    let r = store.append(part, &ops).map_err(|e| e.to_string());
+                    (part, ops, r)
+                })
+                .collect();
+            out
+        })
+        .await;
+        let logged = match logged {
+            Ok(l) => l,
+            Err(e) => {
+                results.push((Part::new(Role::Feature, 0), Err(format!("append task failed: {e}"))));
+                return (results, 0);
+            }
+        };
+        let t = Instant::now();
+        if let Err(e) = self.store.flush().await {
+            for (part, _, _) in logged {
+                results.push((part, Err(format!("flush failed: {e}"))));
+            }
+            return (results, 0);
+        }
+        let flush = t.elapsed();
+        metrics::histogram!("recsys_flush_seconds").record(flush.as_secs_f64());
+        let calls = logged.into_iter().map(|(part, ops, flags)| async move {
+            let flags = match flags {
+                Ok(f) => f,
+                Err(e) => return (part, Err(e)),
+            };
+            let fresh: Vec<LoggedOp> =
+                ops.iter().zip(&flags).filter(|(_, new)| **new).map(|(o, _)| o.clone()).collect();
+            if fresh.is_empty() {
+                return (part, Ok(flags));
+            }
+            let fresh = Arc::new(fresh);
+            let r = match part.role {
+                Role::Feature => match self.feature_actor(part.partition) {
+                    Some(a) => call(&a, part, APPLY_TIMEOUT, move |rp| FeatureMsg::Apply(fresh, rp)).await,
+                    None => Err(self.not_here(part)),
+                },
+                Role::Generator => match self.generator_actor(part.partition) {
+                    Some(a) => call(&a, part, APPLY_TIMEOUT, move |rp| GeneratorMsg::Apply(fresh, rp)).await,
+                    None => Err(self.not_here(part)),
+                },
+            };
+            // Durable either way: a partition that failed to apply is rebuilt from its log.
+            (part, r.map(|_| flags).map_err(|e| e.to_string()))
+        });
+        results.extend(futures::future::join_all(calls).await);
+        (results, flush.as_micros() as u64)
+    }
+}
+
+async fn call<M: ractor::Message, T: Send + 'static>(
+    actor: &ActorRef<M>,
+    part: Part,
+    timeout: Duration,
+    build: impl FnOnce(RpcReplyPort<T>) -> M,
+) -> Result<T, CallError> {
+    match actor.call(build, Some(timeout)).await {
+        Ok(CallResult::Success(v)) => Ok(v),
+        Ok(CallResult::Timeout) => Err(CallError::Timeout { part }),
+        Ok(CallResult::SenderError) => {
+            Err(CallError::Unavailable { part, reason: "partition actor dropped the call".into() })
+        }
+        Err(e) => Err(CallError::Unavailable { part, reason: e.to_string() }),
+    }
+}
