@@ -535,6 +535,7 @@ async fn anti_entropy_loop(t: Arc<Transport>, own: Vec<Part>, every: Duration) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_tick = Instant::now();
     let mut last_round = Instant::now();
+    let mut seen = std::collections::HashMap::new();
     loop {
         let peer_changed = tokio::select! {
             _ = ticker.tick() => false,
@@ -554,7 +555,9 @@ async fn anti_entropy_loop(t: Arc<Transport>, own: Vec<Part>, every: Duration) {
             }
         }
         if frozen || peer_changed || last_round.elapsed() >= every {
-            let s = replication::catch_up(&t, &own, Duration::from_secs(30)).await;
+            let mode =
+                if frozen || peer_changed { replication::Mode::Full } else { replication::Mode::Settled(&mut seen) };
+            let s = replication::catch_up_mode(&t, &own, Duration::from_secs(30), mode).await;
             if frozen {
                 for p in &own {
                     t.local.set_ready(*p, true);

@@ -38,7 +38,16 @@ async fn three_nodes_share_partitions_and_serve_each_others_data() {
     let mut status = Vec::new();
     for addr in &cluster.addrs {
         let ch = recsys::cli::connect(addr).await.unwrap();
-        let s = AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+        // Each node learns of the others' SERVING state by gossip: poll (bounded) until it has.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let s = loop {
+            let s =
+                AdminClient::new(ch.clone()).cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+            if s.nodes.iter().all(|n| n.state == "serving" && n.live) || std::time::Instant::now() > end {
+                break s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
         let names: HashSet<&str> = s.nodes.iter().map(|n| n.node_id.as_str()).collect();
         assert_eq!(names, HashSet::from(["n1", "n2", "n3"]), "{addr}");
         assert!(s.nodes.iter().all(|n| n.state == "serving" && n.live), "{:?}", s.nodes);

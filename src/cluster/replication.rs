@@ -39,23 +39,17 @@ const PULL_LIMIT: u32 = 50_000;
 
 /// Serves a pull: the ops of the asked buckets whose ids the asker does not have.
 pub fn missing_ops(store: &Store, part: Part, ask: &PullAsk) -> Result<Vec<LoggedOp>, StoreError> {
-    let mut out = Vec::new();
-    for (b, have) in &ask.buckets {
-        if (*b as usize) >= BUCKETS {
-            continue;
-        }
-        for id in store.bucket_ids(part, *b as usize)? {
-            if have.binary_search(&id).is_err() {
-                if let Some(op) = store.get(part, id)? {
-                    out.push(op);
-                    if out.len() >= ask.limit as usize {
-                        return Ok(out);
-                    }
-                }
-            }
-        }
-    }
-    Ok(out)
+    let have: HashMap<usize, Vec<u64>> = ask
+        .buckets
+        .iter()
+        .filter(|(b, _)| (*b as usize) < BUCKETS)
+        .map(|(b, ids)| {
+            let mut ids = ids.clone();
+            ids.sort_unstable();
+            (*b as usize, ids)
+        })
+        .collect();
+    store.missing_ops(part, &have, ask.limit as usize)
 }
 
 /// Buckets where two digests differ.
@@ -71,8 +65,23 @@ pub struct CatchUpStats {
     pub peers_failed: u32,
 }
 
+/// Which differing partitions a round pulls.
+pub enum Mode<'a> {
+    /// Every partition whose digest differs (at start, after a freeze, when a peer comes back).
+    Full,
+    /// Only divergence that stays put: a partition is pulled when its digests differ in two
+    /// consecutive rounds with neither side having changed in between. Writes in flight make
+    /// replicas differ for a moment all the time; pulling those would scan buckets under load for
+    /// nothing. `seen` remembers the last round's digests per (peer, partition).
+    Settled(&'a mut HashMap<(String, Part), (Digest, Digest)>),
+}
+
 /// Compares `parts` with every live peer that also owns them and pulls what this node lacks.
 pub async fn catch_up(t: &Arc<Transport>, parts: &[Part], timeout: Duration) -> CatchUpStats {
+    catch_up_mode(t, parts, timeout, Mode::Full).await
+}
+
+pub async fn catch_up_mode(t: &Arc<Transport>, parts: &[Part], timeout: Duration, mut mode: Mode<'_>) -> CatchUpStats {
     let mut stats = CatchUpStats::default();
     let mut by_peer: BTreeMap<String, Vec<Part>> = BTreeMap::new();
     for &part in parts {
@@ -83,7 +92,7 @@ pub async fn catch_up(t: &Arc<Transport>, parts: &[Part], timeout: Duration) -> 
         }
     }
     for (peer, shared) in by_peer {
-        match catch_up_with(t, &peer, &shared, timeout).await {
+        match catch_up_with(t, &peer, &shared, timeout, &mut mode).await {
             Ok(s) => {
                 stats.parts_checked += s.parts_checked;
                 stats.parts_behind += s.parts_behind;
@@ -109,6 +118,7 @@ async fn catch_up_with(
     peer: &str,
     parts: &[Part],
     timeout: Duration,
+    mode: &mut Mode<'_>,
 ) -> Result<CatchUpStats, String> {
     let mut stats = CatchUpStats { parts_checked: parts.len() as u32, ..Default::default() };
     let client = t.peer(peer).ok_or_else(|| format!("no address for {peer}"))?;
@@ -139,6 +149,19 @@ async fn catch_up_with(
                     theirs.insert(part, d);
                 }
             }
+        }
+        if let Mode::Settled(seen) = mode {
+            theirs.retain(|part, d| {
+                let key = (peer.to_string(), *part);
+                let mine = t.local.store.digest(*part);
+                if differing(&mine, d).is_empty() {
+                    seen.remove(&key);
+                    return false;
+                }
+                let settled = seen.get(&key).is_some_and(|(m, o)| *m == mine && o == d);
+                seen.insert(key, (mine, d.clone()));
+                settled
+            });
         }
         // Differing buckets, with the ids this node has in each (a sled scan: blocking).
         let store = t.local.store.clone();
