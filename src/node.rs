@@ -46,6 +46,8 @@ pub struct PartitionSupervisor;
 
 pub struct PartitionSupervisorArgs {
     pub local: Arc<LocalPartitions>,
+    /// Where the partitions log their writes (None: apply only).
+    pub store: Option<Store>,
     pub features: Vec<(u32, FeatureShardState)>,
     pub generators: Vec<(u32, GeneratorState)>,
     pub feature_loader: FeatureLoader,
@@ -54,6 +56,7 @@ pub struct PartitionSupervisorArgs {
 
 pub struct PartitionSupervisorState {
     local: Arc<LocalPartitions>,
+    store: Option<Store>,
     /// Children by actor id (not by registered name: names are process-global in ractor).
     children: std::collections::HashMap<ractor::ActorId, (Role, u32)>,
     feature_loader: FeatureLoader,
@@ -72,19 +75,30 @@ impl Actor for PartitionSupervisor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let mut children = std::collections::HashMap::new();
         for (p, st) in args.features {
-            let a = FeatureShardArgs { partition: p, initial: Some(st), load: args.feature_loader.clone() };
+            let a = FeatureShardArgs {
+                partition: p,
+                log: args.store.clone(),
+                initial: Some(st),
+                load: args.feature_loader.clone(),
+            };
             let (r, _) = Actor::spawn_linked(None, FeatureShard, a, me.get_cell()).await?;
             children.insert(r.get_id(), (Role::Feature, p));
             args.local.set_feature(p, Some(r));
         }
         for (p, st) in args.generators {
-            let a = GeneratorArgs { partition: p, initial: Some(st), load: args.generator_loader.clone() };
+            let a = GeneratorArgs {
+                partition: p,
+                log: args.store.clone(),
+                initial: Some(st),
+                load: args.generator_loader.clone(),
+            };
             let (r, _) = Actor::spawn_linked(None, GeneratorShard, a, me.get_cell()).await?;
             children.insert(r.get_id(), (Role::Generator, p));
             args.local.set_generator(p, Some(r));
         }
         Ok(PartitionSupervisorState {
             local: args.local,
+            store: args.store,
             children,
             feature_loader: args.feature_loader,
             generator_loader: args.generator_loader,
@@ -102,23 +116,33 @@ impl Actor for PartitionSupervisor {
         tracing::warn!(role = role.as_str(), partition = p, error = %err, "partition actor failed; rebuilding it from its op log");
         metrics::counter!("recsys_actor_restarts_total", "role" => role.as_str()).increment(1);
         // Out of service while it rebuilds: reads go to its replicas, writes to it are refused
-        // (and reach it later by anti-entropy) rather than logged without being applied.
+        // (and reach it later by hinted handoff or anti-entropy).
+        let part = crate::cluster::Part::new(role, p);
+        let was_ready = st.local.is_ready(part);
+        st.local.set_ready(part, false);
         let id = if role == Role::Feature {
             st.local.set_feature(p, None);
-            let a = FeatureShardArgs { partition: p, initial: None, load: st.feature_loader.clone() };
+            let a = FeatureShardArgs {
+                partition: p,
+                log: st.store.clone(),
+                initial: None,
+                load: st.feature_loader.clone(),
+            };
             let (r, _) = Actor::spawn_linked(None, FeatureShard, a, me.get_cell()).await?;
             let id = r.get_id();
             st.local.set_feature(p, Some(r));
             id
         } else {
             st.local.set_generator(p, None);
-            let a = GeneratorArgs { partition: p, initial: None, load: st.generator_loader.clone() };
+            let a =
+                GeneratorArgs { partition: p, log: st.store.clone(), initial: None, load: st.generator_loader.clone() };
             let (r, _) = Actor::spawn_linked(None, GeneratorShard, a, me.get_cell()).await?;
             let id = r.get_id();
             st.local.set_generator(p, Some(r));
             id
         };
         st.children.insert(id, (role, p));
+        st.local.set_ready(part, was_ready);
         Ok(())
     }
 }
@@ -415,8 +439,14 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
 
     let local_parts = Arc::new(LocalPartitions::new(me.clone(), ring.partitions, store.clone()));
     let (feature_loader, generator_loader) = loaders(&store, &cfg);
-    let args =
-        PartitionSupervisorArgs { local: local_parts.clone(), features, generators, feature_loader, generator_loader };
+    let args = PartitionSupervisorArgs {
+        local: local_parts.clone(),
+        store: Some(store.clone()),
+        features,
+        generators,
+        feature_loader,
+        generator_loader,
+    };
     let (partition_sup, _) =
         Actor::spawn(None, PartitionSupervisor, args).await.map_err(|e| err(format!("partition actors: {e}")))?;
     let transport = Arc::new(Transport::new(me.clone(), ring.clone(), local_parts.clone(), membership.clone()));
@@ -536,6 +566,9 @@ async fn anti_entropy_loop(t: Arc<Transport>, own: Vec<Part>, every: Duration) {
     let mut last_tick = Instant::now();
     let mut last_round = Instant::now();
     let mut seen = std::collections::HashMap::new();
+    // One more full round shortly after turning SERVING: peers start writing here only once
+    // their failure detectors and flap debounce let them, after the start-up catch-up ran.
+    let mut full_at = Some(Instant::now() + Duration::from_secs(2));
     loop {
         let peer_changed = tokio::select! {
             _ = ticker.tick() => false,
@@ -554,9 +587,19 @@ async fn anti_entropy_loop(t: Arc<Transport>, own: Vec<Part>, every: Duration) {
                 t.local.set_ready(*p, false);
             }
         }
-        if frozen || peer_changed || last_round.elapsed() >= every {
-            let mode =
-                if frozen || peer_changed { replication::Mode::Full } else { replication::Mode::Settled(&mut seen) };
+        if !t.hints.is_empty() {
+            t.deliver_hints(Duration::from_secs(5)).await;
+        }
+        let scheduled = full_at.is_some_and(|at| Instant::now() >= at);
+        if scheduled {
+            full_at = None;
+        }
+        if frozen || peer_changed || scheduled || last_round.elapsed() >= every {
+            let mode = if frozen || peer_changed || scheduled {
+                replication::Mode::Full
+            } else {
+                replication::Mode::Settled(&mut seen)
+            };
             let s = replication::catch_up_mode(&t, &own, Duration::from_secs(30), mode).await;
             if frozen {
                 for p in &own {

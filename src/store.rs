@@ -305,7 +305,8 @@ impl Store {
         Ok(last.map_or(0, |b| b + 1))
     }
 
-    /// Every op of one partition in replay order (`at`, then id); loads its ids and digest.
+    /// Every op of one partition in log order (the order this replica applied them; pulled ops
+    /// were appended in (`at`, id) order); loads its ids and digest.
     pub fn scan(&self, part: Part) -> Result<Vec<LoggedOp>, StoreError> {
         let mut out = Vec::new();
         let next = self.for_each(part, |o| {
@@ -324,7 +325,6 @@ impl Store {
         }
         log.next_batch = next;
         drop(log);
-        out.sort_by_key(|o| (o.at, o.id));
         Ok(out)
     }
 
@@ -337,6 +337,31 @@ impl Store {
         let mut ids: Vec<u64> = self.part_log(part).ids.iter().copied().filter(|i| bucket_of(*i) == bucket).collect();
         ids.sort_unstable();
         Ok(ids)
+    }
+
+    /// Op ids of several buckets of a partition, each sorted, in one pass over the id set.
+    pub fn bucket_ids_many(&self, part: Part, buckets: &[usize]) -> Vec<(usize, Vec<u64>)> {
+        let mut want = [false; BUCKETS];
+        for b in buckets {
+            if let Some(w) = want.get_mut(*b) {
+                *w = true;
+            }
+        }
+        let mut out: Vec<Vec<u64>> = vec![Vec::new(); BUCKETS];
+        for id in self.part_log(part).ids.iter() {
+            let b = bucket_of(*id);
+            if want[b] {
+                out[b].push(*id);
+            }
+        }
+        out.into_iter()
+            .enumerate()
+            .filter(|(b, _)| want[*b])
+            .map(|(b, mut ids)| {
+                ids.sort_unstable();
+                (b, ids)
+            })
+            .collect()
     }
 
     /// Ops of a partition in the given buckets whose ids are not in `have` (sorted per bucket),
@@ -415,7 +440,7 @@ mod tests {
         let s = Store::open(&dir, 8, 8).unwrap();
         let back = s.scan(part).unwrap();
         assert_eq!(back.len(), 200);
-        assert!(back.windows(2).all(|w| w[0].at <= w[1].at), "replay in `at` order");
+        assert_eq!(back, ops, "replay in log order");
         assert_eq!(s.op_count(part), 200);
         let total: usize = (0..BUCKETS).map(|b| s.bucket_ids(part, b).unwrap().len()).sum();
         assert_eq!(total, 200);

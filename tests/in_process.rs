@@ -62,6 +62,7 @@ async fn rig(name: &str, scorers: Option<Arc<ScorerPool>>) -> Rig {
     let (feature_loader, generator_loader) = recsys::node::loaders(&store, &cfg);
     let args = PartitionSupervisorArgs {
         local: local.clone(),
+        store: Some(store.clone()),
         features: (0..parts).map(|p| (p, ingest::replay_feature(&store, &cfg, p).unwrap())).collect(),
         generators: (0..parts).map(|p| (p, ingest::replay_generator(&store, &cfg, p).unwrap())).collect(),
         feature_loader,

@@ -120,6 +120,8 @@ impl pb::admin_server::Admin for AdminService {
             partitions,
             scorer_nodes: ring.scorer_nodes().to_vec(),
             catch_up_rounds: t.local.catch_up_rounds.load(std::sync::atomic::Ordering::Acquire),
+            cpu_seconds: crate::metrics::process_stats().0,
+            resident_bytes: crate::metrics::process_stats().1,
         }))
     }
 

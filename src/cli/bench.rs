@@ -90,6 +90,27 @@ async fn one(
     }
 }
 
+/// CPU seconds and resident bytes of every live node of the cluster `addr` belongs to.
+async fn cluster_usage(addr: &str) -> Vec<(String, f64, u64)> {
+    let status = |a: String| async move {
+        let ch = super::connect(&a).await.ok()?;
+        let s = crate::api::pb::admin_client::AdminClient::new(ch)
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        Some(s)
+    };
+    let Some(first) = status(addr.to_string()).await else { return vec![] };
+    let mut out = Vec::new();
+    for n in first.nodes.iter().filter(|n| n.live && !n.address.is_empty()) {
+        if let Some(s) = status(n.address.clone()).await {
+            out.push((s.self_node_id, s.cpu_seconds, s.resident_bytes));
+        }
+    }
+    out
+}
+
 pub async fn run(spec: BenchSpec) -> anyhow::Result<BenchReport> {
     let ch = super::connect(&spec.addr).await?;
     let acc = Arc::new(Mutex::new(Acc::default()));
@@ -100,6 +121,7 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<BenchReport> {
             one(&mut c, &spec, &acc, false).await;
         }
     }
+    let before = cluster_usage(&spec.addr).await;
     let start = Instant::now();
     let deadline = start + spec.max_duration;
     let issued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -148,6 +170,7 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<BenchReport> {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let after = cluster_usage(&spec.addr).await;
     let a = acc.lock().await;
     let lat = a.latency.clone().unwrap_or_else(hist);
     let ms = |v: u64| v as f64 / 1000.0;
@@ -183,6 +206,23 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<BenchReport> {
         ));
     }
     text.push('\n');
+    // The price of the fan-out: CPU of every node, summed, per answered request.
+    if !before.is_empty() && before.len() == after.len() && a.ok > 0 {
+        let cpu: f64 = after.iter().zip(&before).map(|(x, y)| x.1 - y.1).sum();
+        let per_node: Vec<String> = after
+            .iter()
+            .zip(&before)
+            .map(|(x, y)| {
+                format!("{} {:.2} ms, {:.0} MiB", x.0, 1000.0 * (x.1 - y.1) / a.ok as f64, x.2 as f64 / 1048576.0)
+            })
+            .collect();
+        text.push_str(&format!(
+            "node CPU per request: {:.2} ms summed over {} node(s) ({})\n",
+            1000.0 * cpu / a.ok as f64,
+            after.len(),
+            per_node.join("; ")
+        ));
+    }
     Ok(BenchReport {
         p50_ms: ms(lat.value_at_quantile(0.5)),
         p90_ms: ms(lat.value_at_quantile(0.9)),

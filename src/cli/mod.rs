@@ -119,7 +119,13 @@ pub fn print_status(s: &pb::ClusterStatusResponse) {
         );
     }
     let models = s.models.as_ref().map(|m| format!("{}, {}", m.stage1, m.stage2)).unwrap_or("none (heuristic)".into());
-    println!("held here: {} items, {} users, {} events; models: {models}", s.items, s.users, s.events);
+    println!(
+        "held here: {} items, {} users, {} events; resident memory {:.0} MiB; models: {models}",
+        s.items,
+        s.users,
+        s.events,
+        s.resident_bytes as f64 / (1024.0 * 1024.0)
+    );
     let under: Vec<String> = s
         .partitions
         .iter()

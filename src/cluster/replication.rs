@@ -172,14 +172,10 @@ async fn catch_up_with(
                 if diff.is_empty() {
                     continue;
                 }
-                let mut buckets = Vec::with_capacity(diff.len());
-                for b in diff {
-                    // A bucket the peer has nothing in cannot hold anything this node lacks.
-                    if d[b].0 == 0 {
-                        continue;
-                    }
-                    buckets.push((b as u32, store.bucket_ids(part, b).unwrap_or_default()));
-                }
+                // A bucket the peer has nothing in cannot hold anything this node lacks.
+                let wanted: Vec<usize> = diff.into_iter().filter(|b| d[*b].0 > 0).collect();
+                let buckets: Vec<(u32, Vec<u64>)> =
+                    store.bucket_ids_many(part, &wanted).into_iter().map(|(b, ids)| (b as u32, ids)).collect();
                 if !buckets.is_empty() {
                     asks.push((part, PullAsk { buckets, limit: PULL_LIMIT }));
                 }
@@ -191,33 +187,32 @@ async fn catch_up_with(
         if asks.is_empty() {
             break;
         }
-        let left = end.saturating_duration_since(Instant::now());
-        let req = pb::PullRequest {
-            envelope: Some(t.envelope(left)),
-            asks: asks.iter().map(|(p, a)| ask(*p, encode(a))).collect(),
-        };
-        let started = Instant::now();
-        let reply = client.clone().pull(t.request(req, left)).await;
-        t.observe(peer, "pull", started, reply.is_ok());
-        let reply = reply.map_err(|s| format!("{peer}: {}", s.message()))?.into_inner();
+        // One pull per partition: a partition's id lists bound the request, not the whole node's.
         let mut apply = Vec::new();
         let mut again = Vec::new();
-        for r in reply.results {
-            let Some(part) = crate::transport::client::result_part(&r) else { continue };
-            if !r.error.is_empty() {
-                continue;
+        for (part, pull) in asks {
+            let left = end.saturating_duration_since(Instant::now());
+            let req = pb::PullRequest { envelope: Some(t.envelope(left)), asks: vec![ask(part, encode(&pull))] };
+            let started = Instant::now();
+            let reply = client.clone().pull(t.request(req, left)).await;
+            t.observe(peer, "pull", started, reply.is_ok());
+            let reply = reply.map_err(|s| format!("{peer}: {}", s.message()))?.into_inner();
+            for r in reply.results {
+                if !r.error.is_empty() {
+                    continue;
+                }
+                let Ok(mut ops) = decode::<Vec<LoggedOp>>(&r.body) else { continue };
+                if ops.is_empty() {
+                    continue;
+                }
+                if ops.len() >= PULL_LIMIT as usize {
+                    again.push(part);
+                }
+                behind.insert(part);
+                stats.ops_pulled += ops.len() as u64;
+                ops.sort_by_key(|o| (o.at, o.id));
+                apply.push((part, Arc::new(ops)));
             }
-            let Ok(mut ops) = decode::<Vec<LoggedOp>>(&r.body) else { continue };
-            if ops.is_empty() {
-                continue;
-            }
-            if ops.len() >= PULL_LIMIT as usize {
-                again.push(part);
-            }
-            behind.insert(part);
-            stats.ops_pulled += ops.len() as u64;
-            ops.sort_by_key(|o| (o.at, o.id));
-            apply.push((part, Arc::new(ops)));
         }
         if !apply.is_empty() {
             let (results, _) = t.local.apply(apply, |_| true).await;

@@ -24,6 +24,9 @@ const A_FIXED: usize = 5;
 
 const FLAG_DELETED: u8 = 1;
 const FLAG_IN_STOCK: u8 = 2;
+/// A row that has counters but no attributes yet: events for the item arrived (catch-up, replay)
+/// before its upsert. Invisible to lookups until the upsert fills it in.
+const FLAG_PLACEHOLDER: u8 = 4;
 
 /// What filters and the ingest path need to know about an item.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -208,6 +211,8 @@ pub struct FeatureShardState {
     user_versions: KeyMap<(i64, u64)>,
     /// Engagement events applied to this partition's items.
     events: u64,
+    /// Rows holding counters of items not upserted yet.
+    placeholders: usize,
 }
 
 struct ItemHead {
@@ -239,6 +244,7 @@ impl FeatureShardState {
             item_versions: KeyMap::default(),
             user_versions: KeyMap::default(),
             events: 0,
+            placeholders: 0,
         }
     }
 
@@ -261,7 +267,10 @@ impl FeatureShardState {
                 }
             }
             Op::DeleteItem(k) => {
-                self.delete_items(&[*k]);
+                // Versioned like an upsert: an older upsert arriving later does not bring it back.
+                if newer(&mut self.item_versions, *k) {
+                    self.delete_items(&[*k]);
+                }
             }
             Op::UpsertUser(u) => {
                 if newer(&mut self.user_versions, key_of(&u.id)) {
@@ -284,36 +293,51 @@ impl FeatureShardState {
     }
 
     pub fn item_count(&self) -> usize {
-        self.heads.len()
+        self.heads.len() - self.placeholders
     }
     pub fn user_count(&self) -> usize {
         self.users.len()
     }
 
+    /// The row of an item, created (as a placeholder) when it has none.
+    fn row_for(&mut self, key: Key) -> usize {
+        if let Some(&r) = self.index.get(&key) {
+            return r as usize;
+        }
+        let w = self.attr_width();
+        let r = self.heads.len();
+        self.index.insert(key, r as u32);
+        self.heads.push(ItemHead {
+            id: Arc::from(""),
+            author: Arc::from(""),
+            author_key: 0,
+            geo_key: 0,
+            created_at: 0,
+            sums_at: SUMS_STALE,
+            flags: FLAG_PLACEHOLDER,
+        });
+        self.attrs.resize(self.attrs.len() + w, 0.0);
+        self.counters.resize(self.counters.len() + ITEM_COUNTER_WIDTH, 0);
+        self.window_sums.push([0.0; WINDOW_SUMS]);
+        self.placeholders += 1;
+        r
+    }
+
+    /// The row of a known item (placeholders are not known).
+    fn known_row(&self, key: &Key) -> Option<usize> {
+        let r = *self.index.get(key)? as usize;
+        (self.heads[r].flags & FLAG_PLACEHOLDER == 0).then_some(r)
+    }
+
     pub fn upsert_item(&mut self, it: &ItemRecord) {
         let key = key_of(&it.id);
         let w = self.attr_width();
-        let row = match self.index.get(&key) {
-            Some(&r) => r as usize,
-            None => {
-                let r = self.heads.len();
-                self.index.insert(key, r as u32);
-                self.heads.push(ItemHead {
-                    id: Arc::from(it.id.as_str()),
-                    author: Arc::from(""),
-                    author_key: 0,
-                    geo_key: 0,
-                    created_at: 0,
-                    sums_at: SUMS_STALE,
-                    flags: 0,
-                });
-                self.attrs.resize(self.attrs.len() + w, 0.0);
-                self.counters.resize(self.counters.len() + ITEM_COUNTER_WIDTH, 0);
-                self.window_sums.push([0.0; WINDOW_SUMS]);
-                r
-            }
-        };
+        let row = self.row_for(key);
+        if self.heads[row].flags & FLAG_PLACEHOLDER != 0 {
+            self.placeholders -= 1;
+        }
         let h = &mut self.heads[row];
+        h.id = Arc::from(it.id.as_str());
         h.author = Arc::from(it.author.as_str());
         h.author_key = key_of(&it.author);
         h.geo_key = key_of(&it.geo);
@@ -335,8 +359,8 @@ impl FeatureShardState {
     pub fn delete_items(&mut self, keys: &[Key]) -> u32 {
         let mut found = 0;
         for k in keys {
-            if let Some(&r) = self.index.get(k) {
-                self.heads[r as usize].flags |= FLAG_DELETED;
+            if let Some(r) = self.known_row(k) {
+                self.heads[r].flags |= FLAG_DELETED;
                 found += 1;
             }
         }
@@ -357,12 +381,13 @@ impl FeatureShardState {
         state.blocked.dedup();
     }
 
+    /// Counts an engagement. An item not upserted yet gets a placeholder row, so the order in
+    /// which a replica receives an item and its events (live, replay, catch-up) does not matter.
     pub fn apply_item_event(&mut self, item: Key, action: Action, ts: i64) {
-        if let Some(&r) = self.index.get(&item) {
-            let base = r as usize * ITEM_COUNTER_WIDTH + action.counter() * counters::WIDTH;
-            counters::add(&mut self.counters[base..base + counters::WIDTH], ts, 1);
-            self.heads[r as usize].sums_at = SUMS_STALE;
-        }
+        let r = self.row_for(item);
+        let base = r * ITEM_COUNTER_WIDTH + action.counter() * counters::WIDTH;
+        counters::add(&mut self.counters[base..base + counters::WIDTH], ts, 1);
+        self.heads[r].sums_at = SUMS_STALE;
     }
 
     pub fn apply_user_event(&mut self, e: &UserEvent) {
@@ -409,7 +434,7 @@ impl FeatureShardState {
     }
 
     pub fn brief(&self, key: Key, wants: BriefWants) -> Option<ItemBrief> {
-        let r = *self.index.get(&key)? as usize;
+        let r = self.known_row(&key)?;
         Some(ItemBrief {
             author_key: self.heads[r].author_key,
             topic: self.attrs[r * self.attr_width() + A_TOPIC] as u32,
@@ -454,11 +479,10 @@ impl FeatureShardState {
         let mut values = vec![0.0f32; keys.len() * stride];
         let mut meta = Vec::with_capacity(keys.len());
         for (i, key) in keys.iter().enumerate() {
-            let Some(&r) = self.index.get(key) else {
+            let Some(r) = self.known_row(key) else {
                 meta.push(None);
                 continue;
             };
-            let r = r as usize;
             let attrs = &self.attrs[r * w..(r + 1) * w];
             let head = &mut self.heads[r];
             if head.sums_at != bucket {
@@ -531,8 +555,10 @@ fn new_user(id: &str, s: &ShardSettings) -> UserState {
 }
 
 pub enum FeatureMsg {
-    /// Logged ops (already durable) to apply, in order.
-    Apply(Arc<Vec<LoggedOp>>, RpcReplyPort<()>),
+    /// Ops to log (those whose ids the partition has not seen) and apply; replies per op
+    /// whether it was new. Logging and applying happen in this one handler, so a crash between
+    /// them is repaired by the rebuild's replay and nothing else can interleave.
+    Apply(Arc<Vec<LoggedOp>>, RpcReplyPort<Result<Vec<bool>, String>>),
     /// Item state per key, with the optional parts asked for.
     Briefs(Vec<Key>, BriefWants, RpcReplyPort<Vec<Option<ItemBrief>>>),
     RecentLikes(Vec<Key>, RpcReplyPort<Vec<Vec<Key>>>),
@@ -555,6 +581,8 @@ pub enum FeatureMsg {
 /// durable store (used at first start and after a crash restart).
 pub struct FeatureShardArgs {
     pub partition: u32,
+    /// The node's store: `Apply` logs here before applying (None: apply only, for tests).
+    pub log: Option<crate::store::Store>,
     /// State built by the node's startup replay; None rebuilds this partition from the store.
     pub initial: Option<FeatureShardState>,
     pub load: Arc<dyn Fn(u32) -> FeatureShardState + Send + Sync>,
@@ -562,9 +590,26 @@ pub struct FeatureShardArgs {
 
 pub struct FeatureShard;
 
+/// The actor's state: the partition and where its op log lives.
+pub struct FeatureActorState {
+    pub state: FeatureShardState,
+    log: Option<(crate::store::Store, crate::cluster::Part)>,
+}
+
+/// Logs the new ops (blocking sled work, moved off the async worker) and returns the new flags.
+pub(crate) fn log_ops(
+    log: &Option<(crate::store::Store, crate::cluster::Part)>,
+    ops: &[LoggedOp],
+) -> Result<Vec<bool>, String> {
+    match log {
+        None => Ok(vec![true; ops.len()]),
+        Some((store, part)) => tokio::task::block_in_place(|| store.append(*part, ops)).map_err(|e| e.to_string()),
+    }
+}
+
 impl Actor for FeatureShard {
     type Msg = FeatureMsg;
-    type State = FeatureShardState;
+    type State = FeatureActorState;
     type Arguments = FeatureShardArgs;
 
     async fn pre_start(
@@ -572,27 +617,32 @@ impl Actor for FeatureShard {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let log = args.log.map(|s| (s, crate::cluster::Part::new(crate::cluster::Role::Feature, args.partition)));
         if let Some(state) = args.initial {
-            return Ok(state);
+            return Ok(FeatureActorState { state, log });
         }
         let load = args.load.clone();
         let p = args.partition;
         // The reload scans sled: blocking work, off the async workers.
-        Ok(tokio::task::spawn_blocking(move || load(p)).await?)
+        Ok(FeatureActorState { state: tokio::task::spawn_blocking(move || load(p)).await?, log })
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
-        st: &mut Self::State,
+        actor: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let st = &mut actor.state;
         match msg {
             FeatureMsg::Apply(ops, reply) => {
-                for o in ops.iter() {
-                    st.apply(o);
+                let res = log_ops(&actor.log, &ops);
+                if let Ok(flags) = &res {
+                    for (o, _) in ops.iter().zip(flags).filter(|(_, new)| **new) {
+                        st.apply(o);
+                    }
                 }
-                let _ = reply.send(());
+                let _ = reply.send(res);
             }
             FeatureMsg::Briefs(keys, wants, reply) => {
                 let _ = reply.send(keys.iter().map(|k| st.brief(*k, wants)).collect());
@@ -674,6 +724,25 @@ mod tests {
         assert!(rows.meta[1].is_none());
         // item("i1") has embedding [1, 0, 0, 0]: identical direction to the user's.
         assert!((rows.meta[0].as_ref().unwrap().emb_cosine - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn events_before_their_item_are_kept_and_deletes_are_versioned() {
+        let mut s = FeatureShardState::new(settings());
+        let k = key_of("i1");
+        let op = |id: u64, at: i64, op: Op| LoggedOp { id, at, op };
+        // Catch-up or replay may deliver an item's events before the item itself.
+        s.apply(&op(1, 10, Op::ItemEvent { item: k, action: Action::Click, ts: 4500 }));
+        assert!(s.brief(k, BriefWants::default()).is_none(), "a placeholder is not an item");
+        assert_eq!(s.item_count(), 0);
+        s.apply(&op(2, 20, Op::UpsertItem(item("i1"))));
+        let feats = [ItemFeat::Count { counter: 1, window: Window::Hour }];
+        assert_eq!(s.item_features(&[k], &feats, &[], 4600).values, vec![1.0], "the early click counts");
+        assert_eq!(s.item_count(), 1);
+        // A delete newer than an upsert that arrives after it wins.
+        s.apply(&op(4, 40, Op::DeleteItem(k)));
+        s.apply(&op(3, 30, Op::UpsertItem(item("i1"))));
+        assert!(s.brief(k, BriefWants::default()).unwrap().deleted);
     }
 
     #[test]

@@ -233,8 +233,8 @@ impl GeneratorState {
 }
 
 pub enum GeneratorMsg {
-    /// Logged ops (already durable) to apply, in order.
-    Apply(Arc<Vec<LoggedOp>>, RpcReplyPort<()>),
+    /// Ops to log (those not seen before) and apply; replies per op whether it was new.
+    Apply(Arc<Vec<LoggedOp>>, RpcReplyPort<Result<Vec<bool>, String>>),
     Retrieve(Arc<RetrieveQuery>, RpcReplyPort<Vec<Candidate>>),
     Crash,
 }
@@ -254,6 +254,8 @@ pub struct RetrieveQuery {
 
 pub struct GeneratorArgs {
     pub partition: u32,
+    /// The node's store: `Apply` logs here before applying (None: apply only, for tests).
+    pub log: Option<crate::store::Store>,
     /// State built by the node's startup replay; None rebuilds this partition from the store.
     pub initial: Option<GeneratorState>,
     pub load: Arc<dyn Fn(u32) -> GeneratorState + Send + Sync>,
@@ -261,9 +263,14 @@ pub struct GeneratorArgs {
 
 pub struct GeneratorShard;
 
+pub struct GeneratorActorState {
+    pub state: GeneratorState,
+    log: Option<(crate::store::Store, crate::cluster::Part)>,
+}
+
 impl Actor for GeneratorShard {
     type Msg = GeneratorMsg;
-    type State = GeneratorState;
+    type State = GeneratorActorState;
     type Arguments = GeneratorArgs;
 
     async fn pre_start(
@@ -271,26 +278,31 @@ impl Actor for GeneratorShard {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let log = args.log.map(|s| (s, crate::cluster::Part::new(crate::cluster::Role::Generator, args.partition)));
         if let Some(state) = args.initial {
-            return Ok(state);
+            return Ok(GeneratorActorState { state, log });
         }
         let load = args.load.clone();
         let p = args.partition;
-        Ok(tokio::task::spawn_blocking(move || load(p)).await?)
+        Ok(GeneratorActorState { state: tokio::task::spawn_blocking(move || load(p)).await?, log })
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
-        st: &mut Self::State,
+        actor: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let st = &mut actor.state;
         match msg {
             GeneratorMsg::Apply(ops, reply) => {
-                for o in ops.iter() {
-                    st.apply(o);
+                let res = crate::features::shard::log_ops(&actor.log, &ops);
+                if let Ok(flags) = &res {
+                    for (o, _) in ops.iter().zip(flags).filter(|(_, new)| **new) {
+                        st.apply(o);
+                    }
                 }
-                let _ = reply.send(());
+                let _ = reply.send(res);
             }
             GeneratorMsg::Retrieve(q, reply) => {
                 let mut out = Vec::new();

@@ -13,6 +13,8 @@ use crate::cluster::{Membership, Part, Ring, Role};
 use crate::store::LoggedOp;
 
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// Ops a coordinator holds for replicas that missed them (~100 bytes each).
+const HINT_CAP_OPS: usize = 200_000;
 
 pub struct Transport {
     pub node_id: String,
@@ -20,6 +22,8 @@ pub struct Transport {
     pub local: Arc<LocalPartitions>,
     pub membership: Arc<Membership>,
     peers: Mutex<HashMap<String, (String, InternalClient<Channel>)>>,
+    /// Writes owed to replicas that did not acknowledge them.
+    pub hints: super::hints::Hints,
 }
 
 pub enum NodeClient<'a> {
@@ -38,7 +42,14 @@ pub struct NodeError {
 
 impl Transport {
     pub fn new(node_id: String, ring: Arc<Ring>, local: Arc<LocalPartitions>, membership: Arc<Membership>) -> Self {
-        Self { node_id, ring, local, membership, peers: Mutex::new(HashMap::new()) }
+        Self {
+            node_id,
+            ring,
+            local,
+            membership,
+            peers: Mutex::new(HashMap::new()),
+            hints: super::hints::Hints::new(HINT_CAP_OPS),
+        }
     }
 
     pub fn envelope(&self, timeout: Duration) -> pb::Envelope {

@@ -177,7 +177,7 @@ impl Transport {
             state.insert(part, PartWrite { new: vec![false; n], ok: 0, errors: vec![] });
         }
         let calls = by_node.into_iter().map(|(node, asks)| async move {
-            let parts: Vec<Part> = asks.iter().map(|(p, _)| *p).collect();
+            let parts: Vec<(Part, Arc<Vec<LoggedOp>>)> = asks.iter().map(|(p, o)| (*p, o.clone())).collect();
             let res = match self.client(&node) {
                 None => Err(format!("no address for {node}")),
                 Some(c) => match tokio::time::timeout(timeout, c.apply(asks, timeout)).await {
@@ -194,6 +194,7 @@ impl Transport {
             match res {
                 Ok((results, flush)) => {
                     flush_micros = flush_micros.max(flush);
+                    let ops_of: HashMap<Part, Arc<Vec<LoggedOp>>> = parts.into_iter().collect();
                     for (part, r) in results {
                         let Some(s) = state.get_mut(&part) else { continue };
                         match r {
@@ -204,14 +205,18 @@ impl Transport {
                             Err(e) => {
                                 replica_failures += 1;
                                 s.errors.push(format!("{node}: {e}"));
+                                if let Some(ops) = ops_of.get(&part) {
+                                    self.hints.add(&node, part, ops.clone());
+                                }
                             }
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(node = %node, error = %e, "replica write failed; it catches up by anti-entropy");
-                    for part in parts {
+                    tracing::warn!(node = %node, error = %e, "replica write failed; the ops are kept for it (hinted handoff)");
+                    for (part, ops) in parts {
                         replica_failures += 1;
+                        self.hints.add(&node, part, ops);
                         if let Some(s) = state.get_mut(&part) {
                             s.errors.push(e.clone());
                         }

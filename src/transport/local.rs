@@ -125,81 +125,49 @@ impl LocalPartitions {
         CallError::Unavailable { part, reason: format!("no partition actor on {}", self.node_id) }
     }
 
-    /// Logs (idempotently), flushes once, then applies the new ops to the partition actors.
-    /// Partitions without a running actor are refused before anything is logged, so an op is
-    /// never logged here without reaching the in-memory state (a rebuild replays the log).
+    /// Each partition's actor logs (idempotently by op id) and applies its ops in one handler;
+    /// then one flush for the whole call, before the caller acknowledges anything. Partitions
+    /// without a running actor are refused (the write reaches them later by hinted handoff or
+    /// anti-entropy).
     pub async fn apply(
         &self,
         asks: Vec<(Part, Arc<Vec<LoggedOp>>)>,
         owned: impl Fn(Part) -> bool,
     ) -> (ApplyResults, u64) {
-        let mut results: ApplyResults = Vec::with_capacity(asks.len());
-        let mut open = Vec::with_capacity(asks.len());
-        for (part, ops) in asks {
-            if !owned(part) {
-                results.push((part, Err(format!("{part} is not owned by {}", self.node_id))));
-            } else if !self.is_open(part) {
-                results.push((part, Err(format!("{part} is not open on {}", self.node_id))));
-            } else {
-                open.push((part, ops));
+        let calls = asks.into_iter().map(|(part, ops)| {
+            let owned = owned(part);
+            async move {
+                if !owned {
+                    return (part, Err(format!("{part} is not owned by {}", self.node_id)));
+                }
+                let r = match part.role {
+                    Role::Feature => match self.feature_actor(part.partition) {
+                        Some(a) => call(&a, part, APPLY_TIMEOUT, move |rp| FeatureMsg::Apply(ops, rp)).await,
+                        None => Err(self.not_here(part)),
+                    },
+                    Role::Generator => match self.generator_actor(part.partition) {
+                        Some(a) => call(&a, part, APPLY_TIMEOUT, move |rp| GeneratorMsg::Apply(ops, rp)).await,
+                        None => Err(self.not_here(part)),
+                    },
+                };
+                (part, r.map_err(|e| e.to_string()).and_then(|inner| inner))
             }
-        }
-        if open.is_empty() {
+        });
+        let mut results: ApplyResults = futures::future::join_all(calls).await;
+        if !results.iter().any(|(_, r)| r.is_ok()) {
             return (results, 0);
         }
-        let store = self.store.clone();
-        let logged = tokio::task::spawn_blocking(move || {
-            let out: Vec<_> = open
-                .into_iter()
-                .map(|(part, ops)| {
-                    let r = store.append(part, &ops).map_err(|e| e.to_string());
-                    (part, ops, r)
-                })
-                .collect();
-            out
-        })
-        .await;
-        let logged = match logged {
-            Ok(l) => l,
-            Err(e) => {
-                results.push((Part::new(Role::Feature, 0), Err(format!("append task failed: {e}"))));
-                return (results, 0);
-            }
-        };
         let t = Instant::now();
         if let Err(e) = self.store.flush().await {
-            for (part, _, _) in logged {
-                results.push((part, Err(format!("flush failed: {e}"))));
+            for (_, r) in results.iter_mut() {
+                if r.is_ok() {
+                    *r = Err(format!("flush failed: {e}"));
+                }
             }
             return (results, 0);
         }
         let flush = t.elapsed();
         metrics::histogram!("recsys_flush_seconds").record(flush.as_secs_f64());
-        let calls = logged.into_iter().map(|(part, ops, flags)| async move {
-            let flags = match flags {
-                Ok(f) => f,
-                Err(e) => return (part, Err(e)),
-            };
-            let fresh: Vec<LoggedOp> =
-                ops.iter().zip(&flags).filter(|(_, new)| **new).map(|(o, _)| o.clone()).collect();
-            if fresh.is_empty() {
-                return (part, Ok(flags));
-            }
-            let fresh = Arc::new(fresh);
-            let r = match part.role {
-                Role::Feature => match self.feature_actor(part.partition) {
-                    Some(a) => call(&a, part, APPLY_TIMEOUT, move |rp| FeatureMsg::Apply(fresh, rp)).await,
-                    None => Err(self.not_here(part)),
-                },
-                Role::Generator => match self.generator_actor(part.partition) {
-                    Some(a) => call(&a, part, APPLY_TIMEOUT, move |rp| GeneratorMsg::Apply(fresh, rp)).await,
-                    None => Err(self.not_here(part)),
-                },
-            };
-            // Durable either way: a partition that failed to apply is rebuilt from its log.
-            (part, r.map(|_| flags).map_err(|e| e.to_string()))
-        });
-        results.extend(futures::future::join_all(calls).await);
         (results, flush.as_micros() as u64)
     }
 }
