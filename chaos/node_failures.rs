@@ -45,6 +45,8 @@ struct Outcome {
     errors: Vec<String>,
     ledger: Vec<Vec<pb::Event>>,
     write_errors: Vec<String>,
+    /// Time from restarting the killed node (during the load) to its health saying SERVING.
+    restarted_in: Option<Duration>,
 }
 
 fn events(world: &World, batch: usize) -> Vec<pb::Event> {
@@ -71,7 +73,13 @@ async fn catch_up_rounds(addr: &str) -> u64 {
 
 /// Runs the fixed-rate load against n1 and n2 (a client's load balancer would route around the
 /// failed n3), writes ledger batches through them, and applies the fault to n3 at FAULT_AT.
-async fn run(name: &str, replication: u32, fault: Fault, write: bool) -> (Cluster, Arc<World>, Outcome) {
+async fn run(
+    name: &str,
+    replication: u32,
+    fault: Fault,
+    write: bool,
+    restart_at: Option<Duration>,
+) -> (Cluster, Arc<World>, Outcome) {
     let mut cluster = Cluster::start(name, 3, &overrides(replication));
     cluster.wait_serving().await;
     let world = Arc::new(World::generate(synthetic_spec(21, 3000, 300, 20_000)));
@@ -112,8 +120,19 @@ async fn run(name: &str, replication: u32, fault: Fault, write: bool) -> (Cluste
     let mut calls = Vec::new();
     let mut n = 0usize;
     let mut paused_at = None;
+    let mut restarted = None;
     while start.elapsed() < LOAD {
         tick.tick().await;
+        if restart_at.is_some_and(|at| start.elapsed() >= at) && restarted.is_none() && cluster.nodes[2].is_none() {
+            // Back while the load and the writes go on: it replays, catches up, then serves.
+            let t = Instant::now();
+            cluster.restart(2);
+            let addr = cluster.addrs[2].clone();
+            restarted = Some(tokio::spawn(async move {
+                common::wait_health(&addr, Duration::from_secs(30)).await;
+                t.elapsed()
+            }));
+        }
         if start.elapsed() >= FAULT_AT && !fault_happened.load(std::sync::atomic::Ordering::Relaxed) {
             fault_happened.store(true, std::sync::atomic::Ordering::Relaxed);
             match fault {
@@ -171,7 +190,10 @@ async fn run(name: &str, replication: u32, fault: Fault, write: bool) -> (Cluste
     if let Some(w) = writer {
         w.await.unwrap();
     }
-    let o = std::mem::take(&mut *outcome.lock().unwrap());
+    let mut o = std::mem::take(&mut *outcome.lock().unwrap());
+    if let Some(r) = restarted {
+        o.restarted_in = Some(r.await.unwrap());
+    }
     println!(
         "{name}: {} sent, {} ok ({:.2} %), {} degraded, {} served partly by replicas after the fault, \
          {} errors {:?}; {} batches acknowledged, {} write errors {:?}",
@@ -203,6 +225,35 @@ async fn check_ledger(addr: &str, ledger: &[Vec<pb::Event>], via: &str) {
     }
 }
 
+/// Waits (bounded, polling status) until every partition shows one fingerprint on all the nodes
+/// holding it: its replicas hold exactly the same ops (every op, not only the events' item ops).
+async fn replicas_converge(cluster: &Cluster, limit: Duration) {
+    let end = Instant::now() + limit;
+    loop {
+        let mut seen: std::collections::HashMap<(String, u32), std::collections::HashSet<String>> = Default::default();
+        let mut holders: std::collections::HashMap<(String, u32), usize> = Default::default();
+        for (i, addr) in cluster.addrs.iter().enumerate() {
+            if cluster.nodes[i].is_none() {
+                continue;
+            }
+            let ch = recsys::cli::connect(addr).await.unwrap();
+            let s = AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+            for p in s.partitions.iter().filter(|p| !p.fingerprint_here.is_empty()) {
+                let key = (p.role.clone(), p.partition);
+                seen.entry(key.clone()).or_default().insert(p.fingerprint_here.clone());
+                *holders.entry(key).or_default() += 1;
+            }
+        }
+        let diverged: Vec<_> = seen.iter().filter(|(_, fps)| fps.len() > 1).map(|(k, _)| k.clone()).collect();
+        let all_held_twice = holders.values().all(|n| *n == 2);
+        if diverged.is_empty() && all_held_twice {
+            return;
+        }
+        assert!(Instant::now() < end, "replicas still differ after {limit:?}: {diverged:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn assert_served(o: &Outcome) {
     let share = o.ok as f64 / o.sent as f64;
     assert!(o.sent >= (RATE * LOAD.as_secs_f64() * 0.8) as usize, "the load ran: {} sent", o.sent);
@@ -211,19 +262,17 @@ fn assert_served(o: &Outcome) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_one_node_loses_nothing_and_it_comes_back_caught_up() {
-    let (mut cluster, _world, o) = run("chaos-kill", 2, Fault::Kill, true).await;
+    // n3 dies at 5 s and is restarted at 12 s on its data dir, while the load and writes go on.
+    let (cluster, _world, o) = run("chaos-kill", 2, Fault::Kill, true, Some(FAULT_AT + Duration::from_secs(7))).await;
     assert_served(&o);
     assert!(o.from_replica > 0, "after the kill some answers came from replicas, and said so");
     assert!(o.ledger.len() >= 40, "writes went on during the outage: {}", o.ledger.len());
-    check_ledger(&cluster.addrs[0], &o.ledger, "n1, a surviving replica").await;
-    // Restart n3 on its data dir: it replays, pulls what it missed, then serves.
-    let t = Instant::now();
-    cluster.restart(2);
-    common::wait_health(&cluster.addrs[2], Duration::from_secs(30)).await;
-    let back = t.elapsed();
+    let back = o.restarted_in.expect("n3 was restarted");
     println!("n3 restarted and SERVING again in {:.1} s", back.as_secs_f64());
     assert!(back < Duration::from_secs(10), "n3 took {back:?} to serve again");
+    check_ledger(&cluster.addrs[0], &o.ledger, "n1, a surviving replica").await;
     check_ledger(&cluster.addrs[2], &o.ledger, "n3, the restarted node").await;
+    replicas_converge(&cluster, Duration::from_secs(30)).await;
     let mut rec = RecommenderClient::new(recsys::cli::connect(&cluster.addrs[2]).await.unwrap());
     let r = rec
         .recommend(pb::RecommendRequest { user_id: "u7".into(), surface: "home".into(), k: 5, ..Default::default() })
@@ -235,7 +284,7 @@ async fn sigkill_of_one_node_loses_nothing_and_it_comes_back_caught_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_frozen_for_ten_seconds_is_routed_around_and_catches_up() {
-    let (cluster, _world, o) = run("chaos-freeze", 2, Fault::Freeze, true).await;
+    let (cluster, _world, o) = run("chaos-freeze", 2, Fault::Freeze, true, None).await;
     assert_served(&o);
     assert!(o.from_replica > 0, "while n3 was frozen some answers came from replicas, and said so");
     check_ledger(&cluster.addrs[0], &o.ledger, "n1").await;
@@ -248,11 +297,12 @@ async fn a_node_frozen_for_ten_seconds_is_routed_around_and_catches_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     check_ledger(&cluster.addrs[2], &o.ledger, "n3, the resumed node").await;
+    replicas_converge(&cluster, Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_replica_a_dead_node_degrades_answers_but_fails_none() {
-    let (_cluster, _world, o) = run("chaos-r1", 1, Fault::Kill, false).await;
+    let (_cluster, _world, o) = run("chaos-r1", 1, Fault::Kill, false, None).await;
     assert!(o.errors.is_empty(), "R = 1: a dead node must degrade answers, not fail them: {:?}", o.errors);
     assert!(o.degraded > 0, "answers after the kill miss n3's partitions and say so");
 }

@@ -93,11 +93,24 @@ impl pb::admin_server::Admin for AdminService {
                         }
                     })
                     .collect();
+                let part = crate::cluster::Part::new(role, p);
+                let (ops_here, fingerprint_here) = if t.ring.owns(role, p, &t.node_id) {
+                    let d = t.local.store.digest(part);
+                    let fp = d
+                        .iter()
+                        .enumerate()
+                        .fold(0u64, |acc, (i, (n, x))| acc ^ x.rotate_left(i as u32) ^ (u64::from(*n) << (i % 32)));
+                    (t.local.store.op_count(part), format!("{fp:016x}"))
+                } else {
+                    (0, String::new())
+                };
                 partitions.push(pb::PartitionReplicas {
                     role: role.as_str().to_string(),
                     partition: p,
                     replicas,
                     live,
+                    ops_here,
+                    fingerprint_here,
                 });
             }
         }
