@@ -375,6 +375,19 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let spec = match RingSpec::load(&table).map_err(|e| err(e.to_string()))? {
         Some(s) => {
             tracing::info!(epoch = s.epoch, members = ?s.members, "rejoining with the persisted ring");
+            let c = &cfg.cluster;
+            if s.partitions != c.partitions_per_role
+                || s.replication != c.replication_factor
+                || s.vnodes != c.virtual_nodes
+            {
+                tracing::warn!(
+                    persisted_partitions = s.partitions,
+                    persisted_replication = s.replication,
+                    persisted_vnodes = s.vnodes,
+                    "the config's cluster placement keys differ from the persisted ring; the persisted ring is used \
+                     (changing placement is a re-sharding, not a restart)"
+                );
+            }
             s
         }
         None => {

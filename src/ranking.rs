@@ -115,7 +115,10 @@ impl PageTokens {
         if sum.len() != 16 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(TokenError::Malformed);
         }
-        if sum != self.mac(node, rid, offset, user) {
+        // Constant-time comparison: timing must not reveal how much of a forged tag matched.
+        let want = self.mac(node, rid, offset, user);
+        let diff = sum.bytes().zip(want.bytes()).fold(0u8, |d, (a, b)| d | (a ^ b));
+        if diff != 0 || sum.len() != want.len() {
             return Err(TokenError::WrongUser);
         }
         Ok((node.to_string(), rid.to_string(), offset))

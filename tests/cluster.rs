@@ -137,3 +137,32 @@ async fn three_nodes_share_partitions_and_serve_each_others_data() {
     assert!(again.items.iter().all(|i| i.item_id != doomed), "a deleted item was served on page 2");
     assert_eq!(again.coverage.unwrap().filter_removed.get("page_refilter"), Some(&1));
 }
+
+/// Big models on some nodes only: scorers run on n1 alone; n2 and n3 send their matrices there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scorers_on_one_node_of_three_serve_the_others() {
+    let overrides = OVERRIDES.replace("[cluster]\n", "[cluster]\nscorer_nodes = [\"n1\"]\n");
+    let cluster = Cluster::start("cluster-scorers", 3, &overrides);
+    cluster.wait_serving().await;
+    let world = Arc::new(World::generate(synthetic_spec(12, 2000, 200, 10_000)));
+    load_world(recsys::cli::connect(&cluster.addrs[1]).await.unwrap(), world.clone(), 2000, true).await.unwrap();
+    let s3 = AdminClient::new(recsys::cli::connect(&cluster.addrs[2]).await.unwrap())
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s3.scorer_nodes, vec!["n1"]);
+    let me = s3.nodes.iter().find(|n| n.node_id == "n3").unwrap();
+    assert_eq!(me.scorers, 0, "n3 runs no scorers");
+    let user = world.users.iter().max_by_key(|u| u.follows.len()).unwrap().id.clone();
+    for addr in &cluster.addrs[1..] {
+        let mut rec = RecommenderClient::new(recsys::cli::connect(addr).await.unwrap());
+        let r = rec.recommend(req(&user, 10)).await.unwrap().into_inner();
+        let cov = r.coverage.unwrap();
+        assert!(!cov.degraded, "{addr}: {cov:?}");
+        assert!(
+            r.items.iter().all(|i| i.explanation.as_ref().unwrap().scored_by == "value_model"),
+            "{addr}: scored by the models on n1"
+        );
+    }
+}

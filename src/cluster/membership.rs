@@ -222,22 +222,28 @@ impl Membership {
         self.view.read().unwrap_or_else(|p| p.into_inner()).members.get(node).cloned()
     }
 
+    /// Tests a member under the read lock (called per partition per stage: no clones).
+    fn check(&self, node: &str, f: impl Fn(&MemberInfo) -> bool) -> bool {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).members.get(node).is_some_and(f)
+    }
+
     /// Alive (past the debounce) and serving: requests may be routed to it.
     pub fn is_routable(&self, node: &str) -> bool {
-        self.member(node).is_some_and(|m| m.live && m.state == MemberState::Serving)
+        self.check(node, |m| m.live && m.state == MemberState::Serving)
     }
 
     /// Alive and not leaving: writes go to it (a joining node takes writes while it catches up).
     pub fn takes_writes(&self, node: &str) -> bool {
-        self.member(node).is_some_and(|m| m.live && m.state != MemberState::Leaving)
+        self.check(node, |m| m.live && m.state != MemberState::Leaving)
     }
 
     pub fn is_live(&self, node: &str) -> bool {
-        self.member(node).is_some_and(|m| m.live)
+        self.check(node, |m| m.live)
     }
 
     pub fn addr_of(&self, node: &str) -> Option<String> {
-        self.member(node).map(|m| m.grpc_addr).filter(|a| !a.is_empty())
+        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+        v.members.get(node).map(|m| m.grpc_addr.clone()).filter(|a| !a.is_empty())
     }
 
     pub async fn shutdown(&self) {

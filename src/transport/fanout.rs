@@ -85,14 +85,17 @@ impl Transport {
             if pending.is_empty() || left < Duration::from_micros(200) {
                 break;
             }
-            let fallback = pending.iter().any(|p| p.candidates.len() > 1);
-            let budget = if first && fallback { left.mul_f64(FIRST_TRY_SHARE) } else { left };
+            let try_share = first;
             first = false;
             let mut by_node: HashMap<String, Vec<Pending>> = HashMap::new();
             for p in pending {
                 by_node.entry(p.candidates[0].clone()).or_default().push(p);
             }
             let calls = by_node.into_iter().map(|(node, ps)| async move {
+                // A node whose partitions have another replica gets a share of the time left, so a
+                // slow node still leaves time for the retry; one with no fallback gets all of it.
+                let fallback = ps.iter().any(|p| p.candidates.len() > 1);
+                let budget = if try_share && fallback { left.mul_f64(FIRST_TRY_SHARE) } else { left };
                 let asks: Vec<(Part, ReadQuery)> = ps.iter().map(|p| (p.part, p.query.clone())).collect();
                 let res = match self.client(&node) {
                     None => Err(format!("no address for {node}")),

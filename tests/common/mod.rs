@@ -23,18 +23,8 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Starts a node on an ephemeral port and returns once it has printed its address.
-pub fn start_node(data_dir: &Path, extra: &[&str]) -> Result<NodeProc, String> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_recsys"))
-        .current_dir(repo())
-        .args(["node", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
+/// Forwards a child's stdout and stderr lines (stderr prefixed) to one channel.
+fn output_lines(child: &mut Child) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     let out = child.stdout.take().unwrap();
     let err = child.stderr.take().unwrap();
@@ -49,6 +39,22 @@ pub fn start_node(data_dir: &Path, extra: &[&str]) -> Result<NodeProc, String> {
             let _ = tx2.send(format!("stderr: {l}"));
         }
     });
+    rx
+}
+
+/// Starts a node on an ephemeral port and returns once it has printed its address.
+pub fn start_node(data_dir: &Path, extra: &[&str]) -> Result<NodeProc, String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_recsys"))
+        .current_dir(repo())
+        .args(["node", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let rx = output_lines(&mut child);
     let mut seen = Vec::new();
     loop {
         match rx.recv_timeout(Duration::from_secs(60)) {
@@ -168,21 +174,8 @@ impl Cluster {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(format!("stderr: {l}"));
-            }
-        });
-        Ok(NodeProc { child, addr: self.addrs[i].clone(), lines: rx })
+        let lines = output_lines(&mut child);
+        Ok(NodeProc { child, addr: self.addrs[i].clone(), lines })
     }
 
     /// Waits (bounded) until every running node's health says SERVING.
