@@ -104,7 +104,7 @@ async fn three_nodes_share_partitions_and_serve_each_others_data() {
     assert!(!cov.degraded, "{cov:?}");
     assert!(p1.items.iter().all(|i| i.explanation.as_ref().unwrap().scored_by == "value_model"));
     // Every stage asked partitions held on other nodes too (the fan-out is real).
-    let features = cov.stages.iter().find(|s| s.stage == "features").unwrap();
+    let features = cov.stages.iter().find(|s| s.stage == "filtering").unwrap();
     assert!(features.partitions_asked > 10, "{features:?}");
     assert!(p1.next_page_token.contains(".n3."), "the token names the node holding the list");
 

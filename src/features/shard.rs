@@ -563,13 +563,15 @@ pub enum FeatureMsg {
     Briefs(Vec<Key>, BriefWants, RpcReplyPort<Vec<Option<ItemBrief>>>),
     RecentLikes(Vec<Key>, RpcReplyPort<Vec<Vec<Key>>>),
     Profile(Key, RpcReplyPort<UserSnapshot>),
-    ItemFeatures {
+    /// Item state (for the filters) and item feature rows (for the survivors) of the same keys in
+    /// one call: the filter and feature stages ask the same partitions for the same candidates.
+    Hydrate {
         keys: Vec<Key>,
         feats: Arc<Vec<ItemFeat>>,
         /// The requesting user's embedding, for the cosine cross feature.
         user_emb: Arc<[f32]>,
         now: i64,
-        reply: RpcReplyPort<ItemFeatureRows>,
+        reply: RpcReplyPort<(Vec<Option<ItemBrief>>, ItemFeatureRows)>,
     },
     /// (items, users, events) held by the partition.
     Counts(RpcReplyPort<(usize, usize, u64)>),
@@ -653,8 +655,9 @@ impl Actor for FeatureShard {
             FeatureMsg::Profile(user, reply) => {
                 let _ = reply.send(st.snapshot(user));
             }
-            FeatureMsg::ItemFeatures { keys, feats, user_emb, now, reply } => {
-                let _ = reply.send(st.item_features(&keys, &feats, &user_emb, now));
+            FeatureMsg::Hydrate { keys, feats, user_emb, now, reply } => {
+                let briefs = keys.iter().map(|k| st.brief(*k, BriefWants::default())).collect();
+                let _ = reply.send((briefs, st.item_features(&keys, &feats, &user_emb, now)));
             }
             FeatureMsg::Counts(reply) => {
                 let _ = reply.send((st.item_count(), st.user_count(), st.events));

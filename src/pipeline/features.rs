@@ -1,68 +1,48 @@
-//! Stage 3: features. Item columns come from the items' feature partitions in one batch per
-//! partition (one call per node), user columns from the profile, cross features are computed
-//! here; the matrix is built in the column order of the declared features.
-use std::collections::HashMap;
+//! Stage 3: features. Item columns come from the items' feature partitions — fetched in the
+//! filtering stage together with the item state, one batch per partition and one call per node —
+//! user columns from the profile; cross features are computed here; the matrix is built in the
+//! column order of the declared features.
 use std::sync::Arc;
-use std::time::Instant;
 
 use super::{Coverage, Pipeline, Request};
-use crate::cluster::{Part, Role};
 use crate::features::shard::{ItemFeatureRows, ItemMeta, UserSnapshot};
 use crate::features::{self, CrossFeat, FeatureKind};
 use crate::generators::Candidate;
-use crate::ids::{self, key_of, partition_of, Key};
-use crate::transport::{ReadQuery, ReadReply};
+use crate::ids::{key_of, Key, KeyMap};
+
+/// Item feature rows fetched with the item state: per item, its cross-feature inputs and its row
+/// in the block its partition returned.
+#[derive(Default)]
+pub(super) struct Hydrated {
+    pub rows: KeyMap<(ItemMeta, Arc<ItemFeatureRows>, u32)>,
+}
 
 impl Pipeline {
+    /// Builds the feature matrix of the filtered candidates from the rows fetched with their
+    /// item state in the filtering stage (one call per node for both).
     #[allow(clippy::type_complexity)]
-    pub(super) async fn extract(
+    pub(super) fn extract(
         &self,
         cands: &[Candidate],
+        hydrated: &Hydrated,
         profile: &UserSnapshot,
         r: &Request,
         now: i64,
-        deadline: Instant,
         cov: &mut Coverage,
     ) -> (Vec<f32>, Vec<Option<ItemMeta>>, Vec<u32>) {
-        let parts = self.transport.ring.partitions;
         let plan = &self.plan;
-        let mut by_part: HashMap<u32, Vec<usize>> = HashMap::new();
-        for (i, c) in cands.iter().enumerate() {
-            by_part.entry(partition_of(ids::ITEM, c.item, parts)).or_default().push(i);
-        }
-        let user_emb: Arc<[f32]> = Arc::from(profile.embedding.as_slice());
-        let mut idx_of: HashMap<Part, Vec<usize>> = HashMap::with_capacity(by_part.len());
-        let asks: Vec<(Part, ReadQuery)> = by_part
-            .into_iter()
-            .map(|(p, idx)| {
-                let part = Part::new(Role::Feature, p);
-                let keys: Vec<Key> = idx.iter().map(|i| cands[*i].item).collect();
-                idx_of.insert(part, idx);
-                let q =
-                    ReadQuery::ItemFeatures { keys, feats: plan.item_feats.clone(), user_emb: user_emb.clone(), now };
-                (part, q)
-            })
-            .collect();
-        let out = self.transport.read_fanout("features", asks, deadline).await;
         let width = plan.len();
         let n = cands.len();
         let mut rows = vec![0.0f32; n * width];
         let mut metas: Vec<Option<ItemMeta>> = vec![None; n];
         let mut defaulted = vec![0u32; n];
-        let mut item_rows: Vec<Option<(Arc<ItemFeatureRows>, usize)>> = vec![None; n];
-        for (part, reply) in out.replies {
-            let (ReadReply::ItemFeatures(mut reply), Some(idx)) = (reply, idx_of.remove(&part)) else { continue };
-            // Moved, not cloned: each clone is three atomic increments on shared cache lines.
-            let fetched = std::mem::take(&mut reply.meta);
-            let reply = Arc::new(reply);
-            for ((j, i), m) in idx.into_iter().enumerate().zip(fetched) {
-                if m.is_some() {
-                    item_rows[i] = Some((reply.clone(), j));
-                }
-                metas[i] = m;
+        let mut item_rows: Vec<Option<(&ItemFeatureRows, usize)>> = vec![None; n];
+        for (i, c) in cands.iter().enumerate() {
+            if let Some((m, block, j)) = hydrated.rows.get(&c.item) {
+                metas[i] = Some(*m);
+                item_rows[i] = Some((block.as_ref(), *j as usize));
             }
         }
-        cov.stage(out.coverage);
         // User columns are the same for every candidate: a template row carries them (and every
         // default); item and cross columns are then filled per candidate from short column lists.
         let mut template = plan.defaults.clone();

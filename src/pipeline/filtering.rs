@@ -2,8 +2,10 @@
 //! (deleted, out of stock, blocked author) looked up in the items' feature partitions. A filter
 //! is one entry in `FILTERS` plus its test in `reason`.
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
+use super::features::Hydrated;
 use super::{Coverage, Pipeline};
 use crate::cluster::{Part, Role};
 use crate::features::shard::{BriefWants, ItemBrief, UserSnapshot};
@@ -61,13 +63,15 @@ impl Pipeline {
         briefs
     }
 
+    /// Filters the candidates; the same call per partition brings the survivors' feature rows.
     pub(super) async fn filter(
         &self,
         cands: Vec<Candidate>,
         profile: &UserSnapshot,
+        now: i64,
         deadline: Instant,
         cov: &mut Coverage,
-    ) -> Vec<Candidate> {
+    ) -> (Vec<Candidate>, Hydrated) {
         let mut removed = [0u32; FILTERS.len()];
         let cands: Vec<Candidate> = match &profile.seen {
             Some(seen) => cands
@@ -80,8 +84,7 @@ impl Pipeline {
                 .collect(),
             None => cands,
         };
-        let keys: Vec<Key> = cands.iter().map(|c| c.item).collect();
-        let briefs = self.briefs(&keys, BriefWants::default(), deadline, "filtering", cov).await;
+        let (briefs, mut hydrated) = self.hydrate(&cands, profile, now, deadline, cov).await;
         let kept: Vec<Candidate> = cands
             .into_iter()
             .filter(|c| {
@@ -97,6 +100,55 @@ impl Pipeline {
             metrics::counter!("recsys_filter_removed_total", "filter" => name).increment(u64::from(n));
             cov.filter_removed.push((name, n));
         }
-        kept
+        if kept.len() < hydrated.rows.len() {
+            let keep: std::collections::HashSet<Key> = kept.iter().map(|c| c.item).collect();
+            hydrated.rows.retain(|k, _| keep.contains(k));
+        }
+        (kept, hydrated)
+    }
+
+    /// Item state and item feature rows of the candidates, one call per node.
+    async fn hydrate(
+        &self,
+        cands: &[Candidate],
+        profile: &UserSnapshot,
+        now: i64,
+        deadline: Instant,
+        cov: &mut Coverage,
+    ) -> (KeyMap<ItemBrief>, Hydrated) {
+        let parts = self.transport.ring.partitions;
+        let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
+        for c in cands {
+            by_part.entry(partition_of(ids::ITEM, c.item, parts)).or_default().push(c.item);
+        }
+        let user_emb: Arc<[f32]> = Arc::from(profile.embedding.as_slice());
+        let mut asked_keys: HashMap<Part, Vec<Key>> = HashMap::with_capacity(by_part.len());
+        let asks: Vec<(Part, ReadQuery)> = by_part
+            .into_iter()
+            .map(|(p, keys)| {
+                let part = Part::new(Role::Feature, p);
+                asked_keys.insert(part, keys.clone());
+                let feats = self.plan.item_feats.clone();
+                (part, ReadQuery::Hydrate { keys, feats, user_emb: user_emb.clone(), now })
+            })
+            .collect();
+        let out = self.transport.read_fanout("filtering", asks, deadline).await;
+        cov.stage(out.coverage);
+        let mut briefs = KeyMap::with_capacity_and_hasher(cands.len(), Default::default());
+        let mut hydrated = Hydrated::default();
+        hydrated.rows.reserve(cands.len());
+        for (part, reply) in out.replies {
+            let (ReadReply::Hydrate(bs, mut rows), Some(keys)) = (reply, asked_keys.remove(&part)) else { continue };
+            // Moved, not cloned: each clone of the block is an atomic increment on a shared line.
+            let metas = std::mem::take(&mut rows.meta);
+            let block = Arc::new(rows);
+            for (j, ((k, b), m)) in keys.into_iter().zip(bs).zip(metas).enumerate() {
+                if let (Some(b), Some(m)) = (b, m) {
+                    briefs.insert(k, b);
+                    hydrated.rows.insert(k, (m, block.clone(), j as u32));
+                }
+            }
+        }
+        (briefs, hydrated)
     }
 }

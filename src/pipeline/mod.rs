@@ -260,9 +260,11 @@ impl Pipeline {
             .await;
         record_stage(&mut timings, "retrieval", t);
 
+        // Filtering fetches item state and item feature rows in one call per node; it may use the
+        // features stage's share of the deadline too.
         let t = Instant::now();
-        let candidates = self
-            .filter(candidates, &profile, budget.until(2), &mut cov)
+        let (candidates, hydrated) = self
+            .filter(candidates, &profile, now, budget.until(3), &mut cov)
             .instrument(tracing::info_span!("filtering"))
             .await;
         record_stage(&mut timings, "filtering", t);
@@ -271,10 +273,11 @@ impl Pipeline {
         if Instant::now() >= budget.end() {
             return Err(PipelineError::DeadlineExceeded { stage: "features" });
         }
-        let (rows, metas, defaulted) = self
-            .extract(&candidates, &profile, &r, now, budget.until(3), &mut cov)
-            .instrument(tracing::info_span!("features"))
-            .await;
+        let (rows, metas, defaulted) = {
+            let _span = tracing::info_span!("features").entered();
+            self.extract(&candidates, &hydrated, &profile, &r, now, &mut cov)
+        };
+        drop(hydrated);
         record_stage(&mut timings, "features", t);
 
         let t = Instant::now();

@@ -34,27 +34,28 @@ pub struct ReadOutcome {
 /// fall back on: a slow node then still leaves time for the retry.
 const FIRST_TRY_SHARE: f64 = 0.6;
 
-struct Pending {
+/// Node ids borrow from the ring: no allocation per partition per stage.
+struct Pending<'r> {
     part: Part,
     query: ReadQuery,
-    candidates: VecDeque<String>,
-    preferred: String,
+    candidates: VecDeque<&'r str>,
+    preferred: &'r str,
 }
 
 impl Transport {
     /// Replicas to try for a read, best first: this node when it holds the partition and is
     /// caught up, then the owners that are alive and serving, in ring order.
-    pub fn read_candidates(&self, part: Part) -> (String, VecDeque<String>) {
+    pub fn read_candidates(&self, part: Part) -> (&str, VecDeque<&str>) {
         let owners = self.ring.owners(part.role, part.partition);
         let me_owner = owners.contains(&self.node_id);
-        let preferred = if me_owner { self.node_id.clone() } else { owners.first().cloned().unwrap_or_default() };
+        let preferred = if me_owner { self.node_id.as_str() } else { owners.first().map_or("", |o| o.as_str()) };
         let mut c = VecDeque::with_capacity(owners.len());
         if me_owner && self.local.is_ready(part) {
-            c.push_back(self.node_id.clone());
+            c.push_back(self.node_id.as_str());
         }
         for o in owners {
             if *o != self.node_id && self.membership.is_routable(o) {
-                c.push_back(o.clone());
+                c.push_back(o.as_str());
             }
         }
         (preferred, c)
@@ -87,9 +88,9 @@ impl Transport {
             }
             let try_share = first;
             first = false;
-            let mut by_node: HashMap<String, Vec<Pending>> = HashMap::new();
+            let mut by_node: HashMap<&str, Vec<Pending>> = HashMap::new();
             for p in pending {
-                by_node.entry(p.candidates[0].clone()).or_default().push(p);
+                by_node.entry(p.candidates[0]).or_default().push(p);
             }
             let calls = by_node.into_iter().map(|(node, ps)| async move {
                 // A node whose partitions have another replica gets a share of the time left, so a
@@ -97,7 +98,7 @@ impl Transport {
                 let fallback = ps.iter().any(|p| p.candidates.len() > 1);
                 let budget = if try_share && fallback { left.mul_f64(FIRST_TRY_SHARE) } else { left };
                 let asks: Vec<(Part, ReadQuery)> = ps.iter().map(|p| (p.part, p.query.clone())).collect();
-                let res = match self.client(&node) {
+                let res = match self.client(node) {
                     None => Err(format!("no address for {node}")),
                     Some(c) => match tokio::time::timeout(budget, c.read(asks, budget)).await {
                         Ok(Ok(r)) => Ok(r),
@@ -131,10 +132,10 @@ impl Transport {
                     }
                     Err(e) => {
                         tracing::warn!(stage, node = %node, error = %e, "node call failed; its partitions go to their next replica");
-                        metrics::counter!("recsys_partition_misses_total", "stage" => stage, "node" => node.clone())
+                        metrics::counter!("recsys_partition_misses_total", "stage" => stage, "node" => node.to_string())
                             .increment(ps.len() as u64);
-                        if !cov.failed_nodes.contains(&node) {
-                            cov.failed_nodes.push(node.clone());
+                        if !cov.failed_nodes.iter().any(|f| f == node) {
+                            cov.failed_nodes.push(node.to_string());
                         }
                         for mut p in ps {
                             p.candidates.pop_front();

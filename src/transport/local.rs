@@ -92,10 +92,10 @@ impl LocalPartitions {
             (Role::Feature, ReadQuery::Briefs(keys, wants)) => {
                 self.feature(part, timeout, move |rp| FeatureMsg::Briefs(keys, wants, rp)).await.map(ReadReply::Briefs)
             }
-            (Role::Feature, ReadQuery::ItemFeatures { keys, feats, user_emb, now }) => self
-                .feature(part, timeout, move |reply| FeatureMsg::ItemFeatures { keys, feats, user_emb, now, reply })
+            (Role::Feature, ReadQuery::Hydrate { keys, feats, user_emb, now }) => self
+                .feature(part, timeout, move |reply| FeatureMsg::Hydrate { keys, feats, user_emb, now, reply })
                 .await
-                .map(ReadReply::ItemFeatures),
+                .map(|(b, r)| ReadReply::Hydrate(b, r)),
             (Role::Feature, ReadQuery::RecentLikes(users)) => self
                 .feature(part, timeout, move |rp| FeatureMsg::RecentLikes(users, rp))
                 .await

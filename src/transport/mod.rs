@@ -50,7 +50,13 @@ pub enum ReadQuery {
     Profile(Key),
     Retrieve(Arc<RetrieveQuery>),
     Briefs(Vec<Key>, BriefWants),
-    ItemFeatures { keys: Vec<Key>, feats: Arc<Vec<ItemFeat>>, user_emb: Arc<[f32]>, now: i64 },
+    /// Item state and item feature rows of the same keys (filtering and features in one call).
+    Hydrate {
+        keys: Vec<Key>,
+        feats: Arc<Vec<ItemFeat>>,
+        user_emb: Arc<[f32]>,
+        now: i64,
+    },
     RecentLikes(Vec<Key>),
 }
 
@@ -60,7 +66,7 @@ impl ReadQuery {
             ReadQuery::Profile(_) => "profile",
             ReadQuery::Retrieve(_) => "retrieve",
             ReadQuery::Briefs(..) => "briefs",
-            ReadQuery::ItemFeatures { .. } => "item_features",
+            ReadQuery::Hydrate { .. } => "hydrate",
             ReadQuery::RecentLikes(_) => "recent_likes",
         }
     }
@@ -71,7 +77,7 @@ pub enum ReadReply {
     Profile(Box<UserSnapshot>),
     Retrieve(Vec<Candidate>),
     Briefs(Vec<Option<ItemBrief>>),
-    ItemFeatures(ItemFeatureRows),
+    Hydrate(Vec<Option<ItemBrief>>, ItemFeatureRows),
     RecentLikes(Vec<Vec<Key>>),
 }
 
