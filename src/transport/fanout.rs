@@ -44,20 +44,26 @@ struct Pending<'r> {
 
 impl Transport {
     /// Replicas to try for a read, best first: this node when it holds the partition and is
-    /// caught up, then the owners that are alive and serving, in ring order.
-    pub fn read_candidates(&self, part: Part) -> (&str, VecDeque<&str>) {
+    /// caught up, then the owners that are alive and serving, ordered by a per-call `seed`. One
+    /// seed for all partitions of a stage makes them prefer the same peers, so a stage calls as
+    /// few nodes as it can (with three nodes and R = 2, every partition this node lacks is on both
+    /// others: one call instead of two), while different requests spread over the replicas.
+    pub fn read_candidates(&self, part: Part, seed: u64) -> (&str, VecDeque<&str>) {
         let owners = self.ring.owners(part.role, part.partition);
         let me_owner = owners.contains(&self.node_id);
-        let preferred = if me_owner { self.node_id.as_str() } else { owners.first().map_or("", |o| o.as_str()) };
+        let rank = |n: &str| {
+            let mut h = crate::ids::key_of(n) ^ seed;
+            h ^= h >> 33;
+            h.wrapping_mul(0xff51_afd7_ed55_8ccd)
+        };
+        let mut others: Vec<&str> = owners.iter().map(|o| o.as_str()).filter(|o| *o != self.node_id).collect();
+        others.sort_by_key(|o| rank(o));
+        let preferred = if me_owner { self.node_id.as_str() } else { others.first().copied().unwrap_or("") };
         let mut c = VecDeque::with_capacity(owners.len());
         if me_owner && self.local.is_ready(part) {
             c.push_back(self.node_id.as_str());
         }
-        for o in owners {
-            if *o != self.node_id && self.membership.is_routable(o) {
-                c.push_back(o.as_str());
-            }
-        }
+        c.extend(others.into_iter().filter(|o| self.membership.is_routable(o)));
         (preferred, c)
     }
 
@@ -69,10 +75,11 @@ impl Transport {
     ) -> ReadOutcome {
         let mut cov = StageCoverage { stage, asked: asks.len() as u32, ..Default::default() };
         let mut replies = Vec::with_capacity(asks.len());
+        let seed: u64 = rand::random();
         let mut pending: Vec<Pending> = asks
             .into_iter()
             .map(|(part, query)| {
-                let (preferred, candidates) = self.read_candidates(part);
+                let (preferred, candidates) = self.read_candidates(part, seed);
                 Pending { part, query, candidates, preferred }
             })
             .collect();
