@@ -372,7 +372,11 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     // The ring: the persisted joined set when this node has one, else the first ring over the
     // initial nodes once they have all joined.
     let table = cfg.node.data_dir.join("cluster.json");
-    let spec = match RingSpec::load(&table).map_err(|e| err(e.to_string()))? {
+    let persisted = RingSpec::load(&table).map_err(|e| err(e.to_string()))?;
+    // A ring formed just now: its members have all joined already, so there is nobody to wait for
+    // (a member whose data dir was wiped still pulls its partitions from the others below).
+    let fresh = persisted.is_none();
+    let spec = match persisted {
         Some(s) => {
             tracing::info!(epoch = s.epoch, members = ?s.members, "rejoining with the persisted ring");
             let c = &cfg.cluster;
@@ -471,7 +475,9 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         .map(|p| Part::new(Role::Feature, *p))
         .chain(gparts.iter().map(|p| Part::new(Role::Generator, *p)))
         .collect();
-    wait_for_replicas(&transport, &own, Duration::from_millis(cfg.cluster.catch_up_wait_ms)).await;
+    if !fresh {
+        wait_for_replicas(&transport, &own, Duration::from_millis(cfg.cluster.catch_up_wait_ms)).await;
+    }
     let c = replication::catch_up(&transport, &own, Duration::from_secs(60)).await;
     println!("caught up: {} ops pulled for {} partitions from replicas", c.ops_pulled, c.parts_behind);
     for p in &own {
