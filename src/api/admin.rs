@@ -115,6 +115,7 @@ impl pb::admin_server::Admin for AdminService {
             }
         }
         let (items, users, events) = st.counts().await;
+        let (cpu_seconds, resident_bytes) = crate::metrics::process_stats();
         let models = scorers.manifest.as_ref().map(|m| pb::ModelVersions {
             stage1: format!("{}/stage1", m.version),
             stage2: format!("{}/stage2", m.version),
@@ -133,8 +134,8 @@ impl pb::admin_server::Admin for AdminService {
             partitions,
             scorer_nodes: ring.scorer_nodes().to_vec(),
             catch_up_rounds: t.local.catch_up_rounds.load(std::sync::atomic::Ordering::Acquire),
-            cpu_seconds: crate::metrics::process_stats().0,
-            resident_bytes: crate::metrics::process_stats().1,
+            cpu_seconds,
+            resident_bytes,
         }))
     }
 

@@ -218,10 +218,6 @@ impl Membership {
         self.view.read().unwrap_or_else(|p| p.into_inner()).members.values().cloned().collect()
     }
 
-    pub fn member(&self, node: &str) -> Option<MemberInfo> {
-        self.view.read().unwrap_or_else(|p| p.into_inner()).members.get(node).cloned()
-    }
-
     /// Tests a member under the read lock (called per partition per stage: no clones).
     fn check(&self, node: &str, f: impl Fn(&MemberInfo) -> bool) -> bool {
         self.view.read().unwrap_or_else(|p| p.into_inner()).members.get(node).is_some_and(f)
@@ -235,10 +231,6 @@ impl Membership {
     /// Alive and not leaving: writes go to it (a joining node takes writes while it catches up).
     pub fn takes_writes(&self, node: &str) -> bool {
         self.check(node, |m| m.live && m.state != MemberState::Leaving)
-    }
-
-    pub fn is_live(&self, node: &str) -> bool {
-        self.check(node, |m| m.live)
     }
 
     pub fn addr_of(&self, node: &str) -> Option<String> {

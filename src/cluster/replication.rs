@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::Part;
-use crate::store::{bucket_of, Digest, LoggedOp, Store, StoreError, BUCKETS};
+use crate::store::{Digest, LoggedOp, Store, StoreError, BUCKETS};
 use crate::transport::client::ask;
 use crate::transport::{decode, encode, pb, Transport};
 
@@ -229,16 +229,12 @@ async fn catch_up_with(
     Ok(stats)
 }
 
-/// Bucket of an op id (re-exported for tests of the digest).
-pub fn bucket(id: u64) -> usize {
-    bucket_of(id)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cluster::Role;
     use crate::ingest::ops::Op;
+    use crate::store::bucket_of;
 
     #[tokio::test]
     async fn set_difference_finds_exactly_the_missing_ops() {
@@ -271,7 +267,7 @@ mod tests {
         b.append(part, &got).unwrap();
         // b now has everything a has; a lacks only b's extra op.
         let diff = differing(&a.digest(part), &b.digest(part));
-        assert_eq!(diff, vec![bucket(extra.id)]);
+        assert_eq!(diff, vec![bucket_of(extra.id)]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -4,7 +4,6 @@
 //! Also the replay of one partition from its op log at start or after a crash.
 pub mod ops;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,7 @@ use crate::cluster::{Part, Role};
 use crate::config::Config;
 use crate::features::shard::{BriefWants, FeatureShardState, ItemBrief, ShardSettings};
 use crate::generators::{GeneratorSettings, GeneratorState};
-use crate::ids::{self, key_of, partition_of, Key, KeyMap};
+use crate::ids::{self, key_of, Key, KeyMap};
 use crate::store::{Action, EventRecord, ItemRecord, Store, StoreError, UserRecord};
 use crate::transport::{ReadQuery, ReadReply, Transport, WriteError};
 
@@ -155,6 +154,13 @@ impl Writer {
         Duration::from_millis(self.cfg.ingest.replica_timeout_ms)
     }
 
+    /// Sends the batch's ops to their replicas; the outcome gets the slowest replica's flush.
+    async fn commit(&self, plan: ops::Plan, out: &mut WriteOutcome) -> Result<(), IngestError> {
+        let w = self.transport.write(plan, self.timeout()).await?;
+        out.flush_micros = w.flush_micros;
+        Ok(())
+    }
+
     pub async fn upsert_items(&self, items: Vec<ItemRecord>) -> Result<WriteOutcome, IngestError> {
         self.check_size("items", items.len())?;
         let mut out = WriteOutcome::default();
@@ -170,8 +176,7 @@ impl Writer {
             }
         }
         if out.accepted > 0 {
-            let w = self.transport.write(planner.plan, self.timeout()).await?;
-            out.flush_micros = w.flush_micros;
+            self.commit(planner.plan, &mut out).await?;
         }
         metrics::counter!("recsys_ingest_records_total", "kind" => "item").increment(u64::from(out.accepted));
         Ok(out)
@@ -197,8 +202,7 @@ impl Writer {
             }
         }
         if out.accepted > 0 {
-            let w = self.transport.write(planner.plan, self.timeout()).await?;
-            out.flush_micros = w.flush_micros;
+            self.commit(planner.plan, &mut out).await?;
         }
         metrics::counter!("recsys_ingest_records_total", "kind" => "user").increment(u64::from(out.accepted));
         Ok(out)
@@ -220,8 +224,7 @@ impl Writer {
             }
         }
         if out.accepted > 0 {
-            let w = self.transport.write(planner.plan, self.timeout()).await?;
-            out.flush_micros = w.flush_micros;
+            self.commit(planner.plan, &mut out).await?;
         }
         Ok(out)
     }
@@ -229,56 +232,23 @@ impl Writer {
     /// Looks items up in their feature partitions (validation and the user-side update). A
     /// partition no replica answers for fails the batch: its events cannot be checked.
     async fn briefs(&self, keys: &[Key], wants: BriefWants) -> Result<KeyMap<ItemBrief>, IngestError> {
-        let parts = self.transport.ring.partitions;
-        let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
-        for k in keys {
-            by_part.entry(partition_of(ids::ITEM, *k, parts)).or_default().push(*k);
-        }
-        let mut asked: HashMap<Part, Vec<Key>> = HashMap::new();
-        let asks: Vec<(Part, ReadQuery)> = by_part
-            .into_iter()
-            .map(|(p, mut ks)| {
-                ks.sort_unstable();
-                ks.dedup();
-                let part = Part::new(Role::Feature, p);
-                asked.insert(part, ks.clone());
-                (part, ReadQuery::Briefs(ks, wants))
-            })
-            .collect();
-        let out = self.transport.read_fanout("ingest", asks, Instant::now() + self.timeout()).await;
-        if let Some(p) = out.coverage.missing.first() {
+        let deadline = Instant::now() + self.timeout();
+        let (found, cov) = self.transport.briefs("ingest", keys, wants, deadline).await;
+        if let Some(p) = cov.missing.first() {
             return Err(IngestError::Unavailable(format!(
                 "partition feature/{p}: no replica answered the item lookup of this batch"
             )));
-        }
-        let mut found = KeyMap::default();
-        for (part, reply) in out.replies {
-            if let (ReadReply::Briefs(bs), Some(ks)) = (reply, asked.remove(&part)) {
-                found.extend(ks.into_iter().zip(bs).filter_map(|(k, b)| b.map(|b| (k, b))));
-            }
         }
         Ok(found)
     }
 
     async fn recent_likes(&self, users: Vec<Key>) -> Result<KeyMap<Vec<Key>>, IngestError> {
-        let parts = self.transport.ring.partitions;
-        let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
-        for u in users {
-            by_part.entry(partition_of(ids::USER, u, parts)).or_default().push(u);
-        }
-        let mut asked: HashMap<Part, Vec<Key>> = HashMap::new();
-        let asks: Vec<(Part, ReadQuery)> = by_part
-            .into_iter()
-            .map(|(p, us)| {
-                let part = Part::new(Role::Feature, p);
-                asked.insert(part, us.clone());
-                (part, ReadQuery::RecentLikes(us))
-            })
-            .collect();
-        let out = self.transport.read_fanout("ingest", asks, Instant::now() + self.timeout()).await;
+        let deadline = Instant::now() + self.timeout();
+        let (replies, _) =
+            self.transport.read_keyed("ingest", ids::USER, users, deadline, ReadQuery::RecentLikes).await;
         let mut recent = KeyMap::default();
-        for (part, reply) in out.replies {
-            if let (ReadReply::RecentLikes(lists), Some(us)) = (reply, asked.remove(&part)) {
+        for (us, reply) in replies {
+            if let ReadReply::RecentLikes(lists) = reply {
                 recent.extend(us.into_iter().zip(lists));
             }
         }

@@ -1,16 +1,14 @@
 //! Stage 2: filters. The seen filter runs on the profile's bloom filter; the rest on item state
 //! (deleted, out of stock, blocked author) looked up in the items' feature partitions. A filter
 //! is one entry in `FILTERS` plus its test in `reason`.
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::features::Hydrated;
 use super::{Coverage, Pipeline};
-use crate::cluster::{Part, Role};
 use crate::features::shard::{BriefWants, ItemBrief, UserSnapshot};
 use crate::generators::Candidate;
-use crate::ids::{self, partition_of, Key, KeyMap};
+use crate::ids::{self, Key, KeyMap};
 use crate::transport::{ReadQuery, ReadReply};
 
 /// Filters in the order they are applied (and counted in coverage).
@@ -39,27 +37,8 @@ impl Pipeline {
         stage: &'static str,
         cov: &mut Coverage,
     ) -> KeyMap<ItemBrief> {
-        let parts = self.transport.ring.partitions;
-        let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
-        for k in keys {
-            by_part.entry(partition_of(ids::ITEM, *k, parts)).or_default().push(*k);
-        }
-        let mut asked_keys: HashMap<Part, Vec<Key>> = HashMap::with_capacity(by_part.len());
-        let asks: Vec<(Part, ReadQuery)> = by_part
-            .into_iter()
-            .map(|(p, ks)| {
-                let part = Part::new(Role::Feature, p);
-                asked_keys.insert(part, ks.clone());
-                (part, ReadQuery::Briefs(ks, wants))
-            })
-            .collect();
-        let out = self.transport.read_fanout(stage, asks, deadline).await;
-        cov.stage(out.coverage);
-        let mut briefs = KeyMap::with_capacity_and_hasher(keys.len(), Default::default());
-        for (part, reply) in out.replies {
-            let (ReadReply::Briefs(bs), Some(ks)) = (reply, asked_keys.remove(&part)) else { continue };
-            briefs.extend(ks.into_iter().zip(bs).filter_map(|(k, b)| b.map(|b| (k, b))));
-        }
+        let (briefs, c) = self.transport.briefs(stage, keys, wants, deadline).await;
+        cov.stage(c);
         briefs
     }
 
@@ -116,29 +95,23 @@ impl Pipeline {
         deadline: Instant,
         cov: &mut Coverage,
     ) -> (KeyMap<ItemBrief>, Hydrated) {
-        let parts = self.transport.ring.partitions;
-        let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
-        for c in cands {
-            by_part.entry(partition_of(ids::ITEM, c.item, parts)).or_default().push(c.item);
-        }
         let user_emb: Arc<[f32]> = Arc::from(profile.embedding.as_slice());
-        let mut asked_keys: HashMap<Part, Vec<Key>> = HashMap::with_capacity(by_part.len());
-        let asks: Vec<(Part, ReadQuery)> = by_part
-            .into_iter()
-            .map(|(p, keys)| {
-                let part = Part::new(Role::Feature, p);
-                asked_keys.insert(part, keys.clone());
-                let feats = self.plan.item_feats.clone();
-                (part, ReadQuery::Hydrate { keys, feats, user_emb: user_emb.clone(), now })
+        let feats = &self.plan.item_feats;
+        let (replies, c) = self
+            .transport
+            .read_keyed("filtering", ids::ITEM, cands.iter().map(|c| c.item), deadline, |keys| ReadQuery::Hydrate {
+                keys,
+                feats: feats.clone(),
+                user_emb: user_emb.clone(),
+                now,
             })
-            .collect();
-        let out = self.transport.read_fanout("filtering", asks, deadline).await;
-        cov.stage(out.coverage);
+            .await;
+        cov.stage(c);
         let mut briefs = KeyMap::with_capacity_and_hasher(cands.len(), Default::default());
         let mut hydrated = Hydrated::default();
         hydrated.rows.reserve(cands.len());
-        for (part, reply) in out.replies {
-            let (ReadReply::Hydrate(bs, mut rows), Some(keys)) = (reply, asked_keys.remove(&part)) else { continue };
+        for (keys, reply) in replies {
+            let ReadReply::Hydrate(bs, mut rows) = reply else { continue };
             // Moved, not cloned: each clone of the block is an atomic increment on a shared line.
             let metas = std::mem::take(&mut rows.meta);
             let block = Arc::new(rows);

@@ -59,6 +59,7 @@ impl Pipeline {
         }
         let start = (key_of(rid) % nodes.len() as u64) as usize;
         let mut last = String::new();
+        let mut matrix = Some(matrix);
         for i in 0..nodes.len() {
             let node = nodes[(start + i) % nodes.len()];
             let mut left = deadline.saturating_duration_since(Instant::now());
@@ -75,7 +76,8 @@ impl Pipeline {
                 stage: if stage == Stage::Light { 1 } else { 2 },
                 rows: rows as u32,
                 cols: cols as u32,
-                matrix: matrix.clone(),
+                // Moved into the last attempt; copied only while another node could be tried.
+                matrix: if i + 1 == nodes.len() { matrix.take() } else { matrix.clone() }.unwrap_or_default(),
                 version: version.clone(),
             };
             let started = Instant::now();

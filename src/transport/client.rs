@@ -125,13 +125,6 @@ pub fn result_part(r: &pb::PartitionResult) -> Option<Part> {
 }
 
 impl NodeClient<'_> {
-    pub fn node(&self) -> &str {
-        match self {
-            NodeClient::Local(l) => &l.node_id,
-            NodeClient::Remote { node, .. } => node,
-        }
-    }
-
     pub async fn read(
         &self,
         asks: Vec<(Part, ReadQuery)>,

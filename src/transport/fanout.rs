@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{CallError, ReadQuery, ReadReply, Transport};
-use crate::cluster::Part;
+use crate::cluster::{Part, Role};
+use crate::features::shard::{BriefWants, ItemBrief};
+use crate::ids::{self, partition_of, Key, KeyMap};
 use crate::ingest::ops::Plan;
 use crate::store::LoggedOp;
 
@@ -37,7 +39,9 @@ const FIRST_TRY_SHARE: f64 = 0.6;
 /// Node ids borrow from the ring: no allocation per partition per stage.
 struct Pending<'r> {
     part: Part,
-    query: ReadQuery,
+    /// Taken (not cloned) by the attempt on the last candidate: no copy of the keys unless a
+    /// retry is possible.
+    query: Option<ReadQuery>,
     candidates: VecDeque<&'r str>,
     preferred: &'r str,
 }
@@ -80,7 +84,7 @@ impl Transport {
             .into_iter()
             .map(|(part, query)| {
                 let (preferred, candidates) = self.read_candidates(part, seed);
-                Pending { part, query, candidates, preferred }
+                Pending { part, query: Some(query), candidates, preferred }
             })
             .collect();
         let mut first = true;
@@ -99,12 +103,18 @@ impl Transport {
             for p in pending {
                 by_node.entry(p.candidates[0]).or_default().push(p);
             }
-            let calls = by_node.into_iter().map(|(node, ps)| async move {
+            let calls = by_node.into_iter().map(|(node, mut ps)| async move {
                 // A node whose partitions have another replica gets a share of the time left, so a
                 // slow node still leaves time for the retry; one with no fallback gets all of it.
                 let fallback = ps.iter().any(|p| p.candidates.len() > 1);
                 let budget = if try_share && fallback { left.mul_f64(FIRST_TRY_SHARE) } else { left };
-                let asks: Vec<(Part, ReadQuery)> = ps.iter().map(|p| (p.part, p.query.clone())).collect();
+                let asks: Vec<(Part, ReadQuery)> = ps
+                    .iter_mut()
+                    .filter_map(|p| {
+                        let q = if p.candidates.len() > 1 { p.query.clone() } else { p.query.take() };
+                        Some((p.part, q?))
+                    })
+                    .collect();
                 let res = match self.client(node) {
                     None => Err(format!("no address for {node}")),
                     Some(c) => match tokio::time::timeout(budget, c.read(asks, budget)).await {
@@ -162,6 +172,55 @@ impl Transport {
         cov.missing.sort_unstable();
         cov.from_replica.sort_unstable();
         ReadOutcome { replies, coverage: cov }
+    }
+
+    /// Groups `keys` of a key space by their feature partition, asks each partition the query
+    /// `ask` builds from its keys, and returns every answered partition's keys with its reply.
+    pub async fn read_keyed(
+        &self,
+        stage: &'static str,
+        space: &str,
+        keys: impl IntoIterator<Item = Key>,
+        deadline: Instant,
+        ask: impl Fn(Vec<Key>) -> ReadQuery,
+    ) -> (Vec<(Vec<Key>, ReadReply)>, StageCoverage) {
+        let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
+        for k in keys {
+            by_part.entry(partition_of(space, k, self.ring.partitions)).or_default().push(k);
+        }
+        let mut asked: HashMap<Part, Vec<Key>> = HashMap::with_capacity(by_part.len());
+        let asks: Vec<(Part, ReadQuery)> = by_part
+            .into_iter()
+            .map(|(p, mut ks)| {
+                ks.sort_unstable();
+                ks.dedup();
+                let part = Part::new(Role::Feature, p);
+                asked.insert(part, ks.clone());
+                (part, ask(ks))
+            })
+            .collect();
+        let out = self.read_fanout(stage, asks, deadline).await;
+        let replies = out.replies.into_iter().filter_map(|(part, r)| Some((asked.remove(&part)?, r))).collect();
+        (replies, out.coverage)
+    }
+
+    /// Item state per key from the items' feature partitions (replicas on failure).
+    pub async fn briefs(
+        &self,
+        stage: &'static str,
+        keys: &[Key],
+        wants: BriefWants,
+        deadline: Instant,
+    ) -> (KeyMap<ItemBrief>, StageCoverage) {
+        let (replies, cov) =
+            self.read_keyed(stage, ids::ITEM, keys.iter().copied(), deadline, |ks| ReadQuery::Briefs(ks, wants)).await;
+        let mut briefs = KeyMap::with_capacity_and_hasher(keys.len(), Default::default());
+        for (ks, reply) in replies {
+            if let ReadReply::Briefs(bs) = reply {
+                briefs.extend(ks.into_iter().zip(bs).filter_map(|(k, b)| b.map(|b| (k, b))));
+            }
+        }
+        (briefs, cov)
     }
 
     /// Sends each partition's ops to every replica that takes writes. Per partition, the result

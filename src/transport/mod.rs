@@ -36,14 +36,6 @@ pub enum CallError {
     Unavailable { part: Part, reason: String },
 }
 
-impl CallError {
-    pub fn part(&self) -> Part {
-        match self {
-            CallError::Timeout { part } | CallError::Unavailable { part, .. } => *part,
-        }
-    }
-}
-
 /// What a read stage asks of one partition.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ReadQuery {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::client::{ask, result_part};
+use super::client::result_part;
 use super::{decode, encode, pb, ReadQuery, Transport};
 use crate::cluster::replication::{self, PullAsk};
 use crate::cluster::Part;
@@ -157,9 +157,4 @@ impl pb::internal_server::Internal for InternalService {
         }));
         Ok(Response::new(pb::PullReply { results }))
     }
-}
-
-/// Helper for callers building an ask list from parts and bodies.
-pub fn asks_of(items: impl IntoIterator<Item = (Part, Vec<u8>)>) -> Vec<pb::PartitionAsk> {
-    items.into_iter().map(|(p, b)| ask(p, b)).collect()
 }
