@@ -72,6 +72,33 @@ def gbdt_for_serving(classifier):
 
 
 STAGE1_SPEC = {"file": "stage1_gbdt.onnx", "output": "click", "output_width": 1, "output_column": 0}
+STAGE1_LIGHTGBM = "stage1_gbdt.txt"
+STAGE1_REFERENCE = "stage1_reference.bin"
+REFERENCE_ROWS = 20000
+
+
+def write_served_reference(test, names, gbdt, path):
+    """Whole requests of held-out served rows (as the node logged them) until REFERENCE_ROWS, with
+    LightGBM's own p(click) in double precision. Little-endian: b"RSREF1\\0\\0", u32 rows, u32 cols,
+    rows x cols f32 features, rows f64 p(click), rows u32 request ordinal."""
+    reqs, rows = [], 0
+    for rid, n in test.groupby("request_id", sort=False).size().items():
+        if rows >= REFERENCE_ROWS:
+            break
+        reqs.append(rid)
+        rows += n
+    part = test[test["request_id"].isin(set(reqs))]
+    order = {r: i for i, r in enumerate(reqs)}
+    part = part.assign(_ord=part["request_id"].map(order)).sort_values("_ord", kind="stable")
+    x = part[names].to_numpy(np.float32)
+    p = gbdt.booster_.predict(x, raw_score=False).astype("<f8")
+    with open(path, "wb") as f:
+        f.write(b"RSREF1\0\0")
+        f.write(np.array([len(x), x.shape[1]], dtype="<u4").tobytes())
+        f.write(x.astype("<f4").tobytes())
+        f.write(p.tobytes())
+        f.write(part["_ord"].to_numpy().astype("<u4").tobytes())
+    print(f"wrote {path}: {len(x)} served rows of {len(reqs)} requests with LightGBM's p(click)")
 
 
 def batch_order(model, names):
@@ -183,13 +210,18 @@ def main():
     manifest = {
         "version": version,
         "trained_on": f"{len(train)} rows; holdout {report}",
-        "stage1": {**STAGE1_SPEC, "inputs": names, "batch_order": batch_order(served, names)},
+        "stage1": {**STAGE1_SPEC, "inputs": names, "batch_order": batch_order(served, names),
+                   "lightgbm": STAGE1_LIGHTGBM},
         "stage2": {"file": "stage2_mlp.onnx", "inputs": names, "output": "heads", "output_width": len(HEADS), "heads": HEADS},
     }
     json.dump(manifest, open(os.path.join(a.out, "manifest.json"), "w"), indent=2)
     # Reference predictions so the Rust tests can check that ort computes the same numbers.
     ref = {"features": xte[:8].tolist(), "stage1": p1[:8].tolist(), "stage2": p2[:8].tolist()}
     json.dump(ref, open(os.path.join(a.out, "reference.json"), "w"))
+    # The LightGBM model itself and its own predictions on served rows: the reference the native
+    # stage-1 evaluator is checked against (tests/native_trees.rs), beside ONNX Runtime.
+    gbdt.booster_.save_model(os.path.join(a.out, STAGE1_LIGHTGBM))
+    write_served_reference(test, names, gbdt, os.path.join(a.out, STAGE1_REFERENCE))
     print(f"wrote {a.out}/manifest.json version {version}")
 
 
