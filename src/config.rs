@@ -140,6 +140,26 @@ pub struct ScoringConfig {
     pub scorer_nice: i32,
     /// Value model: final score = sum of weight × head probability.
     pub value_model: BTreeMap<String, f32>,
+    /// What evaluates the stage-1 tree ensemble: `native` (this crate's evaluator, the default;
+    /// same scores as the model, several times faster) or `ort` (ONNX Runtime, the reference).
+    pub stage1_engine: Stage1Engine,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage1Engine {
+    #[default]
+    Native,
+    Ort,
+}
+
+impl Stage1Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage1Engine::Native => "native",
+            Stage1Engine::Ort => "ort",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -253,6 +273,7 @@ impl Default for ScoringConfig {
             queue_per_scorer: 32,
             scorer_nice: 5,
             value_model,
+            stage1_engine: Stage1Engine::default(),
         }
     }
 }

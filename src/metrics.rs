@@ -30,7 +30,11 @@ fn describe() {
     c!("recsys_membership_changes_total", "peers becoming routable (up) or not (down)");
     g!("recsys_live_nodes", "nodes alive and serving, as this node sees them");
     c!("recsys_actor_restarts_total", "partition actors restarted by their supervisor, per role");
-    h!("recsys_model_run_seconds", metrics::Unit::Seconds, "model run time per stage");
+    h!(
+        "recsys_model_run_seconds",
+        metrics::Unit::Seconds,
+        "model run time per stage and engine (stage 1: native or ort)"
+    );
     c!("recsys_model_reloads_total", "model deploys by outcome");
     g!("recsys_scoring_queue_chunks", "scoring chunks waiting for a scorer");
     h!("recsys_scoring_queue_wait_seconds", metrics::Unit::Seconds, "time a scoring chunk waited for a scorer");

@@ -260,6 +260,9 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let scorer_here = cfg.cluster.scorer_nodes.is_empty() || cfg.cluster.scorer_nodes.contains(&me);
     let manifest = if models_dir.join("manifest.json").is_file() {
         let m = Manifest::load(&models_dir, &plan).map_err(|e| err(format!("refusing to start: {e}")))?;
+        // Only scorer nodes evaluate stage 1; others need the manifest's columns alone.
+        let engine = if scorer_here { cfg.scoring.stage1_engine } else { crate::config::Stage1Engine::Ort };
+        let m = m.with_engine(engine).map_err(|e| err(format!("refusing to start: {e}")))?;
         if scorer_here {
             let lib = scoring::find_runtime(cfg.scoring.onnxruntime_lib.as_deref()).ok_or_else(|| {
                 err("refusing to start: libonnxruntime not found; run scripts/setup.sh or set ORT_DYLIB_PATH".into())
@@ -497,7 +500,8 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let scorers = if scorer_here { cfg.scoring.scorers } else { 0 };
     let models = Arc::new(
         Models::new(pool, scorers.max(1), cfg.scoring.queue_per_scorer, cfg.scoring.scorer_nice)
-            .with_runtime(cfg.scoring.onnxruntime_lib.clone()),
+            .with_runtime(cfg.scoring.onnxruntime_lib.clone())
+            .with_engine(cfg.scoring.stage1_engine),
     );
 
     let logger = FeatureLogger::start(&cfg.node.data_dir.join("logs"), &plan.names)

@@ -336,8 +336,12 @@ async fn models_reload_live_and_a_bad_model_leaves_the_old_one_serving() {
     let wrong_width = model_copy(&dir.join("wrong-width"), |m| {
         m.replacen("\"output_width\": 4", "\"output_width\": 3", 1).replacen(",\n      \"hide\"", "", 1)
     });
+    // A valid ONNX model ort could run, but not a tree ensemble the native stage-1 engine evaluates.
+    let not_trees = model_copy(&dir.join("not-trees"), |m| m);
+    std::fs::copy(common::repo().join("models/stage2_mlp.onnx"), dir.join("not-trees/stage1_gbdt.onnx")).unwrap();
     let missing = dir.join("no-such-dir").to_str().unwrap().to_string();
     for (models_dir, code, needle) in [
+        (not_trees, Code::InvalidArgument, "not supported by the native engine"),
         (unknown, Code::InvalidArgument, "bogus_feature"),
         (corrupt, Code::InvalidArgument, "stage1_gbdt.onnx"),
         (wrong_width, Code::InvalidArgument, "canary"),
@@ -392,9 +396,45 @@ async fn models_reload_live_and_a_bad_model_leaves_the_old_one_serving() {
     }
     assert!(x.is_ok() || y.is_ok(), "one of two concurrent reloads deploys");
     let status = admin.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(status.models.unwrap().stage1, "m-reloaded-in-test/stage1");
+    let models = status.models.unwrap();
+    assert_eq!(models.stage1, "m-reloaded-in-test/stage1");
+    assert_eq!(models.stage1_engine, "native", "the default stage-1 engine");
     assert_eq!(status.nodes[0].scorers, 2, "the new version runs its own two scorers");
     assert!(node.stop().success());
+}
+
+/// `scoring.stage1_engine = "ort"`: stage 1 through ONNX Runtime (the reference engine) serves
+/// and reloads like the native default (whose scores and rankings `tests/native_trees.rs` checks
+/// against it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage1_on_onnx_runtime_serves_and_reloads() {
+    let dir = temp_dir("ort-engine");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ort_cfg = dir.join("ort.toml");
+    std::fs::write(&ort_cfg, "[scoring]\nstage1_engine = \"ort\"\n").unwrap();
+    let base = common::repo().join("config/node.toml");
+    let args = ["--config", base.to_str().unwrap(), "--config", ort_cfg.to_str().unwrap()];
+    let node = start_node(&dir.join("data"), &args).expect("node starts");
+    wait_serving(&node.addr).await;
+    let ch = recsys::cli::connect(&node.addr).await.unwrap();
+    let world = Arc::new(World::generate(synthetic_spec(6, 800, 100, 8000)));
+    load_world(ch.clone(), world.clone(), 2000, true).await.unwrap();
+    let mut rec = RecommenderClient::new(ch.clone());
+    let got = rec.recommend(req(&world.users[1].id, 20)).await.unwrap().into_inner();
+    assert_eq!(got.items.len(), 20);
+    assert!(got.items.iter().all(|i| i.explanation.as_ref().unwrap().scored_by == "value_model"));
+    let good = model_copy(&dir.join("good"), |m| {
+        let v: serde_json::Value = serde_json::from_str(&m).unwrap();
+        m.replacen(v["version"].as_str().unwrap(), "m-ort-reload", 1)
+    });
+    let mut admin = AdminClient::new(ch.clone());
+    admin.reload_models(pb::ReloadModelsRequest { models_dir: good }).await.unwrap();
+    let after = rec.recommend(req(&world.users[1].id, 10)).await.unwrap().into_inner();
+    assert_eq!(after.models.unwrap().stage1, "m-ort-reload/stage1");
+    assert!(after.items.iter().all(|i| i.explanation.as_ref().unwrap().scored_by == "value_model"));
+    let status = admin.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.models.unwrap().stage1_engine, "ort");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

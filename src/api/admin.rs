@@ -119,6 +119,7 @@ impl pb::admin_server::Admin for AdminService {
         let models = scorers.manifest.as_ref().map(|m| pb::ModelVersions {
             stage1: format!("{}/stage1", m.version),
             stage2: format!("{}/stage2", m.version),
+            stage1_engine: if scorers.is_empty() { String::new() } else { m.stage1_engine().to_string() },
         });
         Ok(Response::new(pb::ClusterStatusResponse {
             nodes,

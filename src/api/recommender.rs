@@ -83,7 +83,11 @@ impl pb::recommender_server::Recommender for RecommenderService {
                 .into_iter()
                 .map(|(s, d)| pb::StageTiming { stage: s.to_string(), micros: d.as_micros() as u64 })
                 .collect(),
-            models: Some(pb::ModelVersions { stage1: reply.stage1_version, stage2: reply.stage2_version }),
+            models: Some(pb::ModelVersions {
+                stage1: reply.stage1_version,
+                stage2: reply.stage2_version,
+                ..Default::default()
+            }),
             diversity_relaxed: reply.diversity_relaxed,
             from_page_cache: reply.from_page_cache,
         }))

@@ -157,7 +157,7 @@ impl Pipeline {
             return (0..n).filter_map(|i| make(i, heuristic(i), 0.0, vec![], "heuristic")).collect();
         };
         let mut present: Vec<usize> = (0..n).filter(|i| metas[*i].is_some()).collect();
-        if !manifest.stage1_order.is_empty() {
+        if !manifest.stage1_order.is_empty() && manifest.stage1_native.is_none() {
             // Same scores in any order; sorted rows run faster (see ModelSpec::batch_order).
             let key = |i: usize, c: usize| rows[i * width + c];
             present.sort_unstable_by(|&a, &b| {

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::trees::TreeEnsemble;
 use super::ScoringError;
+use crate::config::Stage1Engine;
 use crate::features::FeaturePlan;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -25,6 +27,10 @@ pub struct ModelSpec {
     /// traversal runs ~30 % faster (branch prediction). Scores are the same in any order.
     #[serde(default)]
     pub batch_order: Vec<String>,
+    /// Stage 1: the LightGBM text model training wrote beside the ONNX export, the reference the
+    /// native engine is checked against (the node reads the ONNX file).
+    #[serde(default)]
+    pub lightgbm: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -50,6 +56,9 @@ pub struct Manifest {
     pub stage1_order: Vec<usize>,
     /// Stage-2 head names, shared by every reply instead of copied per item.
     pub head_names: std::sync::Arc<[String]>,
+    /// The stage-1 ensemble for the native engine (`scoring.stage1_engine = "native"`); None:
+    /// stage 1 runs in ONNX Runtime.
+    pub stage1_native: Option<std::sync::Arc<TreeEnsemble>>,
 }
 
 impl Manifest {
@@ -86,6 +95,32 @@ impl Manifest {
             stage1_columns,
             stage2_columns,
             stage1_order,
+            stage1_native: None,
         })
+    }
+
+    /// Prepares stage 1 for `engine`: for `native`, reads the ensemble out of the stage-1 ONNX
+    /// file; a model the native engine cannot evaluate exactly is refused with the reason.
+    pub fn with_engine(mut self, engine: Stage1Engine) -> Result<Self, ScoringError> {
+        self.stage1_native = match engine {
+            Stage1Engine::Ort => None,
+            Stage1Engine::Native => {
+                let path = self.dir.join(&self.stage1.file);
+                let e = TreeEnsemble::from_onnx_file(&path, self.stage1_columns.len()).map_err(|e| {
+                    ScoringError::Model { path: path.clone(), message: format!("native stage-1 engine: {e}") }
+                })?;
+                Some(std::sync::Arc::new(e))
+            }
+        };
+        Ok(self)
+    }
+
+    /// The stage-1 engine in use, for metrics and status.
+    pub fn stage1_engine(&self) -> &'static str {
+        if self.stage1_native.is_some() {
+            "native"
+        } else {
+            "ort"
+        }
     }
 }

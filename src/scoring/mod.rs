@@ -4,6 +4,7 @@
 //! from one bounded FIFO queue (see `queue`); when it is full the coordinator falls back.
 pub mod manifest;
 mod queue;
+pub mod trees;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,8 +39,12 @@ pub enum ScoringError {
     Busy,
 }
 
-/// Smallest chunk worth its own model run (a run has a fixed cost of tens of microseconds).
+/// Smallest chunk worth its own model run (an ort run has a fixed cost of tens of microseconds).
 const MIN_CHUNK_ROWS: usize = 200;
+/// The native engine scores a 1000-row stage-1 batch in well under a millisecond: splitting it
+/// over scorers would cost more in hand-offs and cache misses than it saves, so it stays whole
+/// up to this size.
+const NATIVE_CHUNK_ROWS: usize = 4096;
 
 static ORT_ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
 
@@ -105,7 +110,8 @@ impl Stage {
     }
 }
 
-struct LoadedModel {
+/// One ONNX model in one ort session (a scorer thread's own; benches and tests use it directly).
+pub struct LoadedModel {
     session: Session,
     input: String,
     output: String,
@@ -115,7 +121,7 @@ struct LoadedModel {
     column: Option<usize>,
 }
 
-fn load_model(dir: &Path, spec: &ModelSpec) -> Result<LoadedModel, ScoringError> {
+pub fn load_model(dir: &Path, spec: &ModelSpec) -> Result<LoadedModel, ScoringError> {
     let path = dir.join(&spec.file);
     let session = load_session(&path)?;
     let input = session
@@ -140,7 +146,7 @@ fn load_model(dir: &Path, spec: &ModelSpec) -> Result<LoadedModel, ScoringError>
 }
 
 impl LoadedModel {
-    fn run(&mut self, rows: usize, cols: usize, data: &[f32]) -> Result<Vec<f32>, String> {
+    pub fn run(&mut self, rows: usize, cols: usize, data: &[f32]) -> Result<Vec<f32>, String> {
         let input = TensorRef::from_array_view(([rows, cols], data)).map_err(|e| e.to_string())?;
         let outputs = self.session.run(ort::inputs![self.input.as_str() => input]).map_err(|e| e.to_string())?;
         let (_, values) = outputs[self.output.as_str()].try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
@@ -152,6 +158,13 @@ impl LoadedModel {
             None => values.to_vec(),
         })
     }
+}
+
+/// Stage 1 as a scorer thread holds it: the shared native ensemble (read-only, one copy per
+/// version) or the thread's own ort session.
+enum Light {
+    Native(Arc<trees::TreeEnsemble>),
+    Ort(LoadedModel),
 }
 
 /// Tells the scorer's actor when its thread ends without being asked to (a panic), so the
@@ -192,8 +205,12 @@ fn scorer_thread(
     nice: i32,
     ready: SyncSender<Result<(), String>>,
 ) {
-    let loaded = (|| -> Result<(LoadedModel, LoadedModel), ScoringError> {
-        Ok((load_model(&manifest.dir, &manifest.stage1)?, load_model(&manifest.dir, &manifest.stage2)?))
+    let loaded = (|| -> Result<(Light, LoadedModel), ScoringError> {
+        let light = match &manifest.stage1_native {
+            Some(e) => Light::Native(e.clone()),
+            None => Light::Ort(load_model(&manifest.dir, &manifest.stage1)?),
+        };
+        Ok((light, load_model(&manifest.dir, &manifest.stage2)?))
     })();
     let (mut light, mut heavy) = match loaded {
         Ok(m) => {
@@ -216,12 +233,17 @@ fn scorer_thread(
             let _ = chunk.reply.send(Err("deadline passed while queued".into()));
             continue;
         }
-        let (model, stage) = match chunk.stage {
-            Stage::Light => (&mut light, "stage1"),
-            Stage::Heavy => (&mut heavy, "stage2"),
+        let (out, stage, engine) = match (chunk.stage, &mut light) {
+            (Stage::Light, Light::Native(e)) => {
+                let mut out = Vec::with_capacity(chunk.rows.len());
+                let res = e.predict(chunk.matrix(), &mut out).map(|_| out).map_err(|e| e.to_string());
+                (res, "stage1", "native")
+            }
+            (Stage::Light, Light::Ort(m)) => (m.run(chunk.rows.len(), chunk.cols, chunk.matrix()), "stage1", "ort"),
+            (Stage::Heavy, _) => (heavy.run(chunk.rows.len(), chunk.cols, chunk.matrix()), "stage2", "ort"),
         };
-        let out = model.run(chunk.rows.len(), chunk.cols, chunk.matrix());
-        metrics::histogram!("recsys_model_run_seconds", "model" => stage).record(started.elapsed().as_secs_f64());
+        metrics::histogram!("recsys_model_run_seconds", "model" => stage, "engine" => engine)
+            .record(started.elapsed().as_secs_f64());
         let _ = chunk.reply.send(out);
     }
 }
@@ -401,7 +423,9 @@ impl ScorerPool {
         if data.len() != rows * cols {
             return Err(ScoringError::Failed(format!("{} values for {rows}×{cols}", data.len())));
         }
-        let parts = (rows / MIN_CHUNK_ROWS).clamp(1, live.min(max_parts).max(1));
+        let native = stage == Stage::Light && self.manifest.as_ref().is_some_and(|m| m.stage1_native.is_some());
+        let min_rows = if native { NATIVE_CHUNK_ROWS } else { MIN_CHUNK_ROWS };
+        let parts = (rows / min_rows).clamp(1, live.min(max_parts).max(1));
         let data = Arc::new(data);
         let now = Instant::now();
         let mut batch = Vec::with_capacity(parts);
@@ -466,6 +490,8 @@ pub struct Models {
     nice: i32,
     /// Configured libonnxruntime, for a node that started without a model.
     runtime: Option<PathBuf>,
+    /// Stage-1 engine every version is deployed with.
+    engine: crate::config::Stage1Engine,
 }
 
 impl Models {
@@ -477,7 +503,13 @@ impl Models {
             queue_per_scorer,
             nice,
             runtime: None,
+            engine: Default::default(),
         }
+    }
+
+    pub fn with_engine(mut self, engine: crate::config::Stage1Engine) -> Self {
+        self.engine = engine;
+        self
     }
 
     pub fn with_runtime(mut self, lib: Option<PathBuf>) -> Self {
@@ -505,9 +537,9 @@ impl Models {
         }
         let _done = ReloadGuard(&self.reloading);
         let manifest = {
-            let (dir, plan, runtime) = (dir.to_path_buf(), plan.clone(), self.runtime.clone());
+            let (dir, plan, runtime, engine) = (dir.to_path_buf(), plan.clone(), self.runtime.clone(), self.engine);
             tokio::task::spawn_blocking(move || {
-                let m = Manifest::load(&dir, &plan)?;
+                let m = Manifest::load(&dir, &plan)?.with_engine(engine)?;
                 if ORT_ENV.get().is_none() {
                     let lib = find_runtime(runtime.as_deref()).ok_or_else(|| {
                         ScoringError::Runtime("libonnxruntime not found; run scripts/setup.sh".into())
@@ -544,7 +576,7 @@ impl Models {
         }
         let old = std::mem::replace(&mut *self.current.write().unwrap_or_else(|p| p.into_inner()), pool);
         let previous = old.manifest.as_ref().map(|m| m.version.clone());
-        tracing::info!(from = ?previous, to = %version, "model version deployed");
+        tracing::info!(from = ?previous, to = %version, stage1_engine = manifest.stage1_engine(), "model version deployed");
         Ok((previous, version))
     }
 

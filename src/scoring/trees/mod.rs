@@ -1,0 +1,648 @@
+//! The native stage-1 engine: a tree-ensemble evaluator that scores a whole batch of rows with the
+//! deployed ONNX `TreeEnsembleRegressor` (+ `Sigmoid`) and gives ONNX Runtime's answers.
+//!
+//! Algorithm: QuickScorer (Lucchese et al., SIGIR 2015) over blocks of rows. Each tree's leaves
+//! are numbered left to right and a row keeps one bit per leaf (≤ 64 leaves: two 32-bit words);
+//! every branch node whose test is false for a row clears the bits of its left subtree's leaves,
+//! and the row's exit leaf is then the leftmost bit still set. Nodes are visited feature by
+//! feature in threshold order, so a block stops at the first threshold above all its rows'
+//! values: no pointer chasing, no data-dependent branches, the same instruction stream for every
+//! row of the block. The block loop is plain Rust compiled twice — for AVX2 (16 rows per pass,
+//! picked at run time when the CPU has it) and for the baseline x86-64/other targets — and
+//! vectorised by the compiler, so no `unsafe` intrinsics. Measured against the alternatives in
+//! `benches/trees.rs` (README, "Stage-1 engine").
+//!
+//! Semantics follow the model exactly: BRANCH_LEQ/LT/GTE/GT, missing-value tracks (a row with a
+//! NaN in any input is scored by a plain traversal of the original nodes), base value, SUM,
+//! logistic. Sums are in f64 (ORT sums f32; both within 1e-7 of each other on real rows).
+mod onnx;
+pub mod reference;
+
+use std::path::Path;
+
+pub use onnx::Mode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("{0}")]
+    Format(String),
+    #[error("not supported by the native engine: {0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Which variant of the block kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The target's baseline instruction set: SSE2 on x86-64 (every x86-64 CPU has it), plain
+    /// Rust elsewhere; 8 rows per block.
+    Portable,
+    /// AVX2, 16 rows per block; chosen only when the CPU reports it.
+    Avx2,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
+        }
+    }
+
+    /// The best variant this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("bmi1") {
+            return Kernel::Avx2;
+        }
+        Kernel::Portable
+    }
+}
+
+/// A branch node of the original model, for the reference traversal.
+#[derive(Debug, Clone, Copy)]
+enum Node {
+    Branch { feature: u32, threshold: f32, mode: Mode, missing_true: bool, yes: u32, no: u32 },
+    Leaf { value: f32 },
+}
+
+/// One branch node as QuickScorer uses it: when `x > threshold` the row takes the right branch,
+/// so the leaves of the left subtree (`clear` bits of `word`) cannot be its exit leaf.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    threshold: f32,
+    word: u32,
+    clear: u32,
+}
+
+/// The nodes of one feature that share one threshold (LightGBM splits on bin boundaries, so
+/// about half the nodes a block visits repeat a threshold): one comparison for all of them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Split {
+    threshold: f32,
+    /// `targets[start..end]`.
+    start: u32,
+    end: u32,
+}
+
+/// Bits `clear` of bit-vector word `word` go when a row is above the split's threshold.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target {
+    word: u32,
+    clear: u32,
+}
+
+/// Rows per block of the AVX2 kernel.
+const AVX2_ROWS: usize = 32;
+
+/// Leaves per tree the bit vectors hold.
+pub const MAX_LEAVES: usize = 64;
+
+#[derive(Debug)]
+pub struct TreeEnsemble {
+    inputs: usize,
+    base: f64,
+    /// Reference form: every tree's nodes, root first.
+    trees: Vec<Vec<Node>>,
+    /// Splits grouped by feature (`by_feature[f]..by_feature[f + 1]`), ascending within one.
+    splits: Vec<Split>,
+    targets: Vec<Target>,
+    by_feature: Vec<usize>,
+    /// First bit-vector word of each tree (one word per 32 leaves), plus the total at the end.
+    tree_words: Vec<usize>,
+    /// Leaf values by word × 32 + bit.
+    leaves: Vec<f32>,
+    kernel: Kernel,
+}
+
+impl TreeEnsemble {
+    /// Loads the ensemble of an ONNX file; `inputs` is the row width the manifest declares.
+    pub fn from_onnx_file(path: &Path, inputs: usize) -> Result<Self, TreeError> {
+        let bytes = std::fs::read(path).map_err(|e| TreeError::Io(format!("cannot read the model: {e}")))?;
+        Self::from_onnx(&bytes, inputs)
+    }
+
+    pub fn from_onnx(bytes: &[u8], inputs: usize) -> Result<Self, TreeError> {
+        let raw = onnx::read(bytes)?;
+        if let Some(w) = raw.inputs {
+            if w != inputs {
+                return Err(TreeError::Format(format!("the model reads {w} inputs, the manifest names {inputs}")));
+            }
+        }
+        Self::build(raw, inputs)
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// Forces a kernel (benches and tests compare them); AVX2 only where the CPU has it.
+    pub fn with_kernel(mut self, kernel: Kernel) -> Self {
+        self.kernel =
+            if kernel == Kernel::Avx2 && Kernel::detect() != Kernel::Avx2 { Kernel::Portable } else { kernel };
+        self
+    }
+
+    pub fn trees(&self) -> usize {
+        self.trees.len()
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    fn build(raw: onnx::RawEnsemble, inputs: usize) -> Result<Self, TreeError> {
+        let n = raw.node_ids.len();
+        let lens = [
+            ("nodes_treeids", raw.tree_ids.len()),
+            ("nodes_featureids", raw.features.len()),
+            ("nodes_values", raw.thresholds.len()),
+            ("nodes_modes", raw.modes.len()),
+            ("nodes_truenodeids", raw.true_ids.len()),
+            ("nodes_falsenodeids", raw.false_ids.len()),
+        ];
+        if let Some((name, len)) = lens.iter().find(|(_, l)| *l != n) {
+            return Err(TreeError::Format(format!("{name} has {len} values for {n} nodes")));
+        }
+        if !raw.missing_true.is_empty() && raw.missing_true.len() != n {
+            return Err(TreeError::Format("nodes_missing_value_tracks_true does not match the nodes".into()));
+        }
+        if raw.target_nodes.len() != raw.target_trees.len() || raw.target_weights.len() != raw.target_trees.len() {
+            return Err(TreeError::Format("target_* attributes differ in length".into()));
+        }
+        // Nodes by (tree, node id); trees in ascending id order (ORT sums in that order too).
+        let mut index = std::collections::BTreeMap::new();
+        for i in 0..n {
+            if index.insert((raw.tree_ids[i], raw.node_ids[i]), i).is_some() {
+                return Err(TreeError::Format(format!("tree {} repeats node {}", raw.tree_ids[i], raw.node_ids[i])));
+            }
+        }
+        let mut leaf_value = std::collections::HashMap::new();
+        for k in 0..raw.target_trees.len() {
+            let key = (raw.target_trees[k], raw.target_nodes[k]);
+            if !index.contains_key(&key) {
+                return Err(TreeError::Format(format!("a target weight names missing node {key:?}")));
+            }
+            *leaf_value.entry(key).or_insert(0.0f32) += raw.target_weights[k];
+        }
+        let tree_ids: std::collections::BTreeSet<i64> = raw.tree_ids.iter().copied().collect();
+        let mut trees = Vec::with_capacity(tree_ids.len());
+        for &t in &tree_ids {
+            let ids: Vec<i64> = index.range((t, i64::MIN)..=(t, i64::MAX)).map(|((_, id), _)| *id).collect();
+            let children: std::collections::HashSet<i64> = ids
+                .iter()
+                .map(|id| index[&(t, *id)])
+                .filter(|&i| raw.modes[i] != Mode::Leaf)
+                .flat_map(|i| [raw.true_ids[i], raw.false_ids[i]])
+                .collect();
+            if ids.len() > 2 * MAX_LEAVES - 1 {
+                return Err(TreeError::Unsupported(format!(
+                    "tree {t} has {} nodes (at most {MAX_LEAVES} leaves per tree)",
+                    ids.len()
+                )));
+            }
+            let roots: Vec<i64> = ids.iter().copied().filter(|id| !children.contains(id)).collect();
+            let [root] = roots.as_slice() else {
+                return Err(TreeError::Format(format!("tree {t} has {} roots", roots.len())));
+            };
+            // Depth-first copy, root first; a node reached twice (not a tree) is refused.
+            let mut nodes: Vec<Node> = Vec::with_capacity(ids.len());
+            let mut slot = std::collections::HashMap::new();
+            let mut stack = vec![(*root, None::<(usize, bool)>)];
+            while let Some((id, parent)) = stack.pop() {
+                let &i = index
+                    .get(&(t, id))
+                    .ok_or_else(|| TreeError::Format(format!("tree {t} points at missing node {id}")))?;
+                if slot.insert(id, nodes.len()).is_some() || nodes.len() > ids.len() {
+                    return Err(TreeError::Format(format!("tree {t} reaches node {id} twice")));
+                }
+                let me = nodes.len() as u32;
+                if let Some((p, yes)) = parent {
+                    if let Node::Branch { yes: y, no: n, .. } = &mut nodes[p] {
+                        *if yes { y } else { n } = me;
+                    }
+                }
+                if raw.modes[i] == Mode::Leaf {
+                    let value = leaf_value.get(&(t, id)).copied().unwrap_or(0.0);
+                    nodes.push(Node::Leaf { value });
+                    continue;
+                }
+                let feature = usize::try_from(raw.features[i]).ok().filter(|f| *f < inputs).ok_or_else(|| {
+                    TreeError::Format(format!("tree {t} node {id} reads input {} of {inputs}", raw.features[i]))
+                })?;
+                let threshold = raw.thresholds[i];
+                if !threshold.is_finite() {
+                    return Err(TreeError::Unsupported(format!("tree {t} node {id}: threshold {threshold}")));
+                }
+                let missing_true = raw.missing_true.get(i).copied().unwrap_or(false);
+                nodes.push(Node::Branch {
+                    feature: feature as u32,
+                    threshold,
+                    mode: raw.modes[i],
+                    missing_true,
+                    yes: 0,
+                    no: 0,
+                });
+                let me = nodes.len() - 1;
+                stack.push((raw.false_ids[i], Some((me, false))));
+                stack.push((raw.true_ids[i], Some((me, true))));
+            }
+            trees.push(nodes);
+        }
+        if trees.is_empty() {
+            return Err(TreeError::Format("the ensemble has no trees".into()));
+        }
+        let mut me = Self {
+            inputs,
+            base: raw.base as f64,
+            trees,
+            splits: vec![],
+            targets: vec![],
+            by_feature: vec![],
+            tree_words: vec![],
+            leaves: vec![],
+            kernel: Kernel::detect(),
+        };
+        me.lay_out()?;
+        Ok(me)
+    }
+
+    /// Builds the QuickScorer tables from the trees: every branch normalised to "left when
+    /// x ≤ t" (LT/GTE thresholds move to the next float below; GT/GTE swap their children).
+    fn lay_out(&mut self) -> Result<(), TreeError> {
+        let mut per_feature: Vec<Vec<Entry>> = vec![vec![]; self.inputs];
+        let mut word = 0usize;
+        for (t, nodes) in self.trees.iter().enumerate() {
+            self.tree_words.push(word);
+            // In-order walk of the normalised tree: leaves get consecutive numbers; each branch
+            // learns the range of its left subtree's leaves.
+            let mut leaves: Vec<f32> = vec![];
+            let mut ranges: Vec<(u32, f32, usize, usize)> = vec![]; // feature, threshold, first, end
+            fn walk(nodes: &[Node], i: usize, leaves: &mut Vec<f32>, ranges: &mut Vec<(u32, f32, usize, usize)>) {
+                match nodes[i] {
+                    Node::Leaf { value } => leaves.push(value),
+                    Node::Branch { feature, threshold, mode, yes, no, .. } => {
+                        let (t, left, right) = match mode {
+                            Mode::Leq => (threshold, yes, no),
+                            Mode::Lt => (threshold.next_down(), yes, no),
+                            Mode::Gt => (threshold, no, yes),
+                            Mode::Gte => (threshold.next_down(), no, yes),
+                            Mode::Leaf => unreachable!("leaves are Node::Leaf"),
+                        };
+                        let first = leaves.len();
+                        walk(nodes, left as usize, leaves, ranges);
+                        ranges.push((feature, t, first, leaves.len()));
+                        walk(nodes, right as usize, leaves, ranges);
+                    }
+                }
+            }
+            walk(nodes, 0, &mut leaves, &mut ranges);
+            if leaves.len() > MAX_LEAVES {
+                return Err(TreeError::Unsupported(format!(
+                    "tree {t} has {} leaves (at most {MAX_LEAVES})",
+                    leaves.len()
+                )));
+            }
+            // Two words per tree whatever its size: the exit leaf is then one 64-bit count of
+            // trailing zeros, without a branch on which word holds it.
+            let words = 2;
+            for (feature, threshold, first, end) in ranges {
+                // One entry per word the left subtree's leaves touch.
+                for w in first / 32..=(end - 1) / 32 {
+                    let lo = first.max(w * 32) - w * 32;
+                    let hi = end.min(w * 32 + 32) - w * 32;
+                    let clear = (((1u64 << hi) - 1) & !((1u64 << lo) - 1)) as u32;
+                    per_feature[feature as usize].push(Entry { threshold, word: (word + w) as u32, clear });
+                }
+            }
+            self.leaves.resize((word + words) * 32, 0.0);
+            self.leaves[word * 32..word * 32 + leaves.len()].copy_from_slice(&leaves);
+            word += words;
+        }
+        self.tree_words.push(word);
+        self.by_feature.push(0);
+        for mut es in per_feature {
+            es.sort_by(|a, b| a.threshold.total_cmp(&b.threshold).then(a.word.cmp(&b.word)));
+            let first = self.splits.len();
+            for e in es {
+                let start = self.targets.len() as u32;
+                self.targets.push(Target { word: e.word, clear: e.clear });
+                match self.splits[first..].last_mut() {
+                    Some(s) if s.threshold == e.threshold => s.end = start + 1,
+                    _ => self.splits.push(Split { threshold: e.threshold, start, end: start + 1 }),
+                }
+            }
+            self.by_feature.push(self.splits.len());
+        }
+        Ok(())
+    }
+
+    /// p(click) for each row of `data` (`rows × inputs`, row-major) into `out`.
+    pub fn predict(&self, data: &[f32], out: &mut Vec<f32>) -> Result<(), TreeError> {
+        if !data.len().is_multiple_of(self.inputs) {
+            return Err(TreeError::Format(format!(
+                "{} values is not a whole number of {}-wide rows",
+                data.len(),
+                self.inputs
+            )));
+        }
+        let start = out.len();
+        out.resize(start + data.len() / self.inputs, 0.0);
+        let dst = &mut out[start..];
+        match self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::Avx2` is only ever set when the CPU reports AVX2 and BMI1.
+            Kernel::Avx2 => unsafe { self.predict_avx2(data, dst) },
+            _ => self.predict_blocks::<8>(data, dst, kernels::portable),
+        }
+        Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,bmi1")]
+    unsafe fn predict_avx2(&self, data: &[f32], out: &mut [f32]) {
+        // SAFETY: this function only runs on a CPU with AVX2 (see `predict`).
+        self.predict_blocks::<AVX2_ROWS>(data, out, |s, t, x, b| unsafe { kernels::avx2(s, t, x, b) })
+    }
+
+    /// The kernel, inlined into each instruction-set variant so the compiler vectorises the
+    /// per-block loops over `B` rows with that variant's registers.
+    #[inline(always)]
+    fn predict_blocks<const B: usize>(
+        &self,
+        data: &[f32],
+        out: &mut [f32],
+        apply: impl Fn(&[Split], &[Target], &[f32; B], &mut [[u32; B]]),
+    ) {
+        let cols = self.inputs;
+        let words = *self.tree_words.last().unwrap_or(&0);
+        let mut xs = vec![[0f32; B]; cols];
+        let mut bits = vec![[u32::MAX; B]; words];
+        for (b, dst) in out.chunks_mut(B).enumerate() {
+            let rows = dst.len();
+            let block = &data[b * B * cols..(b * B + rows) * cols];
+            let mut has_nan = false;
+            for (r, row) in block.chunks_exact(cols).enumerate() {
+                for (f, v) in row.iter().enumerate() {
+                    xs[f][r] = *v;
+                    has_nan |= v.is_nan();
+                }
+            }
+            for x in xs.iter_mut() {
+                // A short last block repeats its first row (its results are not used).
+                for r in rows..B {
+                    x[r] = x[0];
+                }
+            }
+            bits.fill([u32::MAX; B]);
+            for (f, x) in xs.iter().enumerate() {
+                let splits = &self.splits[self.by_feature[f]..self.by_feature[f + 1]];
+                let max = x.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+                // Thresholds at or above every row's value are true for the whole block.
+                let visit = splits.partition_point(|s| s.threshold < max);
+                apply(&splits[..visit], &self.targets, x, &mut bits);
+            }
+            let mut sum = [0f64; B];
+            for t in 0..self.trees.len() {
+                let first = self.tree_words[t];
+                let (lo, hi) = (&bits[first], &bits[first + 1]);
+                let leaves = &self.leaves[first * 32..first * 32 + 64];
+                for (r, s) in sum.iter_mut().enumerate() {
+                    // The exit leaf is the leftmost bit left set; it always exists.
+                    let v = lo[r] as u64 | (hi[r] as u64) << 32;
+                    *s += leaves[v.trailing_zeros() as usize & 63] as f64;
+                }
+            }
+            for (r, o) in dst.iter_mut().enumerate() {
+                *o = sigmoid(self.base + sum[r]);
+            }
+            if has_nan {
+                for (r, row) in block.chunks_exact(cols).enumerate() {
+                    if row.iter().any(|v| v.is_nan()) {
+                        dst[r] = self.predict_row_reference(row);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One row by walking every tree node by node with the model's own tests (missing values
+    /// included): the definition the fast kernel is checked against.
+    pub fn predict_row_reference(&self, row: &[f32]) -> f32 {
+        let mut sum = 0f64;
+        for nodes in &self.trees {
+            let mut i = 0usize;
+            loop {
+                match nodes[i] {
+                    Node::Leaf { value } => {
+                        sum += value as f64;
+                        break;
+                    }
+                    Node::Branch { feature, threshold, mode, missing_true, yes, no } => {
+                        let x = row[feature as usize];
+                        let go_yes = if x.is_nan() {
+                            missing_true
+                        } else {
+                            match mode {
+                                Mode::Leq => x <= threshold,
+                                Mode::Lt => x < threshold,
+                                Mode::Gte => x >= threshold,
+                                Mode::Gt => x > threshold,
+                                Mode::Leaf => unreachable!("leaves are Node::Leaf"),
+                            }
+                        };
+                        i = if go_yes { yes } else { no } as usize;
+                    }
+                }
+            }
+        }
+        sigmoid(self.base + sum)
+    }
+}
+
+/// The inner loop: for each entry, the rows whose value is above its threshold lose the entry's
+/// leaves. One function per instruction set, each written with that set's vector operations
+/// (the compiler does not vectorise the mask-and-clear on its own).
+mod kernels {
+    use super::{Split, Target};
+
+    /// 8 rows as two SSE2 vectors on x86-64 (the baseline every x86-64 CPU has); plain Rust on
+    /// other targets.
+    #[inline(always)]
+    pub fn portable(splits: &[Split], targets: &[Target], x: &[f32; 8], bits: &mut [[u32; 8]]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            // SAFETY: SSE2 is part of x86-64; the loads and stores are of whole `[_; 8]` arrays.
+            unsafe {
+                let x0 = _mm_loadu_ps(x.as_ptr());
+                let x1 = _mm_loadu_ps(x.as_ptr().add(4));
+                for s in splits {
+                    let t = _mm_set1_ps(s.threshold);
+                    let m0 = _mm_castps_si128(_mm_cmpgt_ps(x0, t));
+                    let m1 = _mm_castps_si128(_mm_cmpgt_ps(x1, t));
+                    for e in &targets[s.start as usize..s.end as usize] {
+                        let c = _mm_set1_epi32(e.clear as i32);
+                        let w = bits[e.word as usize].as_mut_ptr() as *mut __m128i;
+                        _mm_storeu_si128(w, _mm_andnot_si128(_mm_and_si128(m0, c), _mm_loadu_si128(w)));
+                        _mm_storeu_si128(w.add(1), _mm_andnot_si128(_mm_and_si128(m1, c), _mm_loadu_si128(w.add(1))));
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        for s in splits {
+            for e in &targets[s.start as usize..s.end as usize] {
+                for (b, v) in bits[e.word as usize].iter_mut().zip(x) {
+                    *b &= !(((*v > s.threshold) as u32).wrapping_neg() & e.clear);
+                }
+            }
+        }
+    }
+
+    /// 16 rows as two AVX2 vectors.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn avx2<const B: usize>(splits: &[Split], targets: &[Target], x: &[f32; B], bits: &mut [[u32; B]]) {
+        use std::arch::x86_64::*;
+        const { assert!(B.is_multiple_of(8) && B <= 32) };
+        // SAFETY: AVX2 is present (caller); every load and store is of 8 lanes inside a `[_; B]`;
+        // split ranges lie inside `targets` and target words inside `bits` (both built by `lay_out`).
+        unsafe {
+            let mut xv = [_mm256_setzero_ps(); 4];
+            for (v, xv) in xv.iter_mut().enumerate().take(B / 8) {
+                *xv = _mm256_loadu_ps(x.as_ptr().add(8 * v));
+            }
+            let mut m = [_mm256_setzero_si256(); 4];
+            for s in splits {
+                let t = _mm256_set1_ps(s.threshold);
+                for v in 0..B / 8 {
+                    m[v] = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(xv[v], t));
+                }
+                for e in targets.get_unchecked(s.start as usize..s.end as usize) {
+                    let c = _mm256_set1_epi32(e.clear as i32);
+                    let w = bits.get_unchecked_mut(e.word as usize).as_mut_ptr() as *mut __m256i;
+                    for (v, m) in m.iter().enumerate().take(B / 8) {
+                        let p = w.add(v);
+                        _mm256_storeu_si256(p, _mm256_andnot_si256(_mm256_and_si256(*m, c), _mm256_loadu_si256(p)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn sigmoid(z: f64) -> f32 {
+    (1.0 / (1.0 + (-z).exp())) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployed() -> (TreeEnsemble, usize) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+        let inputs = m["stage1"]["inputs"].as_array().unwrap().len();
+        (TreeEnsemble::from_onnx_file(&dir.join("stage1_gbdt.onnx"), inputs).unwrap(), inputs)
+    }
+
+    /// Rows spread over each feature's thresholds (and exactly on them), so every branch is taken
+    /// both ways.
+    fn probe_rows(e: &TreeEnsemble, n: usize) -> Vec<f32> {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut data = vec![0f32; n * e.inputs];
+        for r in 0..n {
+            for f in 0..e.inputs {
+                let es = &e.splits[e.by_feature[f]..e.by_feature[f + 1]];
+                data[r * e.inputs + f] = if es.is_empty() {
+                    0.0
+                } else {
+                    let t = es[(next() % es.len() as u64) as usize].threshold;
+                    match next() % 3 {
+                        0 => t,
+                        1 => t.next_up(),
+                        _ => t + (next() % 1000) as f32 / 100.0 - 5.0,
+                    }
+                };
+            }
+        }
+        data
+    }
+
+    #[test]
+    fn both_kernels_equal_the_reference_traversal() {
+        let (e, inputs) = deployed();
+        let data = probe_rows(&e, 777);
+        for kernel in [Kernel::Portable, Kernel::Avx2] {
+            let e = TreeEnsemble::from_onnx_file(
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("models/stage1_gbdt.onnx"),
+                inputs,
+            )
+            .unwrap()
+            .with_kernel(kernel);
+            let mut out = vec![];
+            e.predict(&data, &mut out).unwrap();
+            assert_eq!(out.len(), 777);
+            for (r, row) in data.chunks(inputs).enumerate() {
+                assert_eq!(out[r], e.predict_row_reference(row), "row {r}, kernel {}", e.kernel().name());
+            }
+        }
+    }
+
+    #[test]
+    fn rows_with_missing_values_follow_the_model() {
+        let (e, inputs) = deployed();
+        let mut data = probe_rows(&e, 40);
+        for r in (0..40).step_by(3) {
+            data[r * inputs + (r % inputs)] = f32::NAN;
+        }
+        let mut out = vec![];
+        e.predict(&data, &mut out).unwrap();
+        for (r, row) in data.chunks(inputs).enumerate() {
+            assert_eq!(out[r], e.predict_row_reference(row), "row {r}");
+        }
+    }
+
+    #[test]
+    fn unsupported_models_are_refused_with_the_reason() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let (_, inputs) = deployed();
+        let err = TreeEnsemble::from_onnx_file(&dir.join("stage2_mlp.onnx"), inputs).unwrap_err().to_string();
+        assert!(err.contains("expected TreeEnsembleRegressor"), "{err}");
+        let err = TreeEnsemble::from_onnx(b"\x01\x02garbage", inputs).unwrap_err().to_string();
+        assert!(err.contains("not an ONNX model"), "{err}");
+        let err = TreeEnsemble::from_onnx_file(&dir.join("stage1_gbdt.onnx"), inputs + 1).unwrap_err().to_string();
+        assert!(err.contains("reads 45 inputs, the manifest names 46"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod profile {
+    use super::*;
+    /// `valgrind --tool=callgrind <lib test binary> --ignored trees::profile` to count
+    /// instructions per phase of the kernel.
+    #[test]
+    #[ignore]
+    fn profile_served_batch() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let r = reference::ServedReference::load(&dir.join("stage1_reference.bin")).unwrap();
+        let e = TreeEnsemble::from_onnx_file(&dir.join("stage1_gbdt.onnx"), r.cols).unwrap();
+        let mut out = vec![];
+        for _ in 0..20 {
+            out.clear();
+            e.predict(&r.rows[..1000 * r.cols], &mut out).unwrap();
+        }
+    }
+}
