@@ -19,6 +19,7 @@ fn describe() {
     c!("recsys_remote_scoring_total", "model stages scored on another node's scorers");
     c!("recsys_ingest_records_total", "records acknowledged by the write path, per kind");
     c!("recsys_ingest_rejected_total", "records rejected by ingest validation, per kind");
+    c!("recsys_key_collisions_total", "writes dropped because their id shares a 64-bit key with another id");
     c!(
         "recsys_deadline_exceeded_total",
         "calls answered DEADLINE_EXCEEDED because their grpc-timeout expired on the server"

@@ -389,6 +389,11 @@ impl FeatureShardState {
 
     pub fn upsert_item(&mut self, it: &ItemRecord) {
         let key = key_of(&it.id);
+        if let Some(&r) = self.index.get(&key) {
+            if collides(&self.heads[r as usize].id, &it.id) {
+                return;
+            }
+        }
         let w = self.attr_width();
         let row = self.row_for(key);
         if self.heads[row].flags & FLAG_PLACEHOLDER != 0 {
@@ -427,6 +432,9 @@ impl FeatureShardState {
 
     pub fn upsert_user(&mut self, u: &UserRecord) {
         let key = key_of(&u.id);
+        if self.users.get(&key).is_some_and(|st| collides(&st.id, &u.id)) {
+            return;
+        }
         let s = self.settings.clone();
         let state = self.users.entry(key).or_insert_with(|| new_user(&u.id, &s, true));
         if !state.upserted {
@@ -454,6 +462,9 @@ impl FeatureShardState {
     }
 
     pub fn apply_user_event(&mut self, e: &UserEvent) {
+        if self.users.get(&e.user).is_some_and(|st| collides(&st.id, &e.user_id)) {
+            return;
+        }
         if !self.users.contains_key(&e.user) {
             self.users.insert(e.user, new_user(&e.user_id, &self.settings, false));
             self.unknown_order.push_back(e.user);
@@ -608,6 +619,18 @@ impl FeatureShardState {
         }
         ItemFeatureRows { stride, values, meta }
     }
+}
+
+/// Two ids with one 64-bit key (see README, "Entity ids"): the record keeps the first id and the
+/// other's write is dropped and counted, rather than merged into a stranger's record. Applied in
+/// log order, every replica and every replay drops the same one.
+fn collides(held: &str, incoming: &str) -> bool {
+    if held.is_empty() || held == incoming {
+        return false;
+    }
+    metrics::counter!("recsys_key_collisions_total").increment(1);
+    tracing::error!(held, incoming, "two ids share one 64-bit key; the later one's write is dropped");
+    true
 }
 
 fn cosine(item: &[f32], user: &[f32], user_norm: f32) -> f32 {
@@ -897,6 +920,22 @@ mod tests {
         }
         assert_eq!(orders[0], vec![key_of("i1"), key_of("i3")], "newest first, capped at 2");
         assert!(orders.iter().all(|o| *o == orders[0]), "{orders:?}");
+    }
+
+    #[test]
+    fn a_colliding_id_never_writes_into_anothers_record() {
+        let mut s = FeatureShardState::new(settings());
+        // A second id under u1's key, as a hash collision would give.
+        s.apply_user_event(&like("u1", "i1", 5));
+        s.apply_user_event(&UserEvent { user_id: "intruder".into(), ..like("u1", "i2", 6) });
+        assert_eq!(s.recent_likes(key_of("u1")), vec![key_of("i1")], "the intruder's like is dropped");
+        s.upsert_item(&ItemRecord { price: 99.0, ..item("i1") });
+        let r = s.index[&key_of("i1")];
+        s.index.insert(key_of("i1-twin"), r); // i1-twin now shares i1's row, as a collision would
+        s.upsert_item(&ItemRecord { id: "i1-twin".into(), price: 1.0, ..item("i1") });
+        let rows = s.item_features(&[key_of("i1")], &[ItemFeat::Price], &[], 4600);
+        assert_eq!(rows.values, vec![99.0], "i1 keeps its own attributes");
+        assert_eq!(&*s.heads[r as usize].id, "i1");
     }
 
     #[test]

@@ -251,12 +251,17 @@ impl Writer {
             return Ok((out, vec![]));
         }
         let keys: Vec<Key> = valid.iter().map(|(_, e)| key_of(&e.item)).collect();
-        let briefs = self.briefs(&keys, BriefWants { embedding: true, names: false }).await?;
+        let briefs = self.briefs(&keys, BriefWants { embedding: true, names: true }).await?;
         let mut batch_ids = std::collections::HashSet::new();
         let mut ok: Vec<EventRecord> = Vec::with_capacity(valid.len());
         for (i, e) in valid {
-            if !briefs.contains_key(&key_of(&e.item)) {
+            let brief = briefs.get(&key_of(&e.item));
+            if brief.is_none() {
                 out.reject(format!("events[{i}].item_id: unknown item `{}`", e.item));
+            } else if brief.and_then(|b| b.names.as_ref()).is_some_and(|(id, _)| **id != *e.item) {
+                // Another item holds this 64-bit key (README, "Entity ids"): never count into it.
+                metrics::counter!("recsys_key_collisions_total").increment(1);
+                out.reject(format!("events[{i}].item_id: `{}` shares its 64-bit key with another item", e.item));
             } else if !batch_ids.insert(e.event_id.clone()) {
                 // Validated first, then the id claimed: an invalid twin never hides a valid event.
                 out.duplicates += 1;
