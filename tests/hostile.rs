@@ -525,3 +525,65 @@ async fn recent_likes_follow_event_time_across_a_restart() {
     assert!(node.stop().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Reordering `[[features]]` between restarts cannot relabel older training rows: each served row
+/// names the schema it was written with, both schemas are on disk, and the dataset builder refuses
+/// the mix unless one is chosen (checked when python3 is available; the node side always).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_rows_name_their_feature_schema_across_a_reorder() {
+    let dir = temp_dir("schema");
+    let data = dir.join("data");
+    let logs = data.join("logs");
+    let text = std::fs::read_to_string(common::repo().join("config/node.toml")).unwrap();
+    // The same features with the first two swapped.
+    let first = text.find("[[features]]").unwrap();
+    let second = first + 1 + text[first + 1..].find("[[features]]").unwrap();
+    let third = second + 1 + text[second + 1..].find("[[features]]").unwrap();
+    let swapped = format!("{}{}{}{}", &text[..first], &text[second..third], &text[first..second], &text[third..]);
+    let reordered = dir.join("reordered.toml");
+    std::fs::write(&reordered, swapped).unwrap();
+    let mut rids = vec![];
+    for config in [common::repo().join("config/node.toml"), reordered] {
+        let node = start_node(&data, &["--config", config.to_str().unwrap()]).expect("node starts");
+        wait_health(&node.addr, Duration::from_secs(90)).await;
+        let ch = recsys::cli::connect(&node.addr).await.unwrap();
+        if rids.is_empty() {
+            let world = Arc::new(World::generate(synthetic_spec(4, 300, 20, 2000)));
+            load_world(ch.clone(), world, 2000, true).await.unwrap();
+        }
+        let r = RecommenderClient::new(ch).recommend(req("u1", 3)).await.unwrap().into_inner();
+        served_row(&logs, &r.request_id, &r.items[0].item_id).await;
+        rids.push(r.request_id);
+        assert!(node.stop().success());
+    }
+    let text = std::fs::read_to_string(logs.join("served.jsonl")).unwrap();
+    let schema_of = |rid: &str| {
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["request_id"] == rid)
+            .map(|v| v["schema"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let (a, b) = (schema_of(&rids[0]), schema_of(&rids[1]));
+    assert_ne!(a, b, "a reordered feature list is a new schema");
+    let names = |id: &str| -> Vec<String> {
+        serde_json::from_slice(&std::fs::read(logs.join(format!("feature_schema.{id}.json"))).unwrap()).unwrap()
+    };
+    let (na, nb) = (names(&a), names(&b));
+    assert_eq!((&na[0], &na[1]), (&nb[1], &nb[0]), "each schema file keeps its own order");
+    assert!(!logs.join("feature_schema.json").exists(), "no unversioned schema file is left to mislabel rows");
+    let builder = |extra: &[&str]| {
+        std::process::Command::new("python3")
+            .arg(common::repo().join("training/make_dataset.py"))
+            .args(["--logs", logs.to_str().unwrap(), "--check-schema"])
+            .args(extra)
+            .output()
+    };
+    if let Ok(mixed) = builder(&[]) {
+        let err = String::from_utf8_lossy(&mixed.stderr);
+        assert!(!mixed.status.success() && err.contains("several feature schemas"), "{err}");
+        let one = builder(&["--schema", &b]).unwrap();
+        assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
