@@ -381,11 +381,15 @@ async fn hostile_input_is_refused_by_field_and_changes_nothing_served() {
 
 /// Streams `IDS` events from never-seen user ids into a fresh node whose per-partition cap is
 /// `cap`; returns the node's RSS growth (MiB) and its status after the stream.
-async fn unknown_stream(name: &str, cap: usize) -> (f64, pb::ClusterStatusResponse, PathBuf, common::NodeProc) {
+async fn unknown_stream(
+    name: &str,
+    cap: usize,
+    metrics: &str,
+) -> (f64, pb::ClusterStatusResponse, PathBuf, common::NodeProc) {
     let dir = temp_dir(name);
     let ov = dir.join("cap.toml");
     std::fs::write(&ov, format!("[ingest]\nunknown_users_per_partition = {cap}\n")).unwrap();
-    let args = ["--config", "config/node.toml", "--config", ov.to_str().unwrap()];
+    let args = ["--config", "config/node.toml", "--config", ov.to_str().unwrap(), "--metrics-listen", metrics];
     let node = start_node(&dir.join("data"), &args).expect("node starts");
     wait_health(&node.addr, Duration::from_secs(90)).await;
     let ch = recsys::cli::connect(&node.addr).await.unwrap();
@@ -420,18 +424,40 @@ async fn unknown_stream(name: &str, cap: usize) -> (f64, pb::ClusterStatusRespon
 
 const IDS: usize = 200_000;
 
+/// The Prometheus page of a node (plain HTTP/1.0 GET).
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 /// A stream of 200k never-seen user ids: profiles stay within the per-partition cap, the memory
 /// they take stays within the documented bound (measured against the same stream with no
 /// profiles kept), and the same profiles come back after a restart (replay evicts alike).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_user_stream_stays_within_its_memory_bound() {
-    let (base, st0, dir0, node0) = unknown_stream("unknown-users-0", 0).await;
+    let m0 = format!("127.0.0.1:{}", common::free_port());
+    let (base, st0, dir0, node0) = unknown_stream("unknown-users-0", 0, &m0).await;
     assert_eq!((st0.unknown_users, st0.unknown_users_evicted), (0, IDS as u64));
     assert!(node0.stop().success());
     let _ = std::fs::remove_dir_all(&dir0);
 
-    let (grown, st, dir, node) = unknown_stream("unknown-users", 1000).await;
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let (grown, st, dir, node) = unknown_stream("unknown-users", 1000, &metrics).await;
     let cap = 1000 * u64::from(st.partitions_per_role);
+    // The same numbers in the metrics, with their HELP text.
+    let page = scrape(&metrics).await;
+    for want in [
+        format!("recsys_unknown_users {cap}"),
+        format!("recsys_unknown_users_evicted_total {}", IDS as u64 - cap),
+        "# HELP recsys_unknown_users ".to_string(),
+        "# HELP recsys_unknown_users_evicted_total ".to_string(),
+    ] {
+        assert!(page.lines().any(|l| l.starts_with(&want)), "metrics lack `{want}`");
+    }
     assert_eq!(st.unknown_users, cap, "{st:?}");
     assert_eq!(st.unknown_users + st.unknown_users_evicted, IDS as u64, "every stranger counted once");
     let profiles = grown - base;

@@ -226,7 +226,8 @@ pub struct FeatureShardState {
     /// Per row: every (counter, window) sum, valid for the 5-minute bucket in `window_sums_at`
     /// (window sums only change at bucket boundaries or when an event lands, which invalidates).
     window_sums: Vec<[f32; WINDOW_SUMS]>,
-    users: KeyMap<UserState>,
+    /// Boxed: the map's spare capacity then costs a pointer per slot, not a whole profile.
+    users: KeyMap<Box<UserState>>,
     /// Last-writer-wins versions (`at`, op id) of item and user upserts, so replicas that
     /// receive two upserts of one record in different orders keep the same one.
     item_versions: KeyMap<(i64, u64)>,
@@ -645,9 +646,9 @@ fn cosine(item: &[f32], user: &[f32], user_norm: f32) -> f32 {
 
 /// A profile: full for an upserted user, light (small seen filter, nothing pre-allocated) for one
 /// known only from events.
-fn new_user(id: &str, s: &ShardSettings, upserted: bool) -> UserState {
+fn new_user(id: &str, s: &ShardSettings, upserted: bool) -> Box<UserState> {
     let seen = if upserted { s.seen_capacity } else { s.seen_capacity.min(LIGHT_SEEN_CAPACITY) };
-    UserState {
+    Box::new(UserState {
         id: id.to_string(),
         geo: String::new(),
         signup_at: None,
@@ -661,7 +662,7 @@ fn new_user(id: &str, s: &ShardSettings, upserted: bool) -> UserState {
         emb_weight: 0.0,
         author_affinity: KeyMap::default(),
         counters: vec![0; Action::COUNTERS * counters::WIDTH],
-    }
+    })
 }
 
 pub enum FeatureMsg {
