@@ -41,6 +41,7 @@ fn shard_with_items(n: usize) -> FeatureShardState {
         recent_likes: 20,
         seen_capacity: 2048,
         seen_fp: 0.01,
+        unknown_cap: 1000,
     });
     let now = 1_700_000_000i64;
     for i in 0..n {

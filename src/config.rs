@@ -130,6 +130,9 @@ pub struct FilterConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ScoringConfig {
     pub models_dir: PathBuf,
+    /// ReloadModels only loads directories under this root (after resolving symlinks); unset,
+    /// the root is `models_dir` itself.
+    pub models_root: Option<PathBuf>,
     pub onnxruntime_lib: Option<PathBuf>,
     pub scorers: usize,
     pub stage2_top_n: usize,
@@ -170,6 +173,14 @@ pub struct IngestConfig {
     pub replica_timeout_ms: u64,
     pub embedding_dim: usize,
     pub topics: u32,
+    /// An event dated more than this ahead of the node's clock is rejected (clock skew allowed).
+    pub max_event_skew_ms: i64,
+    /// An event older than this is rejected (the widest counter window is 7 days).
+    pub max_event_age_ms: i64,
+    /// Profiles of users never upserted (known only from their events) kept per feature
+    /// partition; beyond it the oldest such profile is forgotten. Bounds memory under a stream of
+    /// unknown ids.
+    pub unknown_users_per_partition: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -267,6 +278,7 @@ impl Default for ScoringConfig {
             .collect();
         Self {
             models_dir: PathBuf::from("models"),
+            models_root: None,
             onnxruntime_lib: None,
             scorers: 2,
             stage2_top_n: 100,
@@ -279,7 +291,15 @@ impl Default for ScoringConfig {
 }
 impl Default for IngestConfig {
     fn default() -> Self {
-        Self { max_batch: 5000, replica_timeout_ms: 3000, embedding_dim: 8, topics: 20 }
+        Self {
+            max_batch: 5000,
+            replica_timeout_ms: 3000,
+            embedding_dim: 8,
+            topics: 20,
+            max_event_skew_ms: 300_000,
+            max_event_age_ms: 30 * 86_400_000,
+            unknown_users_per_partition: 1000,
+        }
     }
 }
 impl Default for StoreConfig {
@@ -365,6 +385,15 @@ impl Config {
         }
         if self.scoring.scorers == 0 {
             return bad("scoring.scorers", "must be at least 1");
+        }
+        if !(0..=86_400_000).contains(&self.ingest.max_event_skew_ms) {
+            return bad("ingest.max_event_skew_ms", "must be in 0..=86400000 (one day)");
+        }
+        if !(3_600_000..=10 * 365 * 86_400_000).contains(&self.ingest.max_event_age_ms) {
+            return bad("ingest.max_event_age_ms", "must be in 3600000..=315360000000 (one hour to ten years)");
+        }
+        if self.ingest.unknown_users_per_partition > 1_000_000 {
+            return bad("ingest.unknown_users_per_partition", "must be at most 1000000");
         }
         if self.ingest.max_batch == 0 {
             return bad("ingest.max_batch", "must be at least 1");

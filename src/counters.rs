@@ -38,8 +38,24 @@ fn level_offset(level: usize) -> usize {
     LEVELS[..level].iter().map(|(_, n)| n).sum()
 }
 
+/// An event further than this ahead of the applying node's clock never moves a ring. Ingest
+/// rejects such events far earlier (`ingest.max_event_skew_ms`); one found here was logged before
+/// that check existed or by a node with a broken clock, and advancing a head to it would empty
+/// every window of the counter (and keep it empty, replay included) until real time caught up.
+pub const FUTURE_GUARD_SECS: i64 = 86_400;
+
+fn beyond_guard(ts: i64) -> bool {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    ts > now.saturating_add(FUTURE_GUARD_SECS)
+}
+
 /// Adds `n` at event time `ts` (unix seconds) to the counter stored in `cell` (`WIDTH` u32).
-pub fn add(cell: &mut [u32], ts: i64, n: u32) {
+/// Returns false (and changes nothing) for an event beyond `FUTURE_GUARD_SECS`.
+pub fn add(cell: &mut [u32], ts: i64, n: u32) -> bool {
+    if beyond_guard(ts) {
+        return false;
+    }
     for (level, &(width, len)) in LEVELS.iter().enumerate() {
         let off = level_offset(level);
         let bucket = (ts.max(0) / width) as u32;
@@ -60,6 +76,7 @@ pub fn add(cell: &mut [u32], ts: i64, n: u32) {
         *slot = slot.saturating_add(n);
         cell[TOTALS + level] = cell[TOTALS + level].saturating_add(n);
     }
+    true
 }
 
 /// Events in the window ending at `now` (unix seconds). The valid buckets are the intersection of
@@ -100,7 +117,11 @@ pub struct HourRing {
 }
 
 impl HourRing {
+    /// Same guard as `add`: an event a day ahead of the clock never moves the ring.
     pub fn add(&mut self, ts: i64, w: f32) {
+        if beyond_guard(ts) {
+            return;
+        }
         let b = (ts.max(0) / 3600) as u32;
         if b > self.head {
             let steps = (b - self.head).min(24);
@@ -187,6 +208,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_event_far_in_the_future_wipes_no_window() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let mut c = vec![0u32; WIDTH];
+        let mut r = HourRing::default();
+        add(&mut c, now - 60, 3);
+        r.add(now - 60, 3.0);
+        assert!(!add(&mut c, now + 30 * 86_400, 1), "a month ahead is ignored");
+        r.add(now + 30 * 86_400, 1.0);
+        add(&mut c, now, 1);
+        r.add(now, 1.0);
+        assert_eq!(sum(&c, now, Window::Hour), 4);
+        assert_eq!(r.sum(now, 1), 4.0);
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Feature logging, off the hot path: the served rows (exact feature vector, scores, model
 //! version, position) and the ingested events go through a bounded queue to a writer thread that
 //! appends JSON lines under `<data_dir>/logs/`. Training joins the two (see `training/`).
+//! Feature rows are arrays; each served row names the schema (`feature_schema.<id>.json`, the
+//! id a hash of the ordered feature names) it was written with, so a reordered `[[features]]`
+//! after a restart cannot relabel older rows: the dataset builder refuses rows of mixed or
+//! unknown schemas.
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
@@ -45,10 +49,16 @@ pub struct FeatureLogger {
 }
 
 impl FeatureLogger {
-    /// Starts the writer thread; writes the feature schema once so rows can stay arrays.
+    /// Starts the writer thread; writes this feature schema under its id (once per schema).
     pub fn start(dir: &Path, feature_names: &[String]) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("feature_schema.json"), serde_json::to_vec_pretty(feature_names)?)?;
+        let (schema, text) = schema_of(feature_names)?;
+        let file = dir.join(format!("feature_schema.{schema}.json"));
+        if !file.is_file() {
+            std::fs::write(&file, text)?;
+        }
+        // The unversioned file of earlier builds would label every generation with today's order.
+        let _ = std::fs::remove_file(dir.join("feature_schema.json"));
         let (tx, rx) = sync_channel::<LogLine>(8192);
         let mut served = RotatingFile::open(dir.join("served.jsonl"))?;
         let mut events = RotatingFile::open(dir.join("events.jsonl"))?;
@@ -58,7 +68,7 @@ impl FeatureLogger {
                 let mut next = Some(first);
                 while let Some(line) = next {
                     let r = match line {
-                        LogLine::Served(r) => served.write_row(&r),
+                        LogLine::Served(r) => served.write_row(&Stamped { schema: &schema, row: &r }),
                         LogLine::Event(r) => events.write_row(&r),
                     };
                     if let Err(e) = r {
@@ -82,6 +92,22 @@ impl FeatureLogger {
             }
         }
     }
+}
+
+/// Schema id (16 hex digits of SHA-256 over the ordered names) and the schema file's text.
+pub fn schema_of(feature_names: &[String]) -> std::io::Result<(String, Vec<u8>)> {
+    use sha2::Digest;
+    let text = serde_json::to_vec_pretty(feature_names)?;
+    let id = sha2::Sha256::digest(&text)[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Ok((id, text))
+}
+
+/// A served row as logged: its schema id first.
+#[derive(Serialize)]
+struct Stamped<'a> {
+    schema: &'a str,
+    #[serde(flatten)]
+    row: &'a ServedRow,
 }
 
 /// A JSON-lines file that rotates at `ROTATE_BYTES` and keeps `KEEP` old generations
@@ -125,5 +151,16 @@ impl RotatingFile {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn schema_id_changes_with_order() {
+        let a = super::schema_of(&["x".into(), "y".into()]).unwrap().0;
+        let b = super::schema_of(&["y".into(), "x".into()]).unwrap().0;
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
     }
 }

@@ -18,6 +18,14 @@ fn describe() {
     c!("recsys_peer_rpc_errors_total", "failed calls to peer nodes, per peer and method");
     c!("recsys_remote_scoring_total", "model stages scored on another node's scorers");
     c!("recsys_ingest_records_total", "records acknowledged by the write path, per kind");
+    c!("recsys_ingest_rejected_total", "records rejected by ingest validation, per kind");
+    c!("recsys_key_collisions_total", "writes dropped because their id shares a 64-bit key with another id");
+    c!(
+        "recsys_deadline_exceeded_total",
+        "calls answered DEADLINE_EXCEEDED because their grpc-timeout expired on the server"
+    );
+    g!("recsys_unknown_users", "profiles of never-upserted users held in this node's feature partitions");
+    c!("recsys_unknown_users_evicted_total", "never-upserted user profiles forgotten at the per-partition cap");
     h!("recsys_flush_seconds", metrics::Unit::Seconds, "sled flush latency per write call");
     c!("recsys_replica_write_failures_total", "partition writes a replica did not acknowledge");
     c!("recsys_hints_delivered_total", "ops delivered to replicas that had missed them (hinted handoff)");

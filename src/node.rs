@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::api::admin::{AdminService, AdminState};
+use crate::api::codes::SpecCodes;
 use crate::api::ingest::IngestService;
 use crate::api::pb;
 use crate::api::recommender::RecommenderService;
@@ -316,23 +317,24 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
+        // SpecCodes: the spec's codes for expired deadlines and undecodable requests (see api::codes).
+        .add_service(SpecCodes(
             pb::recommender_server::RecommenderServer::new(RecommenderService { pipeline: handles.pipeline.clone() })
                 .max_decoding_message_size(max_msg),
-        )
-        .add_service(
+        ))
+        .add_service(SpecCodes(
             pb::ingest_server::IngestServer::new(IngestService {
                 writer: handles.writer.clone(),
                 logger: handles.logger.clone(),
             })
             .max_decoding_message_size(max_msg),
-        )
-        .add_service(pb::admin_server::AdminServer::new(AdminService { state: handles.admin.clone() }))
-        .add_service(
+        ))
+        .add_service(SpecCodes(pb::admin_server::AdminServer::new(AdminService { state: handles.admin.clone() })))
+        .add_service(SpecCodes(
             ipb::internal_server::InternalServer::new(internal)
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(max_msg),
-        );
+        ));
     let mut rx = shutdown_rx.clone();
     // Small replies on a persistent connection: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -524,6 +526,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         models: models.clone(),
         plan: plan.clone(),
         models_dir: models_dir.clone(),
+        models_root: cfg.scoring.models_root.clone().unwrap_or_else(|| models_dir.clone()),
     }));
     membership.set_state(MemberState::Serving).await;
     for s in services {

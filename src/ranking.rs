@@ -72,6 +72,10 @@ pub enum TokenError {
 
 const TOKEN_VERSION: &str = "p2";
 
+/// Largest offset a token may carry: far above any ranked list (`serving.ranked_list_len`), and
+/// small enough that no offset arithmetic or `u32` conversion on the way can wrap.
+pub const MAX_PAGE_OFFSET: usize = 1 << 20;
+
 /// Page tokens: `p2.<node>.<request>.<offset>.<mac>`, signed with the cluster's key (HMAC-SHA256,
 /// truncated to 64 bits) so a client can neither forge one nor move it to another user. The node
 /// named is the one holding the ranked list; any node serves the page by asking it.
@@ -108,10 +112,21 @@ impl PageTokens {
         let (Some(sum), Some(off), Some(rid), Some(node)) = (tail.next(), tail.next(), tail.next(), tail.next()) else {
             return Err(TokenError::Malformed);
         };
-        if node.is_empty() || rid.is_empty() || rid.len() > 64 {
+        if node.is_empty() || node.len() > 64 || rid.is_empty() || rid.len() > 64 {
+            return Err(TokenError::Malformed);
+        }
+        // Digits only, canonical (no sign, no leading zero): one offset has exactly one spelling.
+        if off.is_empty()
+            || off.len() > 7
+            || !off.bytes().all(|b| b.is_ascii_digit())
+            || (off.len() > 1 && off.starts_with('0'))
+        {
             return Err(TokenError::Malformed);
         }
         let offset: usize = off.parse().map_err(|_| TokenError::Malformed)?;
+        if offset > MAX_PAGE_OFFSET {
+            return Err(TokenError::Malformed);
+        }
         if sum.len() != 16 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(TokenError::Malformed);
         }
@@ -253,6 +268,63 @@ mod tests {
         assert_eq!(tokens.parse(&t.replace(".10.", ".11."), "u1"), Err(TokenError::WrongUser));
         assert_eq!(tokens.parse("garbage", "u1"), Err(TokenError::Malformed));
         assert_eq!(tokens.parse("p2.n1.r1.x.0000000000000000", "u1"), Err(TokenError::Malformed));
+    }
+
+    mod token_props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn tokens() -> PageTokens {
+            PageTokens::new(b"cluster secret")
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+            /// Any string: no panic; whatever parses is canonical (re-made, it is the same token)
+            /// with a bounded offset.
+            #[test]
+            fn parsing_never_panics_and_accepts_only_canonical_bounded_tokens(
+                t in prop_oneof![
+                    "\\PC{0,600}",
+                    "p2\\.[a-z0-9.]{0,12}\\.[0-9a-f]{0,20}\\.[-+0-9]{0,22}\\.[0-9a-fA-F]{0,18}",
+                ],
+                user in "[a-z0-9]{1,8}",
+            ) {
+                if let Ok((node, rid, off)) = tokens().parse(&t, &user) {
+                    prop_assert!(off <= MAX_PAGE_OFFSET);
+                    prop_assert_eq!(tokens().make(&node, &rid, off, &user), t);
+                }
+            }
+
+            /// A minted token parses back for its user only, and changing any one character of it
+            /// (or signing with another key) makes it refused.
+            #[test]
+            fn minted_tokens_round_trip_and_any_change_is_refused(
+                node in "[a-z0-9][a-z0-9.-]{0,20}", rid in "[0-9a-f]{1,16}", off in 0usize..=MAX_PAGE_OFFSET,
+                user in "[a-z0-9]{1,8}", pos in any::<prop::sample::Index>(), ch in any::<char>(),
+            ) {
+                let t = tokens().make(&node, &rid, off, &user);
+                prop_assert_eq!(tokens().parse(&t, &user), Ok((node.clone(), rid.clone(), off)));
+                let other = format!("{user}x");
+                prop_assert!(tokens().parse(&t, &other).is_err());
+                prop_assert!(PageTokens::new(b"another key").parse(&t, &user).is_err());
+                let mut chars: Vec<char> = t.chars().collect();
+                let i = pos.index(chars.len());
+                if chars[i] != ch {
+                    chars[i] = ch;
+                    let forged: String = chars.into_iter().collect();
+                    prop_assert!(tokens().parse(&forged, &user).is_err(), "{forged} accepted");
+                }
+            }
+
+            /// Offsets beyond the bound are refused even when correctly signed.
+            #[test]
+            fn signed_offsets_beyond_the_bound_are_refused(off in (MAX_PAGE_OFFSET + 1)..usize::MAX) {
+                let t = tokens().make("n1", "abc", off, "u");
+                prop_assert_eq!(tokens().parse(&t, "u"), Err(TokenError::Malformed));
+            }
+        }
     }
 
     #[test]

@@ -81,7 +81,7 @@ async fn rig(name: &str, scorers: Option<Arc<ScorerPool>>) -> Rig {
     let mut events = Vec::new();
     World::generate(recsys::cli::load::synthetic_spec(3, 1500, 100, 4000)).events(|e| events.push(e));
     for chunk in events.chunks(2000) {
-        writer.log_events(chunk.to_vec()).await.unwrap();
+        writer.log_events(chunk.iter().cloned().enumerate().collect(), Default::default()).await.unwrap();
     }
     let pipeline = Arc::new(Pipeline {
         cfg: cfg.clone(),
@@ -146,7 +146,7 @@ async fn crashed_partition_is_rebuilt_from_sled() {
     let p = partition_of(ids::ITEM, key_of(&r.world.items[0].id), r.partitions);
     let before = r.local.feature_actor(p).unwrap();
     let counts = before.call(FeatureMsg::Counts, Some(Duration::from_secs(5))).await.unwrap().unwrap();
-    assert!(counts.0 > 0);
+    assert!(counts.items > 0);
     before.send_message(FeatureMsg::Crash).unwrap();
     // Wait (bounded) for the supervisor to swap in the rebuilt actor.
     let rebuilt = tokio::time::timeout(Duration::from_secs(30), async {

@@ -315,7 +315,11 @@ fn model_copy(dir: &std::path::Path, edit: impl Fn(String) -> String) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_reload_live_and_a_bad_model_leaves_the_old_one_serving() {
     let dir = temp_dir("reload");
-    let node = start_node(&dir.join("data"), &[]).expect("node starts");
+    // ReloadModels loads only under the models root: this test's versions live in its temp dir.
+    let root = dir.join("root.toml");
+    std::fs::write(&root, format!("[scoring]\nmodels_root = {:?}\n", dir.to_str().unwrap())).unwrap();
+    let node = start_node(&dir.join("data"), &["--config", "config/node.toml", "--config", root.to_str().unwrap()])
+        .expect("node starts");
     wait_serving(&node.addr).await;
     let ch = recsys::cli::connect(&node.addr).await.unwrap();
     let world = Arc::new(World::generate(synthetic_spec(5, 800, 100, 8000)));
@@ -460,7 +464,7 @@ async fn load_reads_json_lines_files_and_names_a_bad_line() {
         serde_json::json!({"event_id": "bad-1", "user": user, "item": "i0", "action": "liek", "ts_ms": 1}).to_string(),
     );
     evs.push(
-        serde_json::json!({"event_id": "bad-2", "user": user, "item": "nope", "action": "click", "ts_ms": 1})
+        serde_json::json!({"event_id": "bad-2", "user": user, "item": "nope", "action": "click", "ts_ms": world.spec.now * 1000})
             .to_string(),
     );
     let events = dir.join("events.jsonl");

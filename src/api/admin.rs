@@ -5,8 +5,9 @@ use tonic::{Request, Response, Status};
 
 use super::pb;
 use crate::cluster::{MemberState, Role};
-use crate::features::shard::FeatureMsg;
+use crate::features::shard::{FeatureMsg, ShardCounts};
 use crate::features::FeaturePlan;
+use crate::scoring::paths::{self, PathError};
 use crate::scoring::{Models, ScoringError};
 use crate::transport::Transport;
 
@@ -15,6 +16,8 @@ pub struct AdminState {
     pub models: Arc<Models>,
     pub plan: Arc<FeaturePlan>,
     pub models_dir: std::path::PathBuf,
+    /// ReloadModels loads only directories under this (scoring.models_root).
+    pub models_root: std::path::PathBuf,
 }
 
 pub struct AdminService {
@@ -22,8 +25,8 @@ pub struct AdminService {
 }
 
 impl AdminState {
-    /// (items, users, events) held in this node's feature partitions.
-    async fn counts(&self) -> (u64, u64, u64) {
+    /// Records and unknown-user bookkeeping of this node's feature partitions, summed.
+    async fn counts(&self) -> ShardCounts {
         let t = &self.transport;
         let calls = t.ring.partitions_of(Role::Feature, &t.node_id).into_iter().filter_map(|p| {
             let a = t.local.feature_actor(p)?;
@@ -34,11 +37,13 @@ impl AdminState {
                 }
             })
         });
-        futures::future::join_all(calls)
-            .await
-            .into_iter()
-            .flatten()
-            .fold((0, 0, 0), |(i, u, e), (a, b, c)| (i + a as u64, u + b as u64, e + c))
+        futures::future::join_all(calls).await.into_iter().flatten().fold(ShardCounts::default(), |a, c| ShardCounts {
+            items: a.items + c.items,
+            users: a.users + c.users,
+            events: a.events + c.events,
+            unknown_users: a.unknown_users + c.unknown_users,
+            unknown_evicted: a.unknown_evicted + c.unknown_evicted,
+        })
     }
 }
 
@@ -114,7 +119,7 @@ impl pb::admin_server::Admin for AdminService {
                 });
             }
         }
-        let (items, users, events) = st.counts().await;
+        let counts = st.counts().await;
         let (cpu_seconds, resident_bytes) = crate::metrics::process_stats();
         let models = scorers.manifest.as_ref().map(|m| pb::ModelVersions {
             stage1: format!("{}/stage1", m.version),
@@ -127,9 +132,11 @@ impl pb::admin_server::Admin for AdminService {
             ring_digest: ring.digest.clone(),
             partitions_per_role: ring.partitions,
             replication_factor: ring.replication,
-            items,
-            users,
-            events,
+            items: counts.items as u64,
+            users: counts.users as u64,
+            events: counts.events,
+            unknown_users: counts.unknown_users as u64,
+            unknown_users_evicted: counts.unknown_evicted,
             models,
             self_node_id: t.node_id.clone(),
             partitions,
@@ -145,10 +152,19 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::ReloadModelsRequest>,
     ) -> Result<Response<pb::ReloadModelsResponse>, Status> {
         let st = super::recommender::ready(&self.state)?;
-        let dir = req.into_inner().models_dir;
-        let dir = if dir.is_empty() { st.models_dir.clone() } else { std::path::PathBuf::from(dir) };
+        let asked = req.into_inner().models_dir;
+        let dir = if asked.is_empty() {
+            st.models_dir.clone()
+        } else {
+            // Only the caller's own spelling is echoed back, never a resolved path.
+            paths::confine_dir(&st.models_root, std::path::Path::new(&asked)).map_err(|e| match e {
+                PathError::NotFound => Status::not_found(format!("models_dir: `{asked}` {e}")),
+                PathError::NoRoot => Status::unavailable(format!("models_dir: {e}")),
+                _ => Status::invalid_argument(format!("models_dir: {e}")),
+            })?
+        };
         if !dir.is_dir() {
-            return Err(Status::not_found(format!("models_dir: {} is not a directory", dir.display())));
+            return Err(Status::not_found("models_dir: the configured models directory is not a directory"));
         }
         match st.models.reload(&dir, &st.plan).await {
             Ok((previous, version)) => {
@@ -162,6 +178,7 @@ impl pb::admin_server::Admin for AdminService {
                     ScoringError::Overloaded | ScoringError::Timeout | ScoringError::Busy => {
                         Status::unavailable(format!("models_dir: {e}; the serving version stays"))
                     }
+                    // Paths in the message are the model directory's, which is under the root.
                     _ => Status::invalid_argument(format!("models_dir: {e}; the serving version stays")),
                 })
             }

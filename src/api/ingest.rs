@@ -4,9 +4,9 @@ use tonic::{Request, Response, Status};
 
 use super::pb;
 use super::recommender::ready;
-use crate::ingest::{WriteOutcome, Writer};
+use crate::ingest::{validate, WriteOutcome, Writer};
 use crate::logging::{EventRow, FeatureLogger, LogLine};
-use crate::store::{Action, EventRecord, ItemRecord, UserRecord};
+use crate::store::{EventRecord, ItemRecord, UserRecord};
 
 pub struct IngestService {
     pub writer: Arc<OnceLock<Arc<Writer>>>,
@@ -21,18 +21,6 @@ fn reply(o: WriteOutcome) -> Response<pb::WriteResponse> {
         rejections: o.rejections,
         flush_micros: o.flush_micros,
     })
-}
-
-fn action(a: i32) -> Option<Action> {
-    match pb::Action::try_from(a).ok()? {
-        pb::Action::Unspecified => None,
-        pb::Action::Impression => Some(Action::Impression),
-        pb::Action::Click => Some(Action::Click),
-        pb::Action::Like => Some(Action::Like),
-        pb::Action::Share => Some(Action::Share),
-        pb::Action::Hide => Some(Action::Hide),
-        pb::Action::Report => Some(Action::Report),
-    }
 }
 
 #[tonic::async_trait]
@@ -86,60 +74,30 @@ impl pb::ingest_server::Ingest for IngestService {
     async fn log_events(&self, req: Request<pb::LogEventsRequest>) -> Result<Response<pb::WriteResponse>, Status> {
         let w = ready(&self.writer)?;
         let events = req.into_inner().events;
-        if events.len() > w.cfg.ingest.max_batch {
-            return Err(Status::resource_exhausted(format!(
-                "events: batch of {} exceeds the limit of {}",
-                events.len(),
-                w.cfg.ingest.max_batch
-            )));
-        }
-        let mut pre_rejected = WriteOutcome::default();
+        w.check_size("events", events.len())?;
+        // Decoding rejects only what has no internal form (the action); every other check is the
+        // validation layer's (`ingest::validate`), run by the writer.
+        let mut out = WriteOutcome::default();
         let mut records = Vec::with_capacity(events.len());
         for (i, e) in events.into_iter().enumerate() {
-            let why = if e.event_id.is_empty() || e.event_id.len() > 128 {
-                Some("event_id: must be 1..=128 bytes")
-            } else if e.user_id.is_empty() || e.user_id.len() > 256 {
-                Some("user_id: must be 1..=256 bytes")
-            } else if e.item_id.is_empty() || e.item_id.len() > 256 {
-                Some("item_id: must be 1..=256 bytes")
-            } else if e.geo.len() > 64 {
-                Some("geo: longer than 64 bytes")
-            } else if e.request_id.len() > 128 {
-                Some("request_id: longer than 128 bytes")
-            } else if e.event_time_ms <= 0 {
-                Some("event_time_ms: must be a positive unix time in milliseconds")
-            } else {
-                None
-            };
-            match (why, action(e.action)) {
-                (Some(w), _) => pre_rejected.reject(format!("events[{i}].{w}")),
-                (None, None) => {
-                    pre_rejected.reject(format!("events[{i}].action: unspecified or unknown action {}", e.action))
-                }
-                (None, Some(a)) => records.push(EventRecord {
-                    event_id: e.event_id,
-                    user: e.user_id,
-                    item: e.item_id,
-                    action: a,
-                    ts_ms: e.event_time_ms,
-                    geo: e.geo,
-                    request_id: e.request_id,
-                    pairs: vec![],
-                }),
+            match validate::action(i, e.action) {
+                Err(r) => out.reject(r.to_string()),
+                Ok(action) => records.push((
+                    i,
+                    EventRecord {
+                        event_id: e.event_id,
+                        user: e.user_id,
+                        item: e.item_id,
+                        action,
+                        ts_ms: e.event_time_ms,
+                        geo: e.geo,
+                        request_id: e.request_id,
+                        pairs: vec![],
+                    },
+                )),
             }
         }
-        if records.is_empty() {
-            if pre_rejected.rejected > 0 {
-                return Ok(reply(pre_rejected));
-            }
-            return Err(Status::invalid_argument("events: batch is empty"));
-        }
-        let (mut out, applied) = w.log_events(records).await?;
-        out.rejected += pre_rejected.rejected;
-        let mut rej = pre_rejected.rejections;
-        rej.extend(out.rejections);
-        rej.truncate(10);
-        out.rejections = rej;
+        let (out, applied) = w.log_events(records, out).await?;
         if let Some(l) = self.logger.get() {
             for e in applied {
                 l.log(LogLine::Event(EventRow {

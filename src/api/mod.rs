@@ -1,5 +1,6 @@
 //! gRPC services of a node (recsys.v1) and the mapping from module errors to status codes.
 pub mod admin;
+pub mod codes;
 pub mod ingest;
 pub mod recommender;
 
@@ -41,8 +42,12 @@ impl From<IngestError> for Status {
 
 /// Parses the client's `grpc-timeout` header ("100m", "2S", ...).
 pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = meta.get("grpc-timeout")?.to_str().ok()?;
-    if v.len() < 2 {
+    parse_timeout(meta.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// A `grpc-timeout` value: at most 8 digits and a unit (the spec's limit; longer is ignored).
+pub fn parse_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
         return None;
     }
     let (num, unit) = v.split_at(v.len() - 1);

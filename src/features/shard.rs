@@ -121,10 +121,17 @@ impl SeenFilter {
 pub struct UserState {
     pub id: String,
     pub geo: String,
-    pub signup_at: i64,
+    /// None until an upsert gives a signup time: `user_age_days` then takes its feature default
+    /// (0 would make every such user ~20,000 days old, far outside what the model saw).
+    pub signup_at: Option<i64>,
+    /// False for a profile created by events alone (the user was never upserted): such profiles
+    /// are light, capped per partition and forgotten oldest first.
+    pub upserted: bool,
     pub follows: Vec<Key>,
     pub blocked: Vec<Key>,
-    pub recent_likes: VecDeque<Key>,
+    /// Liked items with their event time, newest first: the order follows event time, not the
+    /// order ops arrive in, so replay, catch-up and live writes give the same list.
+    pub recent_likes: VecDeque<(i64, Key)>,
     pub seen: SeenFilter,
     pub topic_affinity: Vec<f32>,
     pub emb_sum: Vec<f32>,
@@ -138,7 +145,7 @@ pub struct UserState {
 pub struct UserSnapshot {
     pub known: bool,
     pub geo: String,
-    pub signup_at: i64,
+    pub signup_at: Option<i64>,
     pub follows: Vec<Key>,
     pub blocked: Vec<Key>,
     pub recent_likes: Vec<Key>,
@@ -154,7 +161,7 @@ impl UserSnapshot {
         Self {
             known: false,
             geo: String::new(),
-            signup_at: 0,
+            signup_at: None,
             follows: vec![],
             blocked: vec![],
             recent_likes: vec![],
@@ -174,7 +181,7 @@ impl UserSnapshot {
             counters::sum(&self.counters[c * counters::WIDTH..(c + 1) * counters::WIDTH], now, w) as f32
         };
         Some(match f {
-            UserFeat::AgeDays => ((now - self.signup_at).max(0) as f32) / 86_400.0,
+            UserFeat::AgeDays => ((now - self.signup_at?).max(0) as f32) / 86_400.0,
             UserFeat::NumFollows => self.follows.len() as f32,
             UserFeat::RecentLikes => self.recent_likes.len() as f32,
             UserFeat::Count { counter, window } => count(counter, window),
@@ -191,6 +198,21 @@ pub struct ShardSettings {
     pub recent_likes: usize,
     pub seen_capacity: usize,
     pub seen_fp: f64,
+    /// Profiles of never-upserted users kept in this partition (oldest forgotten beyond it).
+    pub unknown_cap: usize,
+}
+
+/// Seen-filter capacity of a light (never-upserted) profile: a full one pre-allocates ~2.4 KB.
+const LIGHT_SEEN_CAPACITY: usize = 256;
+
+/// Unknown-user bookkeeping of a partition, reported in ClusterStatus and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardCounts {
+    pub items: usize,
+    pub users: usize,
+    pub events: u64,
+    pub unknown_users: usize,
+    pub unknown_evicted: u64,
 }
 
 pub struct FeatureShardState {
@@ -204,7 +226,8 @@ pub struct FeatureShardState {
     /// Per row: every (counter, window) sum, valid for the 5-minute bucket in `window_sums_at`
     /// (window sums only change at bucket boundaries or when an event lands, which invalidates).
     window_sums: Vec<[f32; WINDOW_SUMS]>,
-    users: KeyMap<UserState>,
+    /// Boxed: the map's spare capacity then costs a pointer per slot, not a whole profile.
+    users: KeyMap<Box<UserState>>,
     /// Last-writer-wins versions (`at`, op id) of item and user upserts, so replicas that
     /// receive two upserts of one record in different orders keep the same one.
     item_versions: KeyMap<(i64, u64)>,
@@ -213,6 +236,12 @@ pub struct FeatureShardState {
     events: u64,
     /// Rows holding counters of items not upserted yet.
     placeholders: usize,
+    /// Never-upserted profiles in creation order (may hold keys since upserted or re-created;
+    /// those are skipped when popped). Applying ops in log order makes eviction the same on every
+    /// replica and in replay.
+    unknown_order: VecDeque<Key>,
+    unknown_live: usize,
+    unknown_evicted: u64,
 }
 
 struct ItemHead {
@@ -245,6 +274,36 @@ impl FeatureShardState {
             user_versions: KeyMap::default(),
             events: 0,
             placeholders: 0,
+            unknown_order: VecDeque::new(),
+            unknown_live: 0,
+            unknown_evicted: 0,
+        }
+    }
+
+    pub fn counts(&self) -> ShardCounts {
+        ShardCounts {
+            items: self.item_count(),
+            users: self.users.len(),
+            events: self.events,
+            unknown_users: self.unknown_live,
+            unknown_evicted: self.unknown_evicted,
+        }
+    }
+
+    /// Forgets the oldest never-upserted profiles beyond the cap.
+    fn evict_unknown(&mut self) {
+        while self.unknown_live > self.settings.unknown_cap {
+            let Some(k) = self.unknown_order.pop_front() else { break };
+            if self.users.get(&k).is_some_and(|u| !u.upserted) {
+                self.users.remove(&k);
+                self.unknown_live -= 1;
+                self.unknown_evicted += 1;
+            }
+        }
+        // Stale keys (upserted since) must not pile up without bound.
+        if self.unknown_order.len() > 2 * self.unknown_live.max(self.settings.unknown_cap) + 64 {
+            let users = &self.users;
+            self.unknown_order.retain(|k| users.get(k).is_some_and(|u| !u.upserted));
         }
     }
 
@@ -331,6 +390,11 @@ impl FeatureShardState {
 
     pub fn upsert_item(&mut self, it: &ItemRecord) {
         let key = key_of(&it.id);
+        if let Some(&r) = self.index.get(&key) {
+            if collides(&self.heads[r as usize].id, &it.id) {
+                return;
+            }
+        }
         let w = self.attr_width();
         let row = self.row_for(key);
         if self.heads[row].flags & FLAG_PLACEHOLDER != 0 {
@@ -369,10 +433,18 @@ impl FeatureShardState {
 
     pub fn upsert_user(&mut self, u: &UserRecord) {
         let key = key_of(&u.id);
+        if self.users.get(&key).is_some_and(|st| collides(&st.id, &u.id)) {
+            return;
+        }
         let s = self.settings.clone();
-        let state = self.users.entry(key).or_insert_with(|| new_user(&u.id, &s));
+        let state = self.users.entry(key).or_insert_with(|| new_user(&u.id, &s, true));
+        if !state.upserted {
+            // Promoted: known from now on, never evicted.
+            state.upserted = true;
+            self.unknown_live -= 1;
+        }
         state.geo = u.geo.clone();
-        state.signup_at = u.signup_at;
+        state.signup_at = (u.signup_at != 0).then_some(u.signup_at);
         state.follows = u.follows.iter().map(|a| key_of(a)).collect();
         state.follows.sort_unstable();
         state.follows.dedup();
@@ -391,8 +463,20 @@ impl FeatureShardState {
     }
 
     pub fn apply_user_event(&mut self, e: &UserEvent) {
-        let s = self.settings.clone();
-        let u = self.users.entry(e.user).or_insert_with(|| new_user(&e.user_id, &s));
+        if self.users.get(&e.user).is_some_and(|st| collides(&st.id, &e.user_id)) {
+            return;
+        }
+        if !self.users.contains_key(&e.user) {
+            self.users.insert(e.user, new_user(&e.user_id, &self.settings, false));
+            self.unknown_order.push_back(e.user);
+            self.unknown_live += 1;
+            self.evict_unknown();
+            if !self.users.contains_key(&e.user) {
+                return; // a cap of 0: unknown users keep no profile at all
+            }
+        }
+        let s = &self.settings;
+        let Some(u) = self.users.get_mut(&e.user) else { return };
         let base = e.action.counter() * counters::WIDTH;
         counters::add(&mut u.counters[base..base + counters::WIDTH], e.ts, 1);
         let weight = match e.action {
@@ -402,8 +486,19 @@ impl FeatureShardState {
             }
             Action::Click => 1.0,
             Action::Like => {
-                if !u.recent_likes.contains(&e.item) {
-                    u.recent_likes.push_front(e.item);
+                // Keep the newest like per item, ordered by (event time, item) descending, so
+                // the list is a function of the events, whatever order they are applied in.
+                let newer = match u.recent_likes.iter().position(|(_, k)| *k == e.item) {
+                    Some(i) if u.recent_likes[i].0 >= e.ts => false,
+                    Some(i) => {
+                        u.recent_likes.remove(i);
+                        true
+                    }
+                    None => true,
+                };
+                if newer {
+                    let pos = u.recent_likes.iter().position(|&(t, k)| (t, k) < (e.ts, e.item));
+                    u.recent_likes.insert(pos.unwrap_or(u.recent_likes.len()), (e.ts, e.item));
                     u.recent_likes.truncate(s.recent_likes);
                 }
                 2.0
@@ -430,7 +525,7 @@ impl FeatureShardState {
     }
 
     pub fn recent_likes(&self, user: Key) -> Vec<Key> {
-        self.users.get(&user).map(|u| u.recent_likes.iter().copied().collect()).unwrap_or_default()
+        self.users.get(&user).map(|u| u.recent_likes.iter().map(|(_, k)| *k).collect()).unwrap_or_default()
     }
 
     pub fn brief(&self, key: Key, wants: BriefWants) -> Option<ItemBrief> {
@@ -461,7 +556,7 @@ impl FeatureShardState {
             signup_at: u.signup_at,
             follows: u.follows.clone(),
             blocked: u.blocked.clone(),
-            recent_likes: u.recent_likes.iter().copied().collect(),
+            recent_likes: u.recent_likes.iter().map(|(_, k)| *k).collect(),
             seen: Some(u.seen.clone()),
             topic_affinity: u.topic_affinity.clone(),
             embedding,
@@ -527,6 +622,18 @@ impl FeatureShardState {
     }
 }
 
+/// Two ids with one 64-bit key (see README, "Entity ids"): the record keeps the first id and the
+/// other's write is dropped and counted, rather than merged into a stranger's record. Applied in
+/// log order, every replica and every replay drops the same one.
+fn collides(held: &str, incoming: &str) -> bool {
+    if held.is_empty() || held == incoming {
+        return false;
+    }
+    metrics::counter!("recsys_key_collisions_total").increment(1);
+    tracing::error!(held, incoming, "two ids share one 64-bit key; the later one's write is dropped");
+    true
+}
+
 fn cosine(item: &[f32], user: &[f32], user_norm: f32) -> f32 {
     let dot: f32 = item.iter().zip(user).map(|(a, b)| a * b).sum();
     let n = item.iter().map(|v| v * v).sum::<f32>().sqrt() * user_norm;
@@ -537,21 +644,25 @@ fn cosine(item: &[f32], user: &[f32], user_norm: f32) -> f32 {
     }
 }
 
-fn new_user(id: &str, s: &ShardSettings) -> UserState {
-    UserState {
+/// A profile: full for an upserted user, light (small seen filter, nothing pre-allocated) for one
+/// known only from events.
+fn new_user(id: &str, s: &ShardSettings, upserted: bool) -> Box<UserState> {
+    let seen = if upserted { s.seen_capacity } else { s.seen_capacity.min(LIGHT_SEEN_CAPACITY) };
+    Box::new(UserState {
         id: id.to_string(),
         geo: String::new(),
-        signup_at: 0,
+        signup_at: None,
+        upserted,
         follows: vec![],
         blocked: vec![],
-        recent_likes: VecDeque::with_capacity(s.recent_likes),
-        seen: SeenFilter::new(s.seen_capacity, s.seen_fp),
+        recent_likes: VecDeque::new(),
+        seen: SeenFilter::new(seen, s.seen_fp),
         topic_affinity: vec![0.0; s.topics],
         emb_sum: vec![0.0; s.emb_dim],
         emb_weight: 0.0,
         author_affinity: KeyMap::default(),
         counters: vec![0; Action::COUNTERS * counters::WIDTH],
-    }
+    })
 }
 
 pub enum FeatureMsg {
@@ -573,8 +684,8 @@ pub enum FeatureMsg {
         now: i64,
         reply: RpcReplyPort<(Vec<Option<ItemBrief>>, ItemFeatureRows)>,
     },
-    /// (items, users, events) held by the partition.
-    Counts(RpcReplyPort<(usize, usize, u64)>),
+    /// Records held by the partition and its unknown-user bookkeeping.
+    Counts(RpcReplyPort<ShardCounts>),
     /// Test hook for supervision: the handler panics, the supervisor restarts the partition.
     Crash,
 }
@@ -620,13 +731,22 @@ impl Actor for FeatureShard {
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         let log = args.log.map(|s| (s, crate::cluster::Part::new(crate::cluster::Role::Feature, args.partition)));
-        if let Some(state) = args.initial {
-            return Ok(FeatureActorState { state, log });
-        }
-        let load = args.load.clone();
-        let p = args.partition;
-        // The reload scans sled: blocking work, off the async workers.
-        Ok(FeatureActorState { state: tokio::task::spawn_blocking(move || load(p)).await?, log })
+        let state = match args.initial {
+            Some(state) => state,
+            None => {
+                let load = args.load.clone();
+                let p = args.partition;
+                // The reload scans sled: blocking work, off the async workers.
+                tokio::task::spawn_blocking(move || load(p)).await?
+            }
+        };
+        metrics::gauge!("recsys_unknown_users").increment(state.unknown_live as f64);
+        Ok(FeatureActorState { state, log })
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, actor: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        metrics::gauge!("recsys_unknown_users").decrement(actor.state.unknown_live as f64);
+        Ok(())
     }
 
     async fn handle(
@@ -639,12 +759,17 @@ impl Actor for FeatureShard {
         match msg {
             FeatureMsg::Apply(ops, reply) => {
                 let res = log_ops(&actor.log, &ops);
+                let before = (st.unknown_live, st.unknown_evicted);
                 if let Ok(flags) = &res {
                     for (o, _) in ops.iter().zip(flags).filter(|(_, new)| **new) {
                         st.apply(o);
                     }
                 }
                 let _ = reply.send(res);
+                if (st.unknown_live, st.unknown_evicted) != before {
+                    metrics::gauge!("recsys_unknown_users").increment(st.unknown_live as f64 - before.0 as f64);
+                    metrics::counter!("recsys_unknown_users_evicted_total").increment(st.unknown_evicted - before.1);
+                }
             }
             FeatureMsg::Briefs(keys, wants, reply) => {
                 let _ = reply.send(keys.iter().map(|k| st.brief(*k, wants)).collect());
@@ -660,7 +785,7 @@ impl Actor for FeatureShard {
                 let _ = reply.send((briefs, st.item_features(&keys, &feats, &user_emb, now)));
             }
             FeatureMsg::Counts(reply) => {
-                let _ = reply.send((st.item_count(), st.user_count(), st.events));
+                let _ = reply.send(st.counts());
             }
             FeatureMsg::Crash => panic!("crash requested for a supervision test"),
         }
@@ -673,7 +798,7 @@ mod tests {
     use super::*;
 
     fn settings() -> ShardSettings {
-        ShardSettings { emb_dim: 4, topics: 3, recent_likes: 2, seen_capacity: 4, seen_fp: 0.01 }
+        ShardSettings { emb_dim: 4, topics: 3, recent_likes: 2, seen_capacity: 4, seen_fp: 0.01, unknown_cap: 3 }
     }
 
     fn item(id: &str) -> ItemRecord {
@@ -748,6 +873,72 @@ mod tests {
         assert!(s.brief(k, BriefWants::default()).unwrap().deleted);
     }
 
+    fn like(user: &str, item: &str, ts: i64) -> UserEvent {
+        UserEvent {
+            user: key_of(user),
+            user_id: user.into(),
+            item: key_of(item),
+            author_key: key_of("a1"),
+            topic: 0,
+            embedding: Arc::from(Vec::new()),
+            action: Action::Like,
+            ts,
+        }
+    }
+
+    #[test]
+    fn unknown_users_are_capped_oldest_first_and_upserted_ones_stay() {
+        let mut s = FeatureShardState::new(settings());
+        s.upsert_user(&UserRecord {
+            id: "known".into(),
+            geo: String::new(),
+            signup_at: 0,
+            follows: vec![],
+            blocked_authors: vec![],
+        });
+        s.apply_user_event(&like("known", "i1", 100));
+        for u in 0..10 {
+            s.apply_user_event(&like(&format!("u{u}"), "i1", 100));
+        }
+        let c = s.counts();
+        assert_eq!((c.unknown_users, c.unknown_evicted, c.users), (3, 7, 4));
+        assert!(s.snapshot(key_of("known")).known && s.snapshot(key_of("u9")).known);
+        assert!(!s.snapshot(key_of("u0")).known, "the oldest unknown profile was forgotten");
+        // Signup unknown: the age feature takes its default instead of ~56 years.
+        assert_eq!(s.snapshot(key_of("known")).feature(UserFeat::AgeDays, 1_800_000_000), None);
+    }
+
+    #[test]
+    fn recent_likes_follow_event_time_in_any_apply_order() {
+        let likes = [("i1", 300), ("i2", 100), ("i3", 200), ("i1", 50)];
+        let mut orders = vec![];
+        for perm in [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]] {
+            let mut s = FeatureShardState::new(settings());
+            for i in perm {
+                s.apply_user_event(&like("u", likes[i].0, likes[i].1));
+            }
+            orders.push(s.recent_likes(key_of("u")));
+        }
+        assert_eq!(orders[0], vec![key_of("i1"), key_of("i3")], "newest first, capped at 2");
+        assert!(orders.iter().all(|o| *o == orders[0]), "{orders:?}");
+    }
+
+    #[test]
+    fn a_colliding_id_never_writes_into_anothers_record() {
+        let mut s = FeatureShardState::new(settings());
+        // A second id under u1's key, as a hash collision would give.
+        s.apply_user_event(&like("u1", "i1", 5));
+        s.apply_user_event(&UserEvent { user_id: "intruder".into(), ..like("u1", "i2", 6) });
+        assert_eq!(s.recent_likes(key_of("u1")), vec![key_of("i1")], "the intruder's like is dropped");
+        s.upsert_item(&ItemRecord { price: 99.0, ..item("i1") });
+        let r = s.index[&key_of("i1")];
+        s.index.insert(key_of("i1-twin"), r); // i1-twin now shares i1's row, as a collision would
+        s.upsert_item(&ItemRecord { id: "i1-twin".into(), price: 1.0, ..item("i1") });
+        let rows = s.item_features(&[key_of("i1")], &[ItemFeat::Price], &[], 4600);
+        assert_eq!(rows.values, vec![99.0], "i1 keeps its own attributes");
+        assert_eq!(&*s.heads[r as usize].id, "i1");
+    }
+
     #[test]
     fn seen_filter_is_bounded_and_rotates() {
         let mut f = SeenFilter::new(4, 0.01);
@@ -775,8 +966,9 @@ mod tests {
             action,
             ts: 100,
         };
-        for (i, a) in [("i1", Action::Impression), ("i1", Action::Like), ("i2", Action::Like), ("i3", Action::Like)] {
-            s.apply_user_event(&ev(i, a));
+        let events = [("i1", Action::Impression), ("i1", Action::Like), ("i2", Action::Like), ("i3", Action::Like)];
+        for (n, (i, a)) in events.into_iter().enumerate() {
+            s.apply_user_event(&UserEvent { ts: 100 + n as i64, ..ev(i, a) });
         }
         let snap = s.snapshot(key_of("u1"));
         assert!(snap.seen.as_ref().unwrap().contains(key_of("i1")));

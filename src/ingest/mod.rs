@@ -3,6 +3,7 @@
 //! acknowledge once they are durable (sled, one flush per batch on each replica) and applied.
 //! Also the replay of one partition from its op log at start or after a crash.
 pub mod ops;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +64,7 @@ pub fn shard_settings(cfg: &Config) -> ShardSettings {
         recent_likes: cfg.retrieval.recent_likes,
         seen_capacity: cfg.filters.seen_bloom_capacity,
         seen_fp: cfg.filters.seen_bloom_fp_rate,
+        unknown_cap: cfg.ingest.unknown_users_per_partition,
     }
 }
 
@@ -72,33 +74,6 @@ pub fn generator_settings(cfg: &Config) -> GeneratorSettings {
         author_recent_items: cfg.retrieval.author_recent_items,
         coengagement_neighbors: cfg.retrieval.coengagement_neighbors,
     }
-}
-
-fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control)
-}
-
-pub fn validate_item(cfg: &Config, i: usize, it: &ItemRecord) -> Result<(), String> {
-    let f = |field: &str, why: &str| Err(format!("items[{i}].{field}: {why}"));
-    if !valid_id(&it.id) {
-        return f("item_id", "must be 1..=256 printable characters");
-    }
-    if !valid_id(&it.author) {
-        return f("author_id", "must be 1..=256 printable characters");
-    }
-    if it.geo.len() > 64 {
-        return f("geo", "longer than 64 bytes");
-    }
-    if it.topic >= cfg.ingest.topics {
-        return f("topic", &format!("must be below {}", cfg.ingest.topics));
-    }
-    if !it.embedding.is_empty() && it.embedding.len() != cfg.ingest.embedding_dim {
-        return f("embedding", &format!("must have {} values or none", cfg.ingest.embedding_dim));
-    }
-    if ![it.price, it.quality, it.duration_secs].iter().chain(&it.embedding).all(|v| v.is_finite()) {
-        return f("price/quality/duration_secs/embedding", "must be finite numbers");
-    }
-    Ok(())
 }
 
 /// Rebuilds one feature partition from its op log. Blocking: call from a blocking thread.
@@ -136,7 +111,7 @@ pub struct Writer {
 }
 
 impl Writer {
-    fn check_size(&self, field: &'static str, n: usize) -> Result<(), IngestError> {
+    pub fn check_size(&self, field: &'static str, n: usize) -> Result<(), IngestError> {
         if n > self.cfg.ingest.max_batch {
             return Err(IngestError::TooLarge { field, got: n, limit: self.cfg.ingest.max_batch });
         }
@@ -166,18 +141,20 @@ impl Writer {
         let mut out = WriteOutcome::default();
         let mut planner = self.planner();
         let at = now_ms();
+        let lim = validate::Limits::new(&self.cfg, at);
         for (i, it) in items.into_iter().enumerate() {
-            match validate_item(&self.cfg, i, &it) {
+            match validate::item(i, &it, &lim) {
                 Ok(()) => {
                     planner.item(&it, at);
                     out.accepted += 1;
                 }
-                Err(e) => out.reject(e),
+                Err(e) => out.reject(e.to_string()),
             }
         }
         if out.accepted > 0 {
             self.commit(planner.plan, &mut out).await?;
         }
+        metrics::counter!("recsys_ingest_rejected_total", "kind" => "item").increment(u64::from(out.rejected));
         metrics::counter!("recsys_ingest_records_total", "kind" => "item").increment(u64::from(out.accepted));
         Ok(out)
     }
@@ -187,23 +164,20 @@ impl Writer {
         let mut out = WriteOutcome::default();
         let mut planner = self.planner();
         let at = now_ms();
+        let lim = validate::Limits::new(&self.cfg, at);
         for (i, u) in users.into_iter().enumerate() {
-            if !valid_id(&u.id) {
-                out.reject(format!("users[{i}].user_id: must be 1..=256 printable characters"));
-            } else if u.geo.len() > 64 {
-                out.reject(format!("users[{i}].geo: longer than 64 bytes"));
-            } else if let Some(j) = u.follows.iter().chain(&u.blocked_authors).position(|a| !valid_id(a)) {
-                out.reject(format!("users[{i}].follows/blocked_authors[{j}]: invalid author id"));
-            } else if u.follows.len() > 10_000 || u.blocked_authors.len() > 10_000 {
-                out.reject(format!("users[{i}].follows: at most 10000 entries"));
-            } else {
-                planner.user(&u, at);
-                out.accepted += 1;
+            match validate::user(i, &u, &lim) {
+                Ok(()) => {
+                    planner.user(&u, at);
+                    out.accepted += 1;
+                }
+                Err(e) => out.reject(e.to_string()),
             }
         }
         if out.accepted > 0 {
             self.commit(planner.plan, &mut out).await?;
         }
+        metrics::counter!("recsys_ingest_rejected_total", "kind" => "user").increment(u64::from(out.rejected));
         metrics::counter!("recsys_ingest_records_total", "kind" => "user").increment(u64::from(out.accepted));
         Ok(out)
     }
@@ -216,7 +190,9 @@ impl Writer {
         let mut planner = self.planner();
         let at = now_ms();
         for (i, (id, k)) in ids_in.iter().zip(&keys).enumerate() {
-            if known.contains_key(k) {
+            if let Err(e) = validate::item_id(i, id) {
+                out.reject(e.to_string());
+            } else if known.contains_key(k) {
                 planner.delete(*k, at);
                 out.accepted += 1;
             } else {
@@ -256,16 +232,36 @@ impl Writer {
         Ok(recent)
     }
 
-    pub async fn log_events(&self, events: Vec<EventRecord>) -> Result<(WriteOutcome, Vec<EventRecord>), IngestError> {
-        self.check_size("events", events.len())?;
-        let mut out = WriteOutcome::default();
-        let keys: Vec<Key> = events.iter().map(|e| key_of(&e.item)).collect();
-        let briefs = self.briefs(&keys, BriefWants { embedding: true, names: false }).await?;
+    /// Events arrive with their index in the client's batch (rejections name it), some of them
+    /// possibly rejected already while decoding (`out`).
+    pub async fn log_events(
+        &self,
+        events: Vec<(usize, EventRecord)>,
+        mut out: WriteOutcome,
+    ) -> Result<(WriteOutcome, Vec<EventRecord>), IngestError> {
+        let lim = validate::Limits::new(&self.cfg, now_ms());
+        let mut valid = Vec::with_capacity(events.len());
+        for (i, e) in events {
+            match validate::event(i, &e, &lim) {
+                Ok(()) => valid.push((i, e)),
+                Err(r) => out.reject(r.to_string()),
+            }
+        }
+        if valid.is_empty() {
+            return Ok((out, vec![]));
+        }
+        let keys: Vec<Key> = valid.iter().map(|(_, e)| key_of(&e.item)).collect();
+        let briefs = self.briefs(&keys, BriefWants { embedding: true, names: true }).await?;
         let mut batch_ids = std::collections::HashSet::new();
-        let mut ok: Vec<EventRecord> = Vec::with_capacity(events.len());
-        for (i, e) in events.into_iter().enumerate() {
-            if !briefs.contains_key(&key_of(&e.item)) {
+        let mut ok: Vec<EventRecord> = Vec::with_capacity(valid.len());
+        for (i, e) in valid {
+            let brief = briefs.get(&key_of(&e.item));
+            if brief.is_none() {
                 out.reject(format!("events[{i}].item_id: unknown item `{}`", e.item));
+            } else if brief.and_then(|b| b.names.as_ref()).is_some_and(|(id, _)| **id != *e.item) {
+                // Another item holds this 64-bit key (README, "Entity ids"): never count into it.
+                metrics::counter!("recsys_key_collisions_total").increment(1);
+                out.reject(format!("events[{i}].item_id: `{}` shares its 64-bit key with another item", e.item));
             } else if !batch_ids.insert(e.event_id.clone()) {
                 // Validated first, then the id claimed: an invalid twin never hides a valid event.
                 out.duplicates += 1;
@@ -307,6 +303,9 @@ impl Writer {
             }
         }
         out.accepted = fresh.len() as u32;
+        if out.rejected > 0 {
+            metrics::counter!("recsys_ingest_rejected_total", "kind" => "event").increment(u64::from(out.rejected));
+        }
         metrics::counter!("recsys_ingest_records_total", "kind" => "event").increment(u64::from(out.accepted));
         Ok((out, fresh))
     }

@@ -84,7 +84,8 @@ impl Pipeline {
             envelope: Some(t.envelope(left)),
             request_id: rid.to_string(),
             user_id: r.user_id.clone(),
-            offset: offset as u32,
+            // Bounded by the token parser (MAX_PAGE_OFFSET), so this never saturates in practice.
+            offset: u32::try_from(offset).unwrap_or(u32::MAX),
             k: r.k as u32,
             surface: r.surface.clone(),
         };

@@ -61,12 +61,31 @@ pub struct Manifest {
     pub stage1_native: Option<std::sync::Arc<TreeEnsemble>>,
 }
 
+/// A read failure without the OS detail (which can say what else exists there).
+fn io_message(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "missing".into(),
+        std::io::ErrorKind::InvalidData => "not UTF-8 text".into(),
+        _ => "cannot be read".into(),
+    }
+}
+
+/// Where the JSON is wrong; syntax errors never quote the file's text.
+fn json_message(e: &serde_json::Error) -> String {
+    match e.classify() {
+        serde_json::error::Category::Data => e.to_string(),
+        _ => format!("not valid JSON (line {}, column {})", e.line(), e.column()),
+    }
+}
+
 impl Manifest {
     pub fn load(dir: &Path, plan: &FeaturePlan) -> Result<Self, ScoringError> {
         let path = dir.join("manifest.json");
         let bad = |message: String| ScoringError::Manifest { path: path.clone(), message };
-        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
-        let m: ManifestFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        // The manifest itself may not be a link out of the root either.
+        super::paths::confine_file(dir, "manifest.json").map_err(|e| bad(e.to_string()))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(io_message(&e)))?;
+        let m: ManifestFile = serde_json::from_str(&text).map_err(|e| bad(json_message(&e)))?;
         let stage1_columns = plan.columns_for(&m.stage1.inputs).map_err(|e| bad(format!("stage1: {e}")))?;
         let stage2_columns = plan.columns_for(&m.stage2.inputs).map_err(|e| bad(format!("stage2: {e}")))?;
         let stage1_order =
@@ -82,9 +101,7 @@ impl Manifest {
             return Err(bad("stage1.output_column must name a column of the output".into()));
         }
         for f in [&m.stage1.file, &m.stage2.file] {
-            if !dir.join(f).is_file() {
-                return Err(bad(format!("model file {f} is missing")));
-            }
+            super::paths::confine_file(dir, f).map_err(|e| bad(e.to_string()))?;
         }
         Ok(Self {
             dir: dir.to_path_buf(),

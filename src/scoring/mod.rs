@@ -3,6 +3,7 @@
 //! async workers and sessions are never shared behind a lock. All scorer threads pull chunks
 //! from one bounded FIFO queue (see `queue`); when it is full the coordinator falls back.
 pub mod manifest;
+pub mod paths;
 mod queue;
 pub mod trees;
 
