@@ -277,10 +277,13 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         None
     };
 
-    if let Some(addr) = &cfg.node.metrics_listen {
-        let addr: SocketAddr = addr.parse().map_err(|e| err(format!("metrics_listen `{addr}`: {e}")))?;
-        crate::metrics::install(Some(addr)).map_err(|e| err(format!("metrics exporter: {e}")))?;
-    }
+    let metrics = match &cfg.node.metrics_listen {
+        Some(addr) => {
+            let addr: SocketAddr = addr.parse().map_err(|e| err(format!("metrics_listen `{addr}`: {e}")))?;
+            Some((addr, crate::metrics::install().map_err(|e| err(e.to_string()))?))
+        }
+        None => None,
+    };
 
     // Serve health, reflection and the internal API right away; the public services answer
     // UNAVAILABLE until loaded, the internal one until the ring has formed.
@@ -299,6 +302,16 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         logger: Arc::new(OnceLock::new()),
         transport: Arc::new(OnceLock::new()),
     };
+    // /metrics and the status page answer from the start, while the node loads.
+    let ops_server = match metrics {
+        Some((addr, handle)) => {
+            let ops = crate::status::Ops::new(me.clone(), handle, handles.admin.clone());
+            let task = crate::status::serve(addr, ops).await.map_err(|e| err(format!("metrics_listen: {e}")))?;
+            tracing::info!(%addr, "metrics at /metrics, status page at /status");
+            Some(task)
+        }
+        None => None,
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -308,6 +321,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let max_msg = 64 * 1024 * 1024;
     let internal = InternalService { transport: handles.transport.clone(), pipeline: handles.pipeline.clone() };
     let server = tonic::transport::Server::builder()
+        .layer(crate::metrics::GrpcMetricsLayer)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .initial_connection_window_size(Some(8 * 1024 * 1024))
         .initial_stream_window_size(Some(4 * 1024 * 1024))
@@ -341,7 +355,6 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             .await
     });
     tracing::info!(%local, node = %me, "listening (NOT_SERVING while loading)");
-    println!("recsys node {me} listening on {local}");
 
     // Gossip on the same port, over UDP.
     let advertise = match &cfg.node.advertise_addr {
@@ -447,12 +460,6 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         ms = t.elapsed().as_millis() as u64,
         "replayed this node's partitions"
     );
-    println!(
-        "loaded {} feature and {} generator partitions ({items} items, {users} users, {ops} ops) in {} ms",
-        fparts.len(),
-        gparts.len(),
-        t.elapsed().as_millis()
-    );
 
     let local_parts = Arc::new(LocalPartitions::new(me.clone(), ring.partitions, store.clone()));
     let (feature_loader, generator_loader) = loaders(&store, &cfg);
@@ -479,7 +486,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         wait_for_replicas(&transport, &own, Duration::from_millis(cfg.cluster.catch_up_wait_ms)).await;
     }
     let c = replication::catch_up(&transport, &own, Duration::from_secs(60)).await;
-    println!("caught up: {} ops pulled for {} partitions from replicas", c.ops_pulled, c.parts_behind);
+    tracing::info!(ops = c.ops_pulled, partitions_behind = c.parts_behind, "caught up with the replicas");
     for p in &own {
         local_parts.set_ready(*p, true);
     }
@@ -525,8 +532,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     for s in services {
         health.set_service_status(s, tonic_health::ServingStatus::Serving).await;
     }
-    tracing::info!(ms = t.elapsed().as_millis() as u64, "SERVING");
-    println!("SERVING on {local} (ready in {} ms)", t.elapsed().as_millis());
+    tracing::info!(%local, ms = t.elapsed().as_millis() as u64, "SERVING");
 
     let anti_entropy = tokio::spawn(anti_entropy_loop(
         transport.clone(),
@@ -535,8 +541,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     ));
 
     wait_for_signal().await;
-    tracing::info!("shutting down");
-    println!("leaving");
+    tracing::info!("leaving: draining, then stopping");
     anti_entropy.abort();
     membership.set_state(MemberState::Leaving).await;
     for s in services {
@@ -552,7 +557,10 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     models.stop();
     let _ = store.flush().await;
     drop(lock_file);
-    println!("stopped");
+    if let Some(t) = ops_server {
+        t.abort();
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 
