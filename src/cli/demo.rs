@@ -69,9 +69,8 @@ pub async fn run(spec: DemoSpec) -> anyhow::Result<()> {
         (status, i, _) = exited => Err(anyhow::anyhow!("node n{} exited early ({}); see its output above", i + 1, status?)),
     };
     let last = addrs.last().cloned().unwrap_or_default();
-    if let Err(e) = &result {
-        eprintln!("demo failed: {}", super::output::error_line(e));
-    } else if !spec.exit_after {
+    // A failure is reported once, by main, after the nodes have stopped.
+    if result.is_ok() && !spec.exit_after {
         // The binary as the user would type it from here (target/release/recsys from the repo).
         let cwd = std::env::current_dir().unwrap_or_default();
         let bin = exe.strip_prefix(&cwd).unwrap_or(&exe).display();
