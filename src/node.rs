@@ -216,7 +216,8 @@ async fn form_ring(cfg: &Config, membership: &Membership) -> RingSpec {
             break;
         }
         if last_log.elapsed() > Duration::from_secs(5) {
-            tracing::info!(missing = ?missing, "waiting for the initial nodes to join");
+            let missing: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+            tracing::info!(missing = %missing.join(","), "waiting for the initial nodes to join");
             last_log = Instant::now();
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
@@ -391,7 +392,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let fresh = persisted.is_none();
     let spec = match persisted {
         Some(s) => {
-            tracing::info!(epoch = s.epoch, members = ?s.members, "rejoining with the persisted ring");
+            tracing::info!(epoch = s.epoch, members = %s.members.join(","), "rejoining with the persisted ring");
             let c = &cfg.cluster;
             if s.partitions != c.partitions_per_role
                 || s.replication != c.replication_factor
@@ -410,7 +411,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         None => {
             let s = form_ring(&cfg, &membership).await;
             s.save(&table).map_err(|e| err(e.to_string()))?;
-            tracing::info!(epoch = s.epoch, members = ?s.members, digest = %s.digest(), "formed the first ring");
+            tracing::info!(epoch = s.epoch, members = %s.members.join(","), digest = %s.digest(), "formed the first ring");
             s
         }
     };
