@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the project needs on a fresh machine: the ONNX Runtime shared library (from the
-# onnxruntime wheel on PyPI; ort loads it dynamically) and a release build of the `recsys` binary.
+# onnxruntime wheel on PyPI; ort loads it dynamically), promtool (Debian package `prometheus`, for
+# the metrics and dashboard tests) and a release build of the `recsys` binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ORT_VERSION=1.32.0
@@ -19,7 +20,24 @@ with zipfile.ZipFile(wheel) as z:
         f.write(z.read(name))
 PY
 fi
+# Only the library is used; the wheel (~17 MB) is not kept.
+rm -rf .cache/ort-wheel
 echo "setup: ONNX Runtime at $ORT_LIB"
+if ! command -v promtool > /dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    echo "setup: installing promtool (Debian package prometheus)"
+    install_prometheus() {
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus > /dev/null
+    }
+    # The package lists are fetched only when missing or when they no longer name the package.
+    install_prometheus || { apt-get update -qq && install_prometheus; }
+  else
+    echo "setup: promtool not found and cannot install it here (needs root + apt-get):" \
+      "install the Debian package prometheus; the metrics tests fail without it" >&2
+  fi
+fi
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  cargo build --release --locked 2>&1 | tail -n 3
+  # cargo's own progress stays visible: a first build takes ~5 minutes on 2 cores.
+  echo "setup: cargo build --release (first build: ~5 min on 2 cores; later ones: seconds)"
+  cargo build --release --locked
 fi

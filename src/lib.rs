@@ -14,6 +14,7 @@ pub mod node;
 pub mod pipeline;
 pub mod ranking;
 pub mod scoring;
+pub mod status;
 pub mod store;
 pub mod transport;
 pub mod world;

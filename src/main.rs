@@ -1,4 +1,5 @@
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -6,11 +7,15 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use recsys::api::pb;
 use recsys::cli;
+use recsys::cli::output::{self, LogFormat};
 use recsys::config::Config;
 
 #[derive(Parser)]
 #[command(name = "recsys", version, about = "A recommendation serving cluster")]
 struct Cli {
+    /// Log lines on stderr: text (coloured only on a terminal) or json (one object per line).
+    #[arg(long, global = true, value_enum, default_value = "text", env = "RECSYS_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -168,15 +173,38 @@ enum Cmd {
     },
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn,sled=warn,h2=warn,tower=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+fn main() -> ExitCode {
+    // Usage errors: clap prints them (one line + a hint) and exits with 2.
+    let cli = Cli::parse();
+    let serves = matches!(cli.cmd, Cmd::Node { .. } | Cmd::Demo { .. });
+    // A node logs what it does; client commands print their results and log only warnings.
+    let filter = if serves { "info,ort=warn,sled=warn,h2=warn,tower=warn" } else { "warn,ort=warn,sled=warn,h2=warn" };
+    output::init_logging(cli.log_format, filter);
+    if !serves {
+        // `recsys recommend ... | head -3`: stop quietly when the reader goes away, as other
+        // command-line tools do, instead of failing a write (Rust ignores SIGPIPE by default).
+        // SAFETY: restoring a signal's default disposition before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, no backtrace: these are the user's mistakes or the world's (a node not
+            // running); bugs panic and keep their backtrace.
+            eprintln!("error: {}", output::error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Node {
             config,
@@ -189,7 +217,6 @@ async fn main() -> anyhow::Result<()> {
             metrics_listen,
             models_dir,
         } => {
-            init_tracing();
             let mut cfg = Config::load_layered(&config)?;
             if let Some(v) = advertise_addr {
                 cfg.node.advertise_addr = Some(v);
@@ -266,14 +293,14 @@ async fn main() -> anyhow::Result<()> {
             }
             match c.recommend(req).await {
                 Ok(r) => cli::print_recommendation(&r.into_inner()),
-                Err(s) => anyhow::bail!("{:?}: {}", s.code(), s.message()),
+                Err(s) => return Err(output::status_error(s)),
             }
         }
         Cmd::Status { addr } => {
             let ch = cli::connect(&addr).await?;
             let s = match pb::admin_client::AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await {
                 Ok(r) => r.into_inner(),
-                Err(s) => anyhow::bail!("{:?}: {}", s.code(), s.message()),
+                Err(s) => return Err(output::status_error(s)),
             };
             cli::print_status(&s);
         }
@@ -286,7 +313,7 @@ async fn main() -> anyhow::Result<()> {
                     let from = if r.previous_version.is_empty() { "heuristic" } else { &r.previous_version };
                     println!("deployed {} (was {from})", r.version);
                 }
-                Err(s) => anyhow::bail!("{:?}: {}", s.code(), s.message()),
+                Err(s) => return Err(output::status_error(s)),
             }
         }
         Cmd::Bench { addr, concurrency, rate, requests, max_seconds, users, k, deadline_ms, warmup } => {

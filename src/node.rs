@@ -217,7 +217,8 @@ async fn form_ring(cfg: &Config, membership: &Membership) -> RingSpec {
             break;
         }
         if last_log.elapsed() > Duration::from_secs(5) {
-            tracing::info!(missing = ?missing, "waiting for the initial nodes to join");
+            let missing: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+            tracing::info!(missing = %missing.join(","), "waiting for the initial nodes to join");
             last_log = Instant::now();
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
@@ -281,10 +282,13 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         None
     };
 
-    if let Some(addr) = &cfg.node.metrics_listen {
-        let addr: SocketAddr = addr.parse().map_err(|e| err(format!("metrics_listen `{addr}`: {e}")))?;
-        crate::metrics::install(Some(addr)).map_err(|e| err(format!("metrics exporter: {e}")))?;
-    }
+    let metrics = match &cfg.node.metrics_listen {
+        Some(addr) => {
+            let addr: SocketAddr = addr.parse().map_err(|e| err(format!("metrics_listen `{addr}`: {e}")))?;
+            Some((addr, crate::metrics::install().map_err(|e| err(e.to_string()))?))
+        }
+        None => None,
+    };
 
     // Serve health, reflection and the internal API right away; the public services answer
     // UNAVAILABLE until loaded, the internal one until the ring has formed.
@@ -303,6 +307,16 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         logger: Arc::new(OnceLock::new()),
         transport: Arc::new(OnceLock::new()),
     };
+    // /metrics and the status page answer from the start, while the node loads.
+    let ops_server = match metrics {
+        Some((addr, handle)) => {
+            let ops = crate::status::Ops::new(me.clone(), handle, handles.admin.clone());
+            let task = crate::status::serve(addr, ops).await.map_err(|e| err(format!("metrics_listen: {e}")))?;
+            tracing::info!(%addr, "metrics at /metrics, status page at /status");
+            Some(task)
+        }
+        None => None,
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -312,6 +326,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let max_msg = 64 * 1024 * 1024;
     let internal = InternalService { transport: handles.transport.clone(), pipeline: handles.pipeline.clone() };
     let server = tonic::transport::Server::builder()
+        .layer(crate::metrics::GrpcMetricsLayer)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .initial_connection_window_size(Some(8 * 1024 * 1024))
         .initial_stream_window_size(Some(4 * 1024 * 1024))
@@ -346,7 +361,6 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             .await
     });
     tracing::info!(%local, node = %me, "listening (NOT_SERVING while loading)");
-    println!("recsys node {me} listening on {local}");
 
     // Gossip on the same port, over UDP.
     let advertise = match &cfg.node.advertise_addr {
@@ -383,7 +397,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let fresh = persisted.is_none();
     let spec = match persisted {
         Some(s) => {
-            tracing::info!(epoch = s.epoch, members = ?s.members, "rejoining with the persisted ring");
+            tracing::info!(epoch = s.epoch, members = %s.members.join(","), "rejoining with the persisted ring");
             let c = &cfg.cluster;
             if s.partitions != c.partitions_per_role
                 || s.replication != c.replication_factor
@@ -402,7 +416,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         None => {
             let s = form_ring(&cfg, &membership).await;
             s.save(&table).map_err(|e| err(e.to_string()))?;
-            tracing::info!(epoch = s.epoch, members = ?s.members, digest = %s.digest(), "formed the first ring");
+            tracing::info!(epoch = s.epoch, members = %s.members.join(","), digest = %s.digest(), "formed the first ring");
             s
         }
     };
@@ -452,12 +466,6 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         ms = t.elapsed().as_millis() as u64,
         "replayed this node's partitions"
     );
-    println!(
-        "loaded {} feature and {} generator partitions ({items} items, {users} users, {ops} ops) in {} ms",
-        fparts.len(),
-        gparts.len(),
-        t.elapsed().as_millis()
-    );
 
     let local_parts = Arc::new(LocalPartitions::new(me.clone(), ring.partitions, store.clone()));
     let (feature_loader, generator_loader) = loaders(&store, &cfg);
@@ -484,7 +492,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         wait_for_replicas(&transport, &own, Duration::from_millis(cfg.cluster.catch_up_wait_ms)).await;
     }
     let c = replication::catch_up(&transport, &own, Duration::from_secs(60)).await;
-    println!("caught up: {} ops pulled for {} partitions from replicas", c.ops_pulled, c.parts_behind);
+    tracing::info!(ops = c.ops_pulled, partitions_behind = c.parts_behind, "caught up with the replicas");
     for p in &own {
         local_parts.set_ready(*p, true);
     }
@@ -532,8 +540,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     for s in services {
         health.set_service_status(s, tonic_health::ServingStatus::Serving).await;
     }
-    tracing::info!(ms = t.elapsed().as_millis() as u64, "SERVING");
-    println!("SERVING on {local} (ready in {} ms)", t.elapsed().as_millis());
+    tracing::info!(%local, ms = t.elapsed().as_millis() as u64, "SERVING");
 
     let anti_entropy = tokio::spawn(anti_entropy_loop(
         transport.clone(),
@@ -542,8 +549,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     ));
 
     wait_for_signal().await;
-    tracing::info!("shutting down");
-    println!("leaving");
+    tracing::info!("leaving: draining, then stopping");
     anti_entropy.abort();
     membership.set_state(MemberState::Leaving).await;
     for s in services {
@@ -559,7 +565,10 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     models.stop();
     let _ = store.flush().await;
     drop(lock_file);
-    println!("stopped");
+    if let Some(t) = ops_server {
+        t.abort();
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -385,7 +385,7 @@ async fn unknown_stream(
     name: &str,
     cap: usize,
     metrics: &str,
-) -> (f64, pb::ClusterStatusResponse, PathBuf, common::NodeProc) {
+) -> (f64, pb::ClusterStatusResponse, common::TempDir, common::NodeProc) {
     let dir = temp_dir(name);
     let ov = dir.join("cap.toml");
     std::fs::write(&ov, format!("[ingest]\nunknown_users_per_partition = {cap}\n")).unwrap();

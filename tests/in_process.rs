@@ -28,6 +28,8 @@ struct Rig {
     local: Arc<LocalPartitions>,
     world: World,
     partitions: u32,
+    /// Removed when the rig drops.
+    _dir: common::TempDir,
 }
 
 fn config() -> Config {
@@ -93,7 +95,7 @@ async fn rig(name: &str, scorers: Option<Arc<ScorerPool>>) -> Rig {
         logger: None,
         inflight: tokio::sync::Semaphore::new(16),
     });
-    Rig { pipeline, local, world, partitions: parts }
+    Rig { pipeline, local, world, partitions: parts, _dir: dir }
 }
 
 fn req(user: &str) -> Request {

@@ -86,7 +86,7 @@ async fn one(
                 a.candidates.push(c.generator_candidates.values().map(|v| u64::from(*v)).sum());
             }
         }
-        Err(e) => *a.errors.entry(format!("{:?}", e.code())).or_default() += 1,
+        Err(e) => *a.errors.entry(super::output::code_name(e.code()).to_string()).or_default() += 1,
     }
 }
 
@@ -183,10 +183,11 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<BenchReport> {
     let mut cands = a.candidates.clone();
     cands.sort_unstable();
     let med_cands = cands.get(cands.len() / 2).copied().unwrap_or(0);
+    let by_code: Vec<String> = a.errors.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    let by_code = if by_code.is_empty() { String::new() } else { format!(" ({})", by_code.join(", ")) };
     text.push_str(&format!(
-        "{mode}: {} ok, {errors} errors {:?}, {} degraded in {elapsed:.1}s → {:.0} req/s\n",
+        "{mode}: {} ok, {errors} errors{by_code}, {} degraded in {elapsed:.1}s → {:.0} req/s\n",
         a.ok,
-        a.errors,
         a.degraded,
         a.ok as f64 / elapsed
     ));

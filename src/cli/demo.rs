@@ -69,14 +69,16 @@ pub async fn run(spec: DemoSpec) -> anyhow::Result<()> {
         (status, i, _) = exited => Err(anyhow::anyhow!("node n{} exited early ({}); see its output above", i + 1, status?)),
     };
     let last = addrs.last().cloned().unwrap_or_default();
-    if let Err(e) = &result {
-        eprintln!("demo failed: {e:#}");
-    } else if !spec.exit_after {
+    // A failure is reported once, by main, after the nodes have stopped.
+    if result.is_ok() && !spec.exit_after {
+        // The binary as the user would type it from here (target/release/recsys from the repo).
+        let cwd = std::env::current_dir().unwrap_or_default();
+        let bin = exe.strip_prefix(&cwd).unwrap_or(&exe).display();
         println!("\nServing until interrupted (Ctrl-C). Try:");
-        println!("  target/release/recsys status --addr {}", addrs[0]);
-        println!("  target/release/recsys recommend --addr {last} --user u42 --k 10 --explain");
-        println!("  target/release/recsys bench --addr {last} --concurrency 4 --requests 2000");
-        println!("  curl -s http://{}:{}/metrics | grep recsys_stage", spec.host, spec.metrics_base_port);
+        println!("  {bin} status --addr {}", addrs[0]);
+        println!("  {bin} recommend --addr {last} --user u42 --k 10 --explain");
+        println!("  {bin} bench --addr {last} --concurrency 4 --requests 2000");
+        println!("  status page: http://{}:{}/status   (metrics: /metrics)", spec.host, spec.metrics_base_port);
         let exited = futures::future::select_all(children.iter_mut().map(|c| Box::pin(c.wait())));
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
@@ -102,7 +104,11 @@ async fn drive(spec: &DemoSpec, addrs: &[String]) -> anyhow::Result<()> {
     let first = &addrs[0];
     let last = addrs.last().unwrap_or(first);
     let ch = super::connect(first).await?;
-    let status = AdminClient::new(ch.clone()).cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
+    let status = AdminClient::new(ch.clone())
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .map_err(super::output::status_error)?
+        .into_inner();
     println!("\n== cluster status (from n1)");
     super::print_status(&status);
     let world = Arc::new(World::generate(load::synthetic_spec(spec.seed, spec.items, spec.users, spec.events)));
@@ -138,7 +144,8 @@ async fn drive(spec: &DemoSpec, addrs: &[String]) -> anyhow::Result<()> {
                 context: None,
                 explain: true,
             })
-            .await?
+            .await
+            .map_err(super::output::status_error)?
             .into_inner();
         super::print_recommendation(&r);
         if user == "u42" && !r.next_page_token.is_empty() {
@@ -153,7 +160,8 @@ async fn drive(spec: &DemoSpec, addrs: &[String]) -> anyhow::Result<()> {
                     context: None,
                     explain: false,
                 })
-                .await?
+                .await
+                .map_err(super::output::status_error)?
                 .into_inner();
             let ids: Vec<_> = p2.items.iter().map(|i| format!("{}(#{})", i.item_id, i.rank)).collect();
             println!("  page 2 (asked of {other}): {}", ids.join(" "));

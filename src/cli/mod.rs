@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod demo;
 pub mod load;
+pub mod output;
 
 use std::time::Duration;
 
@@ -45,8 +46,13 @@ pub async fn wait_serving(addr: &str, limit: Duration) -> anyhow::Result<()> {
 }
 
 pub fn print_recommendation(r: &pb::RecommendResponse) {
-    println!("request {}  models {:?}", r.request_id, r.models.as_ref().map(|m| (&m.stage1, &m.stage2)));
-    for it in &r.items {
+    let models = match &r.models {
+        Some(m) if !m.stage1.is_empty() => format!("models {}, {}", m.stage1, m.stage2),
+        _ => "heuristic scores (no model)".to_string(),
+    };
+    println!("request {}  {models}", r.request_id);
+    let mut spaced = false;
+    for (i, it) in r.items.iter().enumerate() {
         let ex = it
             .explanation
             .as_ref()
@@ -62,15 +68,21 @@ pub fn print_recommendation(r: &pb::RecommendResponse) {
                 )
             })
             .unwrap_or_default();
+        let why = spacing_note(&r.items, i);
+        spaced |= !why.is_empty();
         println!(
-            "  #{:<3} {:<8} author={:<7} score={:>8.4} sources={}{}",
+            "  #{:<3} {:<8} author={:<7} score={:>8.4} sources={}{}{}",
             it.rank,
             it.item_id,
             it.author_id,
             it.score,
             it.sources.join("+"),
-            ex
+            ex,
+            why
         );
+    }
+    if spaced {
+        println!("  (^ author spacing: no two items in a row share an author, so a higher score can sit lower)");
     }
     if let Some(c) = &r.coverage {
         let mut gens: Vec<_> = c.generator_candidates.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -78,12 +90,34 @@ pub fn print_recommendation(r: &pb::RecommendResponse) {
         let mut filt: Vec<_> = c.filter_removed.iter().map(|(k, v)| format!("{k}={v}")).collect();
         filt.sort();
         println!("  candidates: {}  removed: {}", gens.join(" "), filt.join(" "));
-        println!("  degraded={} fallbacks={:?} diversity_relaxed={}", c.degraded, c.fallbacks, r.diversity_relaxed);
+        let fallbacks = if c.fallbacks.is_empty() { "none".to_string() } else { c.fallbacks.join(", ") };
+        println!(
+            "  degraded: {}  fallbacks: {fallbacks}{}",
+            if c.degraded { "yes" } else { "no" },
+            if r.diversity_relaxed { "  (author spacing relaxed: only one author left)" } else { "" }
+        );
     }
     let t: Vec<_> = r.timings.iter().map(|t| format!("{}={:.2}ms", t.stage, t.micros as f64 / 1000.0)).collect();
     println!("  timings: {}", t.join(" "));
     if !r.next_page_token.is_empty() {
         println!("  next_page_token: {}", r.next_page_token);
+    }
+}
+
+/// Why item `i` sits below an item with a lower score: author spacing moved it down, because the
+/// item above it would otherwise follow another item by the same author.
+fn spacing_note(items: &[pb::RankedItem], i: usize) -> String {
+    let (Some(above), Some(it)) = (i.checked_sub(1).and_then(|j| items.get(j)), items.get(i)) else {
+        return String::new();
+    };
+    if it.score <= above.score {
+        return String::new();
+    }
+    match i.checked_sub(2).and_then(|j| items.get(j)) {
+        Some(prev) if prev.author_id == it.author_id => {
+            format!("  ^ below #{} by author spacing (same author as #{})", above.rank, prev.rank)
+        }
+        _ => format!("  ^ below #{} by author spacing", above.rank),
     }
 }
 

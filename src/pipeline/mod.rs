@@ -13,6 +13,10 @@ mod ranking;
 mod retrieval;
 mod scoring;
 
+// Label values the metrics module registers at zero from start-up.
+pub use filtering::FILTERS;
+pub use retrieval::GENERATORS;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

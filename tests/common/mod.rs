@@ -12,11 +12,34 @@ pub struct NodeProc {
     pub lines: mpsc::Receiver<String>,
 }
 
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A fresh directory under the system temp dir, removed when dropped (also when a test fails),
+/// so test runs leave nothing behind in /tmp.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn temp_dir(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("recsys-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 pub fn repo() -> PathBuf {
@@ -49,7 +72,8 @@ pub fn start_node(data_dir: &Path, extra: &[&str]) -> Result<NodeProc, String> {
         .args(["node", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(extra)
-        .env("RUST_LOG", "warn")
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "warn,recsys::node=info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -59,8 +83,8 @@ pub fn start_node(data_dir: &Path, extra: &[&str]) -> Result<NodeProc, String> {
     loop {
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(l) => {
-                if let Some(addr) = l.split(" listening on ").nth(1) {
-                    return Ok(NodeProc { child, addr: addr.trim().to_string(), lines: rx });
+                if let Some(addr) = listening_addr(&l) {
+                    return Ok(NodeProc { child, addr, lines: rx });
                 }
                 seen.push(l);
             }
@@ -71,6 +95,15 @@ pub fn start_node(data_dir: &Path, extra: &[&str]) -> Result<NodeProc, String> {
             }
         }
     }
+}
+
+/// The gRPC address from the node's JSON log event `listening ...` (field `local`).
+fn listening_addr(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line.strip_prefix("stderr: ")?).ok()?;
+    if !v["message"].as_str()?.starts_with("listening") {
+        return None;
+    }
+    v["local"].as_str().map(String::from)
 }
 
 impl NodeProc {
@@ -136,9 +169,11 @@ pub fn free_port() -> u16 {
 
 /// A local cluster of real `recsys node` processes on loopback, n1..nN.
 pub struct Cluster {
-    pub dir: PathBuf,
+    pub dir: TempDir,
     pub ids: Vec<String>,
     pub addrs: Vec<String>,
+    /// Each node's metrics listener (`/metrics`, `/status`, `/status.json`).
+    pub metrics: Vec<String>,
     pub nodes: Vec<Option<NodeProc>>,
     config: PathBuf,
 }
@@ -151,7 +186,8 @@ impl Cluster {
         std::fs::write(&config, overrides).unwrap();
         let ids: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
         let addrs: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let mut c = Cluster { dir, ids, addrs, nodes: Vec::new(), config };
+        let metrics: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut c = Cluster { dir, ids, addrs, metrics, nodes: Vec::new(), config };
         for i in 0..n {
             let p = c.spawn(i).unwrap_or_else(|e| panic!("node n{} did not start: {e}", i + 1));
             c.nodes.push(Some(p));
@@ -169,6 +205,7 @@ impl Cluster {
             .args(["--node-id", &self.ids[i], "--listen", &self.addrs[i], "--data-dir"])
             .arg(&data)
             .args(["--seeds", &seeds.join(","), "--initial-nodes", &self.ids.join(",")])
+            .args(["--metrics-listen", &self.metrics[i]])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -219,13 +256,32 @@ impl Drop for Cluster {
                 p.kill9();
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // The nodes are stopped; `dir` is removed when the fields drop.
     }
 }
 
 /// Waits (bounded, polling health, never a blind sleep) until the node at `addr` is SERVING.
 pub async fn wait_health(addr: &str, limit: Duration) {
     recsys::cli::wait_serving(addr, limit).await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A plain HTTP/1.1 GET over a fresh connection: (status code, content type, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let ctype = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-type")))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    Ok((code, ctype, body.to_string()))
 }
 
 /// Resident memory of a process in MiB, from /proc.
