@@ -511,7 +511,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let models = Arc::new(
         Models::new(pool, scorers.max(1), cfg.scoring.queue_per_scorer, cfg.scoring.scorer_nice)
             .with_runtime(cfg.scoring.onnxruntime_lib.clone())
-            .with_engine(cfg.scoring.stage1_engine),
+            .with_engine(if scorer_here { cfg.scoring.stage1_engine } else { crate::config::Stage1Engine::Ort }),
     );
 
     let logger = FeatureLogger::start(&cfg.node.data_dir.join("logs"), &plan.names)

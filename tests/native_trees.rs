@@ -66,4 +66,30 @@ fn native_engine_equals_lightgbm_and_onnx_runtime_on_served_rows() {
     let (worst, reordered) = compare("native vs ONNX Runtime", &native, &ort_out, &reference);
     assert!(worst <= TOLERANCE, "native differs from ONNX Runtime by {worst:e}");
     assert_eq!(reordered, 0, "requests ranked differently from ONNX Runtime");
+
+    // Missing values: the same rows with NaNs put in (a third of them, different columns) score
+    // as ONNX Runtime scores them.
+    let mut holes = reference.rows[..3000 * reference.cols].to_vec();
+    for r in (0..3000).step_by(3) {
+        holes[r * reference.cols + (r * 7) % reference.cols] = f32::NAN;
+    }
+    let ort_holes = ort.run(3000, reference.cols, &holes).unwrap();
+    let mut native_holes = vec![];
+    engine.predict(&holes, &mut native_holes).unwrap();
+    let worst = ort_holes.iter().zip(&native_holes).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+    println!("rows with missing values, native vs ONNX Runtime: max |diff| {worst:.2e}");
+    assert!(worst <= TOLERANCE, "rows with NaN differ from ONNX Runtime by {worst:e}");
+}
+
+#[test]
+fn the_best_kernel_this_cpu_runs_is_the_one_used() {
+    let (manifest, reference) = deployed();
+    let engine = TreeEnsemble::from_onnx_file(&manifest.dir.join(&manifest.stage1.file), reference.cols).unwrap();
+    println!("kernel on this CPU: {}", engine.kernel().name());
+    assert_eq!(engine.kernel(), Kernel::detect());
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        engine.kernel() == Kernel::Avx2,
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("bmi1")
+    );
 }

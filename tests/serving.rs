@@ -415,7 +415,12 @@ async fn stage1_on_onnx_runtime_serves_and_reloads() {
     let dir = temp_dir("ort-engine");
     std::fs::create_dir_all(&dir).unwrap();
     let ort_cfg = dir.join("ort.toml");
-    std::fs::write(&ort_cfg, "[scoring]\nstage1_engine = \"ort\"\n").unwrap();
+    // Reloads only from under the models root: this test's directory.
+    std::fs::write(
+        &ort_cfg,
+        format!("[scoring]\nstage1_engine = \"ort\"\nmodels_root = {:?}\n", dir.to_str().unwrap()),
+    )
+    .unwrap();
     let base = common::repo().join("config/node.toml");
     let args = ["--config", base.to_str().unwrap(), "--config", ort_cfg.to_str().unwrap()];
     let node = start_node(&dir.join("data"), &args).expect("node starts");

@@ -193,7 +193,8 @@ impl Pipeline {
             }
         };
         let mut order: Vec<(usize, f32)> = present.iter().copied().zip(s1).collect();
-        order.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        // Ties by candidate index, so the stage-2 cut does not depend on the batch order.
+        order.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         order.truncate(self.cfg.scoring.stage2_top_n);
         let top: Vec<usize> = order.iter().map(|(i, _)| *i).collect();
         let m2 = gather(&top, &manifest.stage2_columns);

@@ -236,8 +236,12 @@ fn scorer_thread(
         }
         let (out, stage, engine) = match (chunk.stage, &mut light) {
             (Stage::Light, Light::Native(e)) => {
-                let mut out = Vec::with_capacity(chunk.rows.len());
-                let res = e.predict(chunk.matrix(), &mut out).map(|_| out).map_err(|e| e.to_string());
+                let res = if chunk.cols != e.inputs() {
+                    Err(format!("{} columns for a model of {} inputs", chunk.cols, e.inputs()))
+                } else {
+                    let mut out = Vec::with_capacity(chunk.rows.len());
+                    e.predict(chunk.matrix(), &mut out).map(|_| out).map_err(|e| e.to_string())
+                };
                 (res, "stage1", "native")
             }
             (Stage::Light, Light::Ort(m)) => (m.run(chunk.rows.len(), chunk.cols, chunk.matrix()), "stage1", "ort"),

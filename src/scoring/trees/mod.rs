@@ -39,9 +39,9 @@ pub enum TreeError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     /// The target's baseline instruction set: SSE2 on x86-64 (every x86-64 CPU has it), plain
-    /// Rust elsewhere; 8 rows per block.
+    /// Rust elsewhere; `PORTABLE_ROWS` rows per block.
     Portable,
-    /// AVX2, 16 rows per block; chosen only when the CPU reports it.
+    /// AVX2, `AVX2_ROWS` rows per block; chosen only when the CPU reports it.
     Avx2,
 }
 
@@ -114,6 +114,9 @@ impl TreeEnsemble {
     }
 
     pub fn from_onnx(bytes: &[u8], inputs: usize) -> Result<Self, TreeError> {
+        if inputs == 0 {
+            return Err(TreeError::Format("the manifest names no stage-1 inputs".into()));
+        }
         let raw = onnx::read(bytes)?;
         if let Some(w) = raw.inputs {
             if w != inputs {
@@ -168,13 +171,25 @@ impl TreeEnsemble {
                 return Err(TreeError::Format(format!("tree {} repeats node {}", raw.tree_ids[i], raw.node_ids[i])));
             }
         }
+        // ORT takes each tree's first listed node as its root and one weight per leaf (its
+        // single-target path keeps the first): anything it would read differently is refused.
+        let mut first_listed = std::collections::HashMap::new();
+        for i in 0..n {
+            let t = raw.tree_ids[i];
+            let starts_run = i == 0 || raw.tree_ids[i - 1] != t;
+            if starts_run && first_listed.insert(t, raw.node_ids[i]).is_some() {
+                return Err(TreeError::Unsupported(format!("tree {t}: its nodes are not listed together")));
+            }
+        }
         let mut leaf_value = std::collections::HashMap::new();
         for k in 0..raw.target_trees.len() {
             let key = (raw.target_trees[k], raw.target_nodes[k]);
             if !index.contains_key(&key) {
                 return Err(TreeError::Format(format!("a target weight names missing node {key:?}")));
             }
-            *leaf_value.entry(key).or_insert(0.0f32) += raw.target_weights[k];
+            if leaf_value.insert(key, raw.target_weights[k]).is_some() {
+                return Err(TreeError::Unsupported(format!("tree {} leaf {} has more than one weight", key.0, key.1)));
+            }
         }
         let tree_ids: std::collections::BTreeSet<i64> = raw.tree_ids.iter().copied().collect();
         let mut trees = Vec::with_capacity(tree_ids.len());
@@ -196,6 +211,9 @@ impl TreeEnsemble {
             let [root] = roots.as_slice() else {
                 return Err(TreeError::Format(format!("tree {t} has {} roots", roots.len())));
             };
+            if first_listed.get(&t) != Some(root) {
+                return Err(TreeError::Unsupported(format!("tree {t}: its root {root} is not its first listed node")));
+            }
             // Depth-first copy, root first; a node reached twice (not a tree) is refused.
             let mut nodes: Vec<Node> = Vec::with_capacity(ids.len());
             let mut slot = std::collections::HashMap::new();
@@ -214,7 +232,10 @@ impl TreeEnsemble {
                     }
                 }
                 if raw.modes[i] == Mode::Leaf {
-                    let value = leaf_value.get(&(t, id)).copied().unwrap_or(0.0);
+                    let value = leaf_value
+                        .get(&(t, id))
+                        .copied()
+                        .ok_or_else(|| TreeError::Format(format!("tree {t} leaf {id} has no target weight")))?;
                     nodes.push(Node::Leaf { value });
                     continue;
                 }
@@ -593,16 +614,25 @@ mod tests {
 
     #[test]
     fn rows_with_missing_values_follow_the_model() {
+        // The deployed model has BRANCH_LEQ nodes without missing-value tracks: a NaN fails every
+        // test (`NaN <= t` is false), which is where +inf goes, so the NaN rows (slow path) must
+        // score as the same rows with +inf do through the block kernel.
         let (e, inputs) = deployed();
-        let mut data = probe_rows(&e, 40);
+        assert!(e
+            .trees
+            .iter()
+            .flatten()
+            .all(|n| matches!(n, Node::Leaf { .. } | Node::Branch { mode: Mode::Leq, missing_true: false, .. })));
+        let mut with_nan = probe_rows(&e, 40);
+        let mut with_inf = with_nan.clone();
         for r in (0..40).step_by(3) {
-            data[r * inputs + (r % inputs)] = f32::NAN;
+            with_nan[r * inputs + (r * 7 % inputs)] = f32::NAN;
+            with_inf[r * inputs + (r * 7 % inputs)] = f32::INFINITY;
         }
-        let mut out = vec![];
-        e.predict(&data, &mut out).unwrap();
-        for (r, row) in data.chunks(inputs).enumerate() {
-            assert_eq!(out[r], e.predict_row_reference(row), "row {r}");
-        }
+        let (mut a, mut b) = (vec![], vec![]);
+        e.predict(&with_nan, &mut a).unwrap();
+        e.predict(&with_inf, &mut b).unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]

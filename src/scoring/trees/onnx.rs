@@ -138,6 +138,24 @@ pub fn read(bytes: &[u8]) -> Result<RawEnsemble, TreeError> {
     if te.domain != "ai.onnx.ml" {
         return Err(TreeError::Unsupported(format!("TreeEnsembleRegressor in domain `{}`", te.domain)));
     }
+    if logistic_after && !matches!(graph.node[1].domain.as_str(), "" | "ai.onnx") {
+        return Err(TreeError::Unsupported(format!("Sigmoid in domain `{}`", graph.node[1].domain)));
+    }
+    // The graph must read one float matrix and answer with the last node's output.
+    let input = graph.input.first().ok_or_else(|| TreeError::Format("the graph has no input".into()))?;
+    if te.input.first() != Some(&input.name) {
+        return Err(TreeError::Format("the tree ensemble does not read the graph's input".into()));
+    }
+    const FLOAT: i32 = 1;
+    if let Some(t) = input.r#type.as_ref().and_then(|t| t.tensor_type.as_ref()) {
+        if t.elem_type != FLOAT {
+            return Err(TreeError::Unsupported(format!("input element type {} (float is supported)", t.elem_type)));
+        }
+    }
+    let last = graph.node.last().and_then(|n| n.output.first());
+    if last.is_none() || graph.output.first().map(|o| &o.name) != last {
+        return Err(TreeError::Format("the graph's output is not its last node's output".into()));
+    }
     let mut raw = RawEnsemble { inputs: input_width(&graph), ..Default::default() };
     let mut post = "NONE".to_string();
     let mut aggregate = "SUM".to_string();

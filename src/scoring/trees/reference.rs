@@ -24,7 +24,11 @@ impl ServedReference {
         }
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]) as usize;
         let (n, cols) = (u32_at(8), u32_at(12));
-        let need = 16 + n * cols * 4 + n * 8 + n * 4;
+        let need = n
+            .checked_mul(cols)
+            .and_then(|v| v.checked_mul(4))
+            .and_then(|v| v.checked_add(16 + n * 12))
+            .ok_or_else(|| bad("row count overflows"))?;
         if b.len() != need {
             return Err(bad(&format!("{} bytes, expected {need} for {n} rows of {cols}", b.len())));
         }
