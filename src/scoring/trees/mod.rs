@@ -372,7 +372,7 @@ impl TreeEnsemble {
     #[target_feature(enable = "avx2,bmi1")]
     unsafe fn predict_avx2(&self, data: &[f32], out: &mut [f32]) {
         // SAFETY: this function only runs on a CPU with AVX2 (see `predict`).
-        self.predict_blocks::<AVX2_ROWS>(data, out, |lo, hi, x, bl, bh| unsafe { kernels::avx2(lo, hi, x, bl, bh) })
+        self.predict_blocks::<AVX2_ROWS>(data, out, |lo, hi, x, l, s| unsafe { kernels::avx2(lo, hi, x, l, s) })
     }
 
     /// The kernel, inlined into each instruction-set variant so the compiler vectorises the
@@ -382,12 +382,10 @@ impl TreeEnsemble {
         &self,
         data: &[f32],
         out: &mut [f32],
-        apply: impl Fn(&[Entry], &[Entry], &[[f32; B]], &mut [u32; B], &mut [u32; B]),
+        apply: impl Fn(&[Entry], &[Entry], &[[f32; B]], &[f32; 64], &mut [f64; B]),
     ) {
         let cols = self.inputs;
-        let words = *self.tree_words.last().unwrap_or(&0);
         let mut xs = vec![[0f32; B]; cols];
-        let mut bits = vec![[u32::MAX; B]; words];
         for (b, dst) in out.chunks_mut(B).enumerate() {
             let rows = dst.len();
             let block = &data[b * B * cols..(b * B + rows) * cols];
@@ -404,26 +402,19 @@ impl TreeEnsemble {
                     x[r] = x[0];
                 }
             }
+            // Trees in order, each adding its exit leaf's value to every row's sum.
+            let mut sum = [0f64; B];
             for (t, &(lo, hi, end)) in self.tree_entries.iter().enumerate() {
-                let (lo_bits, hi_bits) = bits[2 * t..2 * t + 2].split_at_mut(1);
+                let first = self.tree_words[t];
+                let leaves: &[f32; 64] =
+                    self.leaves[first * 32..first * 32 + 64].try_into().expect("two words of leaves per tree");
                 apply(
                     &self.entries[lo as usize..hi as usize],
                     &self.entries[hi as usize..end as usize],
                     &xs,
-                    &mut lo_bits[0],
-                    &mut hi_bits[0],
+                    leaves,
+                    &mut sum,
                 );
-            }
-            let mut sum = [0f64; B];
-            for t in 0..self.trees.len() {
-                let first = self.tree_words[t];
-                let (lo, hi) = (&bits[first], &bits[first + 1]);
-                let leaves = &self.leaves[first * 32..first * 32 + 64];
-                for (r, s) in sum.iter_mut().enumerate() {
-                    // The exit leaf is the leftmost bit left set; it always exists.
-                    let v = lo[r] as u64 | (hi[r] as u64) << 32;
-                    *s += leaves[v.trailing_zeros() as usize & 63] as f64;
-                }
             }
             for (r, o) in dst.iter_mut().enumerate() {
                 *o = sigmoid(self.base + sum[r]);
@@ -481,7 +472,46 @@ mod kernels {
     /// 16 rows as four SSE2 vectors per word on x86-64 (the baseline every x86-64 CPU has; eight
     /// vectors measured slower: the two-operand SSE forms spill registers); plain Rust elsewhere.
     #[inline(always)]
-    pub fn portable(lo: &[Entry], hi: &[Entry], xs: &[[f32; 16]], lo_out: &mut [u32; 16], hi_out: &mut [u32; 16]) {
+    pub fn portable(lo: &[Entry], hi: &[Entry], xs: &[[f32; 16]], leaves: &[f32; 64], sum: &mut [f64; 16]) {
+        let (mut lo_out, mut hi_out) = ([u32::MAX; 16], [u32::MAX; 16]);
+        words(lo, hi, xs, &mut lo_out, &mut hi_out);
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            // The exit leaf is the leftmost bit left set (it always exists); its position is the
+            // float exponent of that bit (see `avx2`), 4 rows at a time with SSE2.
+            // SAFETY: SSE2 is part of x86-64; loads and stores of 4 lanes inside `[_; 16]`.
+            unsafe {
+                let zero = _mm_setzero_si128();
+                let tz = |x: __m128i| {
+                    let bit = _mm_and_si128(x, _mm_sub_epi32(zero, x));
+                    let f = _mm_castps_si128(_mm_cvtepi32_ps(bit));
+                    _mm_sub_epi32(_mm_and_si128(_mm_srli_epi32::<23>(f), _mm_set1_epi32(0xFF)), _mm_set1_epi32(127))
+                };
+                for v in 0..4 {
+                    let l = _mm_loadu_si128(lo_out.as_ptr().add(4 * v) as *const __m128i);
+                    let h = _mm_loadu_si128(hi_out.as_ptr().add(4 * v) as *const __m128i);
+                    let from_hi = _mm_add_epi32(tz(h), _mm_set1_epi32(32));
+                    let empty = _mm_cmpeq_epi32(l, zero);
+                    let idx = _mm_or_si128(_mm_and_si128(empty, from_hi), _mm_andnot_si128(empty, tz(l)));
+                    let mut i = [0i32; 4];
+                    _mm_storeu_si128(i.as_mut_ptr() as *mut __m128i, _mm_and_si128(idx, _mm_set1_epi32(63)));
+                    for (k, i) in i.iter().enumerate() {
+                        sum[4 * v + k] += leaves[*i as usize] as f64;
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        for (r, s) in sum.iter_mut().enumerate() {
+            // The exit leaf is the leftmost bit left set; it always exists.
+            let v = lo_out[r] as u64 | (hi_out[r] as u64) << 32;
+            *s += leaves[v.trailing_zeros() as usize & 63] as f64;
+        }
+    }
+
+    #[inline(always)]
+    fn words(lo: &[Entry], hi: &[Entry], xs: &[[f32; 16]], lo_out: &mut [u32; 16], hi_out: &mut [u32; 16]) {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::*;
@@ -523,12 +553,13 @@ mod kernels {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     #[inline]
-    pub unsafe fn avx2(lo: &[Entry], hi: &[Entry], xs: &[[f32; 64]], lo_out: &mut [u32; 64], hi_out: &mut [u32; 64]) {
+    pub unsafe fn avx2(lo: &[Entry], hi: &[Entry], xs: &[[f32; 64]], leaves: &[f32; 64], sum: &mut [f64; 64]) {
         use std::arch::x86_64::*;
+        let (mut lo_out, mut hi_out) = ([0u32; 64], [0u32; 64]);
         // SAFETY: AVX2 is present (caller); every load and store is of 8 lanes inside a
         // `[_; 64]`; entry features are below the row width (checked when the model loads).
         unsafe {
-            for (entries, out) in [(lo, lo_out), (hi, hi_out)] {
+            for (entries, out) in [(lo, &mut lo_out), (hi, &mut hi_out)] {
                 let mut w = [_mm256_set1_epi32(-1); 8];
                 for e in entries {
                     let t = _mm256_set1_ps(e.threshold);
@@ -542,6 +573,32 @@ mod kernels {
                 for (v, w) in w.iter().enumerate() {
                     _mm256_storeu_si256(out.as_mut_ptr().add(8 * v) as *mut __m256i, *w);
                 }
+            }
+            // Exit leaves, 8 rows at a time: the lowest set bit's position is the exponent of
+            // the bit converted to float (x & -x is a power of two; 2^31 converts to -2^31, whose
+            // exponent field is still 31 + 127). The index is masked to 0..63, so the gather stays
+            // inside `leaves` even if a word were empty (it never is: the exit leaf stays set).
+            let zero = _mm256_setzero_si256();
+            let tz = |x: __m256i| {
+                let bit = _mm256_and_si256(x, _mm256_sub_epi32(zero, x));
+                let f = _mm256_castps_si256(_mm256_cvtepi32_ps(bit));
+                _mm256_sub_epi32(
+                    _mm256_and_si256(_mm256_srli_epi32::<23>(f), _mm256_set1_epi32(0xFF)),
+                    _mm256_set1_epi32(127),
+                )
+            };
+            for v in 0..8 {
+                let l = _mm256_loadu_si256(lo_out.as_ptr().add(8 * v) as *const __m256i);
+                let h = _mm256_loadu_si256(hi_out.as_ptr().add(8 * v) as *const __m256i);
+                let from_hi = _mm256_add_epi32(tz(h), _mm256_set1_epi32(32));
+                let idx = _mm256_blendv_epi8(tz(l), from_hi, _mm256_cmpeq_epi32(l, zero));
+                let idx = _mm256_and_si256(idx, _mm256_set1_epi32(63));
+                let value = _mm256_i32gather_ps::<4>(leaves.as_ptr(), idx);
+                let s = sum.as_mut_ptr().add(8 * v);
+                let low = _mm256_add_pd(_mm256_loadu_pd(s), _mm256_cvtps_pd(_mm256_castps256_ps128(value)));
+                let high = _mm256_add_pd(_mm256_loadu_pd(s.add(4)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(value)));
+                _mm256_storeu_pd(s, low);
+                _mm256_storeu_pd(s.add(4), high);
             }
         }
     }
