@@ -5,7 +5,7 @@
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::Criterion;
 use recsys::config::Config;
@@ -15,24 +15,8 @@ use recsys::ranking::{diversify, Scored};
 use recsys::scoring::{self, Manifest, ScorerPool, Stage};
 use recsys::store::{Action, ItemRecord};
 
-fn summary(name: &str, mut f: impl FnMut()) {
-    let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap();
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < Duration::from_secs(2) {
-        let t = Instant::now();
-        f();
-        h.record(t.elapsed().as_nanos() as u64).unwrap();
-        n += 1;
-    }
-    let us = |v: u64| v as f64 / 1000.0;
-    println!(
-        "{name:<32} p50 {:>9.1} µs  p99 {:>9.1} µs  {:>9.0} ops/s",
-        us(h.value_at_quantile(0.5)),
-        us(h.value_at_quantile(0.99)),
-        n as f64 / start.elapsed().as_secs_f64()
-    );
-}
+mod common;
+use common::summary;
 
 fn shard_with_items(n: usize) -> FeatureShardState {
     let mut s = FeatureShardState::new(ShardSettings {

@@ -99,10 +99,8 @@ pub struct TreeEnsemble {
     /// `entries[hi_start..end]` its high word (`tree_entries[t] = (lo_start, hi_start, end)`).
     entries: Vec<Entry>,
     tree_entries: Vec<(u32, u32, u32)>,
-    /// First bit-vector word of each tree (one word per 32 leaves), plus the total at the end.
-    tree_words: Vec<usize>,
-    /// Leaf values by word × 32 + bit.
-    leaves: Vec<f32>,
+    /// Each tree's leaf values, left to right (unused slots 0).
+    leaves: Vec<[f32; MAX_LEAVES]>,
     kernel: Kernel,
 }
 
@@ -270,7 +268,6 @@ impl TreeEnsemble {
             trees,
             entries: vec![],
             tree_entries: vec![],
-            tree_words: vec![],
             leaves: vec![],
             kernel: Kernel::detect(),
         };
@@ -281,9 +278,7 @@ impl TreeEnsemble {
     /// Builds the QuickScorer tables from the trees: every branch normalised to "left when
     /// x ≤ t" (LT/GTE thresholds move to the next float below; GT/GTE swap their children).
     fn lay_out(&mut self) -> Result<(), TreeError> {
-        let mut word = 0usize;
         for (t, nodes) in self.trees.iter().enumerate() {
-            self.tree_words.push(word);
             // In-order walk of the normalised tree: leaves get consecutive numbers; each branch
             // learns the range of its left subtree's leaves.
             let mut leaves: Vec<f32> = vec![];
@@ -313,9 +308,8 @@ impl TreeEnsemble {
                     leaves.len()
                 )));
             }
-            // Two words per tree whatever its size: the exit leaf is then one 64-bit count of
-            // trailing zeros, without a branch on which word holds it.
-            let words = 2;
+            // Two words per tree whatever its size: the exit leaf is then found without a branch
+            // on which word holds it.
             let mut per_word: [Vec<Entry>; 2] = [vec![], vec![]];
             for (feature, threshold, first, end) in ranges {
                 // One entry per word the left subtree's leaves touch.
@@ -327,23 +321,19 @@ impl TreeEnsemble {
                     list.push(Entry { threshold, feature, clear });
                 }
             }
-            let lo_start = self.entries.len() as u32;
+            let mut starts = [0u32; 3];
             for (w, mut es) in per_word.into_iter().enumerate() {
                 // By feature: consecutive entries read the same row values (cache lines).
                 es.sort_by_key(|e| e.feature);
-                if w == 1 {
-                    self.tree_entries.push((lo_start, self.entries.len() as u32, 0));
-                }
+                starts[w] = self.entries.len() as u32;
                 self.entries.extend(es);
             }
-            if let Some(last) = self.tree_entries.last_mut() {
-                last.2 = self.entries.len() as u32;
-            }
-            self.leaves.resize((word + words) * 32, 0.0);
-            self.leaves[word * 32..word * 32 + leaves.len()].copy_from_slice(&leaves);
-            word += words;
+            starts[2] = self.entries.len() as u32;
+            self.tree_entries.push((starts[0], starts[1], starts[2]));
+            let mut values = [0f32; MAX_LEAVES];
+            values[..leaves.len()].copy_from_slice(&leaves);
+            self.leaves.push(values);
         }
-        self.tree_words.push(word);
         Ok(())
     }
 
@@ -404,10 +394,7 @@ impl TreeEnsemble {
             }
             // Trees in order, each adding its exit leaf's value to every row's sum.
             let mut sum = [0f64; B];
-            for (t, &(lo, hi, end)) in self.tree_entries.iter().enumerate() {
-                let first = self.tree_words[t];
-                let leaves: &[f32; 64] =
-                    self.leaves[first * 32..first * 32 + 64].try_into().expect("two words of leaves per tree");
+            for (&(lo, hi, end), leaves) in self.tree_entries.iter().zip(&self.leaves) {
                 apply(
                     &self.entries[lo as usize..hi as usize],
                     &self.entries[hi as usize..end as usize],
@@ -702,24 +689,5 @@ mod tests {
         assert!(err.contains("not an ONNX model"), "{err}");
         let err = TreeEnsemble::from_onnx_file(&dir.join("stage1_gbdt.onnx"), inputs + 1).unwrap_err().to_string();
         assert!(err.contains("reads 45 inputs, the manifest names 46"), "{err}");
-    }
-}
-
-#[cfg(test)]
-mod profile {
-    use super::*;
-    /// `valgrind --tool=callgrind <lib test binary> --ignored trees::profile` to count
-    /// instructions per phase of the kernel.
-    #[test]
-    #[ignore]
-    fn profile_served_batch() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let r = reference::ServedReference::load(&dir.join("stage1_reference.bin")).unwrap();
-        let e = TreeEnsemble::from_onnx_file(&dir.join("stage1_gbdt.onnx"), r.cols).unwrap();
-        let mut out = vec![];
-        for _ in 0..20 {
-            out.clear();
-            e.predict(&r.rows[..1000 * r.cols], &mut out).unwrap();
-        }
     }
 }
