@@ -321,3 +321,74 @@ async fn a_dead_node_is_removed_and_every_partition_gets_r_copies_again() {
     check_ledger(&cluster.addrs[0], &ledger).await;
     check_ledger(&cluster.addrs[1], &ledger).await;
 }
+
+/// Waits (bounded) until some partition is being streamed to `to`; returns its source.
+async fn wait_streaming(addr: &str, to: &str, limit: Duration) -> String {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(m) = status(addr).await.moves.into_iter().find(|m| m.to == to && m.bytes_done > 0) {
+            return m.from;
+        }
+        assert!(Instant::now() < end, "no move to {to} seen within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_resumes_after_its_receiver_and_a_source_crash() {
+    // Throttled to the minimum so the moves are still running when the crashes come.
+    let cfg = OVERRIDES.replace(
+        "[cluster]\n",
+        "[cluster]\nmove_bytes_per_sec = 65536\nmove_chunk_bytes = 4096\nmove_concurrency = 1\n",
+    );
+    let mut cluster = Cluster::start("resume", 3, &cfg);
+    cluster.wait_serving().await;
+    let world = Arc::new(World::generate(synthetic_spec(31, 2000, 200, 10_000)));
+    load_world(recsys::cli::connect(&cluster.addrs[0]).await.unwrap(), world.clone(), 2000, true).await.unwrap();
+    let mut ing = IngestClient::new(recsys::cli::connect(&cluster.addrs[0]).await.unwrap());
+    let mut ledger = Vec::new();
+    let mut write = |b: usize| {
+        let evs = events(&world, b);
+        ledger.push(evs.clone());
+        pb::LogEventsRequest { events: evs }
+    };
+    for b in 0..5 {
+        ing.log_events(write(b)).await.unwrap();
+    }
+    let n4 = cluster.join();
+    wait_streaming(&cluster.addrs[0], "n4", Duration::from_secs(60)).await;
+    // The receiver dies mid-stream and comes back: it resumes from its persisted ring.
+    cluster.kill9(n4);
+    for b in 5..10 {
+        ing.log_events(write(b)).await.unwrap();
+    }
+    cluster.restart(n4);
+    let source = wait_streaming(&cluster.addrs[0], "n4", Duration::from_secs(60)).await;
+    // Then the node it streams from dies: the move goes on from another replica; the dead source
+    // is removed (it was a member of the old and the new table).
+    let si = cluster.ids.iter().position(|i| *i == source).unwrap();
+    assert!(si < 3, "the source is one of the first members");
+    let ingest_via = if si == 0 { 1 } else { 0 };
+    cluster.kill9(si);
+    let mut ing = IngestClient::new(recsys::cli::connect(&cluster.addrs[ingest_via]).await.unwrap());
+    for b in 10..15 {
+        ing.log_events(write(b)).await.unwrap();
+    }
+    let mut admin = AdminClient::new(recsys::cli::connect(&cluster.addrs[ingest_via]).await.unwrap());
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        match admin.remove_node(pb::RemoveNodeRequest { node_id: source.clone() }).await {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::FailedPrecondition && Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("remove {source}: {e}"),
+        }
+    }
+    let mut members: Vec<&str> = vec!["n1", "n2", "n3", "n4"];
+    members.retain(|m| *m != source);
+    wait_settled(&cluster.addrs[ingest_via], &members, Duration::from_secs(240)).await;
+    replicas_identical(&cluster, Duration::from_secs(30)).await;
+    check_ledger(&cluster.addrs[n4], &ledger).await;
+    check_ledger(&cluster.addrs[ingest_via], &ledger).await;
+}
