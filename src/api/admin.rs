@@ -63,7 +63,10 @@ impl pb::admin_server::Admin for AdminService {
         let members = t.membership.members();
         // The joined set first (ring order), then nodes gossip knows that have not joined.
         let mut ids: Vec<String> = ring.members().to_vec();
-        for n in ring.target_members().iter().cloned().chain(members.iter().map(|m| m.node_id.clone())) {
+        // Nodes gossip still remembers but the ring no longer names (drained, removed) are left
+        // out unless alive (one starting to join).
+        let gossip_live = members.iter().filter(|m| m.live).map(|m| m.node_id.clone());
+        for n in ring.target_members().iter().cloned().chain(gossip_live) {
             if !ids.contains(&n) {
                 ids.push(n);
             }
