@@ -111,12 +111,7 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ("recsys_moves_in_progress", Kind::Gauge, None, "Partitions being streamed to this node"),
     ("recsys_moves_completed_total", Kind::Counter, None, "Partitions streamed to this node complete"),
     ("recsys_move_failures_total", Kind::Counter, None, "Partition streams that failed and were tried again"),
-    (
-        "recsys_move_bytes_total",
-        Kind::Counter,
-        Some(Unit::Bytes),
-        "Op-log bytes streamed to this node by partition moves",
-    ),
+    ("recsys_move_bytes_total", Kind::Counter, None, "Op-log bytes streamed to this node by partition moves"),
     ("recsys_partitions_dropped_total", Kind::Counter, None, "Partitions dropped here after moving to other owners"),
     (
         "recsys_partitions_lost_total",
