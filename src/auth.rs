@@ -155,10 +155,8 @@ impl tonic::service::Interceptor for InternalAuth {
     fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
         if let Some(a) = &self.0 {
             let (k, from) = &**a;
-            let v: AsciiMetadataValue = k
-                .header(from, unix_now())
-                .parse()
-                .map_err(|_| Status::internal("node id is not header-safe ASCII"))?;
+            let v: AsciiMetadataValue =
+                k.header(from, unix_now()).parse().map_err(|_| Status::internal("node id is not header-safe ASCII"))?;
             r.metadata_mut().insert(INTERNAL_HEADER, v);
         }
         Ok(r)

@@ -502,7 +502,9 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         );
     }
     let transport = Arc::new(
-        Transport::new(me.clone(), ring.clone(), local_parts.clone(), membership.clone()).with_cluster_key(cluster_key),
+        Transport::new(me.clone(), ring.clone(), local_parts.clone(), membership.clone())
+            .with_cluster_key(cluster_key)
+            .with_hedging(cfg.serving.hedge_max_ratio, Duration::from_millis(cfg.serving.hedge_min_delay_ms)),
     );
     let _ = handles.transport.set(transport.clone());
 

@@ -31,6 +31,8 @@ pub struct Transport {
     pub hints: super::hints::Hints,
     /// Signs this node's calls to its peers (no-op without a cluster secret).
     auth: InternalAuth,
+    /// Hedged reads: recent latencies per peer and kind, and the hedge budget.
+    pub hedge: super::hedge::Policy,
 }
 
 pub enum NodeClient<'a> {
@@ -57,7 +59,14 @@ impl Transport {
             peers: Mutex::new(HashMap::new()),
             hints: super::hints::Hints::new(HINT_CAP_OPS),
             auth: InternalAuth::none(),
+            hedge: super::hedge::Policy::new(0.05, Duration::from_millis(2)),
         }
+    }
+
+    /// Hedged reads: at most `max_ratio` extra calls, never before `min_delay` (0: no hedging).
+    pub fn with_hedging(mut self, max_ratio: f64, min_delay: Duration) -> Self {
+        self.hedge = super::hedge::Policy::new(max_ratio, min_delay);
+        self
     }
 
     /// Signs calls to peers with the cluster secret (`None`: unsigned, for a cluster without one).
@@ -159,6 +168,9 @@ impl NodeClient<'_> {
                 let t = Instant::now();
                 let res = client.clone().read(transport.request(req, timeout)).await;
                 transport.observe(node, "read", t, res.is_ok());
+                if res.is_ok() {
+                    transport.hedge.latencies.record(node, kind, t.elapsed());
+                }
                 let reply = res.map_err(|s| node_error(node, s))?.into_inner();
                 let mut by_part: HashMap<Part, pb::PartitionResult> =
                     reply.results.into_iter().filter_map(|r| Some((result_part(&r)?, r))).collect();
