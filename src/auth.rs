@@ -127,7 +127,7 @@ impl ClusterKey {
             return Err(AuthError::Malformed);
         }
         let skew = ts.saturating_sub(now);
-        if skew.abs() > MAX_SKEW_SECS {
+        if skew.unsigned_abs() > MAX_SKEW_SECS as u64 {
             return Err(AuthError::Skew { node: node.to_string(), skew });
         }
         // verify_slice compares in constant time.
@@ -297,6 +297,8 @@ mod tests {
         assert_eq!(k.verify(Some(&h), now + 10).unwrap(), "n1");
         assert_eq!(k.verify(None, now), Err(AuthError::MissingInternal));
         assert_eq!(k.verify(Some("garbage"), now), Err(AuthError::Malformed));
+        let far = format!("{}.00.n1", i64::MIN);
+        assert!(matches!(k.verify(Some(&far), now), Err(AuthError::Skew { .. })));
         assert!(matches!(k.verify(Some(&h), now + 301), Err(AuthError::Skew { .. })));
         assert!(matches!(k.verify(Some(&h), now - 301), Err(AuthError::Skew { .. })));
         let other = ClusterKey::new("other").header("n1", now);
