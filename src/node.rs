@@ -158,9 +158,14 @@ impl Actor for PartitionSupervisor {
                     Role::Generator => st.local.set_generator(part.partition, None),
                 }
                 if let Some(cell) = actor {
-                    // Forgotten first, so its stop is not taken for a crash to restart.
+                    // Forgotten first, so its stop is not taken for a crash to restart; waited
+                    // for, so no write it is still applying lands after the log is dropped.
                     st.children.remove(&cell.get_id());
-                    cell.stop(Some("partition moved away".into()));
+                    let stopped =
+                        cell.stop_and_wait(Some("partition moved away".into()), Some(Duration::from_secs(30)));
+                    if let Err(e) = stopped.await {
+                        tracing::warn!(part = %part, error = %e, "partition actor did not stop in time");
+                    }
                 }
                 if let Some(store) = st.store.clone() {
                     match tokio::task::spawn_blocking(move || store.drop_partition(part)).await {
