@@ -63,6 +63,16 @@ impl Hints {
         go.into()
     }
 
+    /// Drops the hints `keep` refuses; returns the ops dropped.
+    fn retain(&self, keep: impl Fn(&Hint) -> bool) -> u64 {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let before = Self::held(&q);
+        q.retain(|h| keep(h));
+        let after = Self::held(&q);
+        metrics::gauge!("recsys_hints_pending_ops").set(after as f64);
+        (before - after) as u64
+    }
+
     fn put_back(&self, hints: Vec<Hint>) {
         for h in hints {
             self.add(&h.node.clone(), h.part, h.ops);
@@ -71,8 +81,16 @@ impl Hints {
 }
 
 impl Transport {
-    /// Delivers pending hints to the replicas that take writes again (one call per node).
+    /// Delivers pending hints to the replicas that take writes again (one call per node). Each
+    /// partition is judged alone: a delivered one is done, a refused one stays; a hint for a
+    /// partition the node no longer takes writes of (it moved away) is dropped: its new owners got
+    /// the ops with the write itself or streamed them.
     pub async fn deliver_hints(&self, timeout: Duration) {
+        let ring = self.ring();
+        let stale = self.hints.retain(|h| ring.owns_write(h.part.role, h.part.partition, &h.node));
+        if stale > 0 {
+            metrics::counter!("recsys_hints_dropped_total").increment(stale);
+        }
         let hints = self.hints.take(|n| self.membership.takes_writes(n));
         if hints.is_empty() {
             return;
@@ -83,19 +101,21 @@ impl Transport {
         }
         for (node, hs) in by_node {
             let asks: Vec<(Part, Arc<Vec<LoggedOp>>)> = hs.iter().map(|h| (h.part, h.ops.clone())).collect();
-            let ok = match self.client(&node) {
+            let done: std::collections::HashSet<Part> = match self.client(&node) {
                 Some(c) => match c.apply(asks, timeout).await {
-                    Ok((results, _)) => results.iter().all(|(_, r)| r.is_ok()),
-                    Err(_) => false,
+                    Ok((results, _)) => results.into_iter().filter(|(_, r)| r.is_ok()).map(|(p, _)| p).collect(),
+                    Err(_) => Default::default(),
                 },
-                None => false,
+                None => Default::default(),
             };
-            if ok {
-                let n: usize = hs.iter().map(|h| h.ops.len()).sum();
+            let (delivered, left): (Vec<Hint>, Vec<Hint>) = hs.into_iter().partition(|h| done.contains(&h.part));
+            if !delivered.is_empty() {
+                let n: usize = delivered.iter().map(|h| h.ops.len()).sum();
                 metrics::counter!("recsys_hints_delivered_total").increment(n as u64);
                 tracing::info!(node = %node, ops = n, "delivered hinted writes");
-            } else {
-                self.hints.put_back(hs);
+            }
+            if !left.is_empty() {
+                self.hints.put_back(left);
             }
         }
     }
