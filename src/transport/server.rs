@@ -22,6 +22,9 @@ impl InternalService {
     /// the way this node does.
     fn check(&self, env: Option<&pb::Envelope>) -> Result<(Arc<Transport>, Duration), Status> {
         let t = self.transport.get().ok_or_else(|| Status::unavailable("node is starting: no ring yet"))?;
+        if t.local.faults().serving_fails() {
+            return Err(Status::unavailable(format!("{}: internal rpcs fail (injected fault)", t.node_id)));
+        }
         let env = env.ok_or_else(|| Status::invalid_argument("envelope: missing"))?;
         if env.epoch != t.ring.epoch || env.digest != t.ring.digest {
             return Err(Status::failed_precondition(format!(
