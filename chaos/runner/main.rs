@@ -284,13 +284,9 @@ async fn recsys_cmd(args: Vec<String>, limit: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn apply(c: &Arc<Mutex<Cluster>>, a: &Action, load_addr: &str) -> anyhow::Result<String> {
-    use pb::inject_fault_request::Fault;
+/// Process and network actions: signals, spawns, `ip` commands — blocking, run off the async workers.
+fn process_action(c: &Mutex<Cluster>, a: &Action) -> anyhow::Result<String> {
     let lock = || c.lock().unwrap_or_else(|e| e.into_inner());
-    let addr_of = |id: &str| -> anyhow::Result<String> {
-        let c = lock();
-        Ok(c.nodes[c.index(id)?].addr.clone())
-    };
     match a {
         Action::Sigkill { node } => {
             let mut c = lock();
@@ -321,6 +317,28 @@ async fn apply(c: &Arc<Mutex<Cluster>>, a: &Action, load_addr: &str) -> anyhow::
             let ids: Vec<&str> = dead.iter().map(|i| c.nodes[*i].id.as_str()).collect();
             return Ok(format!("restarted {}", ids.join(",")));
         }
+        Action::Isolate { node } | Action::Heal { node } => {
+            let c = lock();
+            c.link(c.index(node)?, matches!(a, Action::Heal { .. }))?;
+        }
+        Action::Join { node } => {
+            let mut c = lock();
+            let i = c.add_node(node)?;
+            c.spawn(i, true)?;
+        }
+        _ => bail!("not a process action: {}", a.describe()),
+    }
+    Ok(a.describe())
+}
+
+async fn apply(c: &Arc<Mutex<Cluster>>, a: &Action, load_addr: &str) -> anyhow::Result<String> {
+    use pb::inject_fault_request::Fault;
+    let lock = || c.lock().unwrap_or_else(|e| e.into_inner());
+    let addr_of = |id: &str| -> anyhow::Result<String> {
+        let c = lock();
+        Ok(c.nodes[c.index(id)?].addr.clone())
+    };
+    match a {
         Action::KillActor { node, role, partition, index } => {
             let addr = addr_of(node)?;
             let partition = match (role.as_str(), partition) {
@@ -345,15 +363,6 @@ async fn apply(c: &Arc<Mutex<Cluster>>, a: &Action, load_addr: &str) -> anyhow::
             let addr = addr_of(node)?;
             let f = pb::FailRpcsFault { duration_ms: *for_ms, outbound: *outbound };
             return inject(&addr, Fault::FailRpcs(f)).await;
-        }
-        Action::Isolate { node } | Action::Heal { node } => {
-            let c = lock();
-            c.link(c.index(node)?, matches!(a, Action::Heal { .. }))?;
-        }
-        Action::Join { node } => {
-            let mut c = lock();
-            let i = c.add_node(node)?;
-            c.spawn(i, true)?;
         }
         Action::Drain { node } | Action::Remove { node } => {
             let verb = if matches!(a, Action::Drain { .. }) { "drain" } else { "remove" };
@@ -394,6 +403,11 @@ async fn apply(c: &Arc<Mutex<Cluster>>, a: &Action, load_addr: &str) -> anyhow::
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        // Signals, spawns, `ip`: blocking, off the async workers.
+        other => {
+            let (c, a) = (c.clone(), other.clone());
+            return tokio::task::spawn_blocking(move || process_action(&c, &a)).await?;
+        }
     }
     Ok(a.describe())
 }
@@ -430,7 +444,8 @@ async fn run_scenario(s: &Scenario) -> anyhow::Result<Row> {
     let dir = std::env::temp_dir().join(format!("recsys-chaos-{}-{}", s.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let cluster = Cluster::start(&repo, &s.name, s.nodes, &overrides(s), s.network == "netns", dir)?;
+    let (name, n, ov, netns) = (s.name.clone(), s.nodes, overrides(s), s.network == "netns");
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&repo, &name, n, &ov, netns, dir)).await??;
     let cluster = Arc::new(Mutex::new(cluster));
     let res = drive(s, &cluster).await;
     if let Err(e) = &res {
@@ -440,7 +455,8 @@ async fn run_scenario(s: &Scenario) -> anyhow::Result<Row> {
             eprintln!("--- {} log (last lines) ---\n{}", n.id, c.log_tail(&n.id, 15));
         }
     }
-    // Dropping the cluster (the last Arc) kills the nodes and removes the temp dir.
+    // Dropping the cluster (the last Arc) kills the nodes and removes the temp dir: blocking work.
+    tokio::task::spawn_blocking(move || drop(cluster)).await?;
     res
 }
 
@@ -881,8 +897,10 @@ async fn real_main() -> anyhow::Result<bool> {
             scenarios.push(s);
         }
     }
-    let membership = has_membership(&repo);
-    let started = chrono_free_now();
+    let (membership, started) = {
+        let r = repo.clone();
+        tokio::task::spawn_blocking(move || (has_membership(&r), chrono_free_now())).await?
+    };
     let mut rows = Vec::new();
     for s in &scenarios {
         println!("== {}: {}", s.name, s.description);
