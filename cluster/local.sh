@@ -18,6 +18,7 @@ usage() {
   cat <<EOF
 usage: $ME COMMAND [ARGS]
   up [N]         start nodes n1..nN (default 3) and wait until every one is SERVING
+  join NODE      start a new node (e.g. n4) with --join and wait until the ring has taken it in
   down           SIGTERM every node, wait up to ${STOP_SECS}s, then SIGKILL stragglers
   status         local processes, then \`recsys status\` from the first running node
   stop NODE      SIGTERM one node and wait for it to exit
@@ -149,6 +150,33 @@ cmd_up() {
   timeout 10 "$BIN" status --addr "$(addr_of n1)"
 }
 
+cmd_join() {
+  local node=${1:-} k seeds args deadline
+  [[ $node =~ ^n[1-9][0-9]?$ ]] || die "join: NODE must be n1..n99, e.g. '$ME join n4'"
+  k=${node#n}
+  need_bin
+  [ ! -f "$DIR/$node.args" ] || [ "$(state_of "$node")" = dead ] || die "$node is already running"
+  [ ! -e "$DIR/$node" ] || die "$DIR/$node exists: a joining node starts with an empty data dir (remove it first)"
+  seeds=$(for n in $(nodes); do [ "$(state_of "$n")" = running ] && addr_of "$n"; done | paste -sd, -) || true
+  [ -n "$seeds" ] || die "no running node to join: run '$ME up' first"
+  args=(node --node-id "$node" --listen "$(addr_of "$node")" --data-dir "$DIR/$node"
+    --metrics-listen "$HOST:$((METRICS_BASE + k))" --seeds "$seeds" --join)
+  printf '%s\n' "${args[@]}" >"$DIR/$node.args"
+  : >"$DIR/$node.log"
+  start_node "$node"
+  say "$node started (pid $(pid_of "$node"), log $DIR/$node.log); its partitions stream to it"
+  deadline=$((SECONDS + WAIT_SECS))
+  until timeout 10 "$BIN" status --addr "${seeds%%,*}" 2>/dev/null | grep -qE "^  $node +[^ ]+ +serving"; do
+    if [ "$(state_of "$node")" = dead ]; then
+      tail -n 20 "$DIR/$node.log" >&2
+      die "$node exited while joining (log: $DIR/$node.log)"
+    fi
+    [ "$SECONDS" -lt "$deadline" ] || die "$node not serving after ${WAIT_SECS}s (log: $DIR/$node.log)"
+    sleep 0.5
+  done
+  say "$node joined and serving on $(addr_of "$node")"
+}
+
 cmd_down() {
   local node live=() left
   for node in $(nodes); do
@@ -186,6 +214,7 @@ CMD=${1:-}
 [ $# -eq 0 ] || shift
 case "$CMD" in
   up) cmd_up "$@" ;;
+  join) cmd_join "$@" ;;
   down) cmd_down ;;
   status) cmd_status ;;
   stop)

@@ -68,6 +68,15 @@ pub struct ClusterConfig {
     /// Key for signing page tokens; every node of a cluster must have the same. Empty: derived
     /// from the cluster name (fine on a laptop, not in production). Env: RECSYS_CLUSTER_SECRET.
     pub secret: String,
+    /// Start by joining the running cluster the seeds belong to (a node without a persisted
+    /// ring): the ring grows by this node and its partitions are streamed to it.
+    pub join: bool,
+    /// Partitions streamed to this node at once during a membership change.
+    pub move_concurrency: usize,
+    /// Bound on the bytes per second this node streams in (all its moves together).
+    pub move_bytes_per_sec: u64,
+    /// Bytes of op log per streamed chunk.
+    pub move_chunk_bytes: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,6 +244,10 @@ impl Default for ClusterConfig {
             anti_entropy_interval_ms: 5000,
             catch_up_wait_ms: 3000,
             secret: String::new(),
+            join: false,
+            move_concurrency: 2,
+            move_bytes_per_sec: 32 * 1024 * 1024,
+            move_chunk_bytes: 1024 * 1024,
         }
     }
 }
@@ -373,6 +386,15 @@ impl Config {
         }
         if !(1.0..=100.0).contains(&self.cluster.phi_threshold) {
             return bad("cluster.phi_threshold", "must be in 1..=100");
+        }
+        if !(1..=64).contains(&self.cluster.move_concurrency) {
+            return bad("cluster.move_concurrency", "must be in 1..=64");
+        }
+        if self.cluster.move_bytes_per_sec < 64 * 1024 {
+            return bad("cluster.move_bytes_per_sec", "must be at least 65536");
+        }
+        if !(4096..=16 * 1024 * 1024).contains(&self.cluster.move_chunk_bytes) {
+            return bad("cluster.move_chunk_bytes", "must be in 4096..=16777216");
         }
         if self.retrieval.global_trending_shards == 0 || self.retrieval.global_trending_shards > 64 {
             return bad("retrieval.global_trending_shards", "must be in 1..=64");

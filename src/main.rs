@@ -47,6 +47,10 @@ enum Cmd {
         metrics_listen: Option<String>,
         #[arg(long)]
         models_dir: Option<PathBuf>,
+        /// Join the running cluster the seeds belong to: the ring grows by this node and its
+        /// partitions are streamed here before it serves (a node with an empty data dir).
+        #[arg(long)]
+        join: bool,
     },
     /// The main job: start a local cluster (3 nodes by default), load a synthetic world through
     /// one node, show recommendations asked of another, keep serving.
@@ -124,6 +128,30 @@ enum Cmd {
     Status {
         #[arg(long, default_value = "127.0.0.1:7400")]
         addr: String,
+    },
+    /// Move every partition of a live node to the other members; the node then leaves and stops.
+    Drain {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: String,
+        /// The node to drain (its id).
+        #[arg(long)]
+        node: String,
+        /// Follow the moves until the change is complete.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        wait_seconds: u64,
+    },
+    /// Take a dead node out of the ring and re-replicate its partitions from surviving replicas.
+    Remove {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        wait_seconds: u64,
     },
     /// Deploy the model version in a directory without a restart (checked, canaried, then swapped).
     Reload {
@@ -274,6 +302,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             metrics_listen,
             models_dir,
+            join,
         } => {
             let mut cfg = Config::load_layered(&config)?;
             if let Some(v) = advertise_addr {
@@ -299,6 +328,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(v) = models_dir {
                 cfg.scoring.models_dir = v;
+            }
+            if join {
+                cfg.cluster.join = true;
             }
             cfg.validate()?;
             recsys::node::run(cfg).await?;
@@ -362,6 +394,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             cli::print_status(&s);
         }
+        Cmd::Drain { addr, node, wait, wait_seconds } => {
+            let ch = cli::connect(&addr).await?;
+            let r = pb::admin_client::AdminClient::new(ch)
+                .drain(pb::DrainRequest { node_id: node.clone() })
+                .await
+                .map_err(output::status_error)?
+                .into_inner();
+            print_change("draining", &node, &r);
+            if wait {
+                cli::wait_change(&addr, &node, Duration::from_secs(wait_seconds)).await?;
+                println!("{node} drained: its partitions live on the other members");
+            }
+        }
+        Cmd::Remove { addr, node, wait, wait_seconds } => {
+            let ch = cli::connect(&addr).await?;
+            let r = pb::admin_client::AdminClient::new(ch)
+                .remove_node(pb::RemoveNodeRequest { node_id: node.clone() })
+                .await
+                .map_err(output::status_error)?
+                .into_inner();
+            print_change("removing", &node, &r);
+            if wait {
+                cli::wait_change(&addr, &node, Duration::from_secs(wait_seconds)).await?;
+                println!("{node} removed: every partition has its replicas again");
+            }
+        }
         Cmd::Reload { addr, models_dir } => {
             let ch = cli::connect(&addr).await?;
             let req = pb::ReloadModelsRequest { models_dir };
@@ -421,4 +479,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_change(what: &str, node: &str, r: &pb::MembershipChangeResponse) {
+    if r.target_members.is_empty() {
+        println!("{node}: nothing to do (ring epoch {}, members {})", r.epoch, r.members.join(", "));
+    } else {
+        println!(
+            "{what} {node}: ring epoch {}, {} → {}, {} partitions get a new owner",
+            r.epoch,
+            r.members.join(", "),
+            r.target_members.join(", "),
+            r.partitions_moving
+        );
+    }
 }

@@ -100,6 +100,30 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ),
     ("recsys_membership_changes_total", Kind::Counter, None, "Peers becoming routable (up) or not (down)"),
     ("recsys_live_nodes", Kind::Gauge, None, "Nodes alive and serving, as this node sees them"),
+    ("recsys_ring_epoch", Kind::Gauge, None, "Ring epoch this node runs (raised by each step of a membership change)"),
+    (
+        "recsys_membership_changes_begun_total",
+        Kind::Counter,
+        None,
+        "Membership changes (join, drain, remove) begun on this node",
+    ),
+    ("recsys_membership_changes_committed_total", Kind::Counter, None, "Membership changes this node committed"),
+    ("recsys_moves_in_progress", Kind::Gauge, None, "Partitions being streamed to this node"),
+    ("recsys_moves_completed_total", Kind::Counter, None, "Partitions streamed to this node complete"),
+    ("recsys_move_failures_total", Kind::Counter, None, "Partition streams that failed and were tried again"),
+    (
+        "recsys_move_bytes_total",
+        Kind::Counter,
+        Some(Unit::Bytes),
+        "Op-log bytes streamed to this node by partition moves",
+    ),
+    ("recsys_partitions_dropped_total", Kind::Counter, None, "Partitions dropped here after moving to other owners"),
+    (
+        "recsys_partitions_lost_total",
+        Kind::Counter,
+        None,
+        "Partitions a removal left with no live copy (started empty here)",
+    ),
     ("recsys_actor_restarts_total", Kind::Counter, None, "Actors restarted by their supervisor, per role"),
     (
         "recsys_faults_injected_total",
@@ -241,6 +265,13 @@ fn register_zeros() {
         "recsys_key_collisions_total",
         "recsys_deadline_exceeded_total",
         "recsys_unknown_users_evicted_total",
+        "recsys_membership_changes_begun_total",
+        "recsys_membership_changes_committed_total",
+        "recsys_moves_completed_total",
+        "recsys_move_failures_total",
+        "recsys_move_bytes_total",
+        "recsys_partitions_dropped_total",
+        "recsys_partitions_lost_total",
     ] {
         counter!(c).absolute(0);
     }
@@ -256,7 +287,13 @@ fn register_zeros() {
     for o in ["deployed", "rejected"] {
         counter!("recsys_model_reloads_total", "outcome" => o).absolute(0);
     }
-    for g in ["recsys_hints_pending_ops", "recsys_catch_up_partitions_behind", "recsys_scoring_queue_chunks"] {
+    for g in [
+        "recsys_hints_pending_ops",
+        "recsys_catch_up_partitions_behind",
+        "recsys_scoring_queue_chunks",
+        "recsys_moves_in_progress",
+        "recsys_ring_epoch",
+    ] {
         gauge!(g).set(0.0);
     }
     gauge!("recsys_live_nodes").set(0.0);

@@ -14,6 +14,7 @@ use crate::api::codes::SpecCodes;
 use crate::api::ingest::IngestService;
 use crate::api::pb;
 use crate::api::recommender::RecommenderService;
+use crate::cluster::changes::{Controller, MoveSettings, PartitionCmd};
 use crate::cluster::membership::MembershipSettings;
 use crate::cluster::{replication, MemberState, Membership, Part, Ring, RingSpec, Role};
 use crate::config::Config;
@@ -42,7 +43,8 @@ type FeatureLoader = Arc<dyn Fn(u32) -> FeatureShardState + Send + Sync>;
 type GeneratorLoader = Arc<dyn Fn(u32) -> GeneratorState + Send + Sync>;
 
 /// Supervises this node's partition actors: a crashed partition is taken out of service (reads
-/// go to its other replicas), rebuilt from its op log, and put back.
+/// go to its other replicas), rebuilt from its op log, and put back. Partitions are also opened
+/// (a move brings one here) and closed (a move took one away) while the node runs.
 pub struct PartitionSupervisor;
 
 pub struct PartitionSupervisorArgs {
@@ -64,51 +66,117 @@ pub struct PartitionSupervisorState {
     generator_loader: GeneratorLoader,
 }
 
+impl PartitionSupervisorState {
+    /// Spawns one partition's actor (from `initial`, else from its op log) and installs it.
+    async fn spawn(
+        &mut self,
+        me: &ActorRef<PartitionCmd>,
+        role: Role,
+        p: u32,
+        feature: Option<FeatureShardState>,
+        generator: Option<GeneratorState>,
+    ) -> Result<(), ActorProcessingErr> {
+        let id = if role == Role::Feature {
+            let a = FeatureShardArgs {
+                partition: p,
+                log: self.store.clone(),
+                initial: feature,
+                load: self.feature_loader.clone(),
+            };
+            let (r, _) = Actor::spawn_linked(None, FeatureShard, a, me.get_cell()).await?;
+            let id = r.get_id();
+            self.local.set_feature(p, Some(r));
+            id
+        } else {
+            let a = GeneratorArgs {
+                partition: p,
+                log: self.store.clone(),
+                initial: generator,
+                load: self.generator_loader.clone(),
+            };
+            let (r, _) = Actor::spawn_linked(None, GeneratorShard, a, me.get_cell()).await?;
+            let id = r.get_id();
+            self.local.set_generator(p, Some(r));
+            id
+        };
+        self.children.insert(id, (role, p));
+        Ok(())
+    }
+}
+
 impl Actor for PartitionSupervisor {
-    type Msg = ();
+    type Msg = PartitionCmd;
     type State = PartitionSupervisorState;
     type Arguments = PartitionSupervisorArgs;
 
     async fn pre_start(
         &self,
-        me: ActorRef<()>,
+        me: ActorRef<PartitionCmd>,
         args: PartitionSupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let mut children = std::collections::HashMap::new();
-        for (p, st) in args.features {
-            let a = FeatureShardArgs {
-                partition: p,
-                log: args.store.clone(),
-                initial: Some(st),
-                load: args.feature_loader.clone(),
-            };
-            let (r, _) = Actor::spawn_linked(None, FeatureShard, a, me.get_cell()).await?;
-            children.insert(r.get_id(), (Role::Feature, p));
-            args.local.set_feature(p, Some(r));
-        }
-        for (p, st) in args.generators {
-            let a = GeneratorArgs {
-                partition: p,
-                log: args.store.clone(),
-                initial: Some(st),
-                load: args.generator_loader.clone(),
-            };
-            let (r, _) = Actor::spawn_linked(None, GeneratorShard, a, me.get_cell()).await?;
-            children.insert(r.get_id(), (Role::Generator, p));
-            args.local.set_generator(p, Some(r));
-        }
-        Ok(PartitionSupervisorState {
+        let mut st = PartitionSupervisorState {
             local: args.local,
             store: args.store,
-            children,
+            children: std::collections::HashMap::new(),
             feature_loader: args.feature_loader,
             generator_loader: args.generator_loader,
-        })
+        };
+        for (p, s) in args.features {
+            st.spawn(&me, Role::Feature, p, Some(s), None).await?;
+        }
+        for (p, s) in args.generators {
+            st.spawn(&me, Role::Generator, p, None, Some(s)).await?;
+        }
+        Ok(st)
+    }
+
+    async fn handle(
+        &self,
+        me: ActorRef<PartitionCmd>,
+        msg: PartitionCmd,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PartitionCmd::Open(part, reply) => {
+                let open = st.local.is_open(part);
+                if !open {
+                    st.local.set_ready(part, false);
+                    st.spawn(&me, part.role, part.partition, None, None).await?;
+                    tracing::info!(part = %part, "partition opened here");
+                }
+                let _ = reply.send(!open);
+            }
+            PartitionCmd::Close(part, reply) => {
+                st.local.set_ready(part, false);
+                let actor = match part.role {
+                    Role::Feature => st.local.feature_actor(part.partition).map(|a| a.get_cell()),
+                    Role::Generator => st.local.generator_actor(part.partition).map(|a| a.get_cell()),
+                };
+                match part.role {
+                    Role::Feature => st.local.set_feature(part.partition, None),
+                    Role::Generator => st.local.set_generator(part.partition, None),
+                }
+                if let Some(cell) = actor {
+                    // Forgotten first, so its stop is not taken for a crash to restart.
+                    st.children.remove(&cell.get_id());
+                    cell.stop(Some("partition moved away".into()));
+                }
+                if let Some(store) = st.store.clone() {
+                    match tokio::task::spawn_blocking(move || store.drop_partition(part)).await {
+                        Ok(Ok(n)) => tracing::info!(part = %part, batches = n, "partition dropped here"),
+                        Ok(Err(e)) => tracing::warn!(part = %part, error = %e, "dropping the partition's log failed"),
+                        Err(e) => tracing::warn!(part = %part, error = %e, "dropping the partition's log failed"),
+                    }
+                }
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
     }
 
     async fn handle_supervisor_evt(
         &self,
-        me: ActorRef<()>,
+        me: ActorRef<PartitionCmd>,
         ev: SupervisionEvent,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -121,28 +189,11 @@ impl Actor for PartitionSupervisor {
         let part = crate::cluster::Part::new(role, p);
         let was_ready = st.local.is_ready(part);
         st.local.set_ready(part, false);
-        let id = if role == Role::Feature {
-            st.local.set_feature(p, None);
-            let a = FeatureShardArgs {
-                partition: p,
-                log: st.store.clone(),
-                initial: None,
-                load: st.feature_loader.clone(),
-            };
-            let (r, _) = Actor::spawn_linked(None, FeatureShard, a, me.get_cell()).await?;
-            let id = r.get_id();
-            st.local.set_feature(p, Some(r));
-            id
-        } else {
-            st.local.set_generator(p, None);
-            let a =
-                GeneratorArgs { partition: p, log: st.store.clone(), initial: None, load: st.generator_loader.clone() };
-            let (r, _) = Actor::spawn_linked(None, GeneratorShard, a, me.get_cell()).await?;
-            let id = r.get_id();
-            st.local.set_generator(p, Some(r));
-            id
-        };
-        st.children.insert(id, (role, p));
+        match role {
+            Role::Feature => st.local.set_feature(p, None),
+            Role::Generator => st.local.set_generator(p, None),
+        }
+        st.spawn(&me, role, p, None, None).await?;
         st.local.set_ready(part, was_ready);
         Ok(())
     }
@@ -248,11 +299,14 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let err = |m: String| NodeError::Startup(m);
     let me = cfg.node.node_id.clone();
     let plan = Arc::new(FeaturePlan::new(&cfg.features, cfg.ingest.embedding_dim).map_err(|e| err(e.to_string()))?);
-    if !cfg.cluster.initial_nodes.is_empty() && !cfg.cluster.initial_nodes.contains(&me) {
+    if !cfg.cluster.join && !cfg.cluster.initial_nodes.is_empty() && !cfg.cluster.initial_nodes.contains(&me) {
         return Err(err(format!(
-            "cluster.initial_nodes ({}) does not name this node `{me}`; joining a running cluster comes with scaling",
+            "cluster.initial_nodes ({}) does not name this node `{me}`; to join a running cluster, start it with --join",
             cfg.cluster.initial_nodes.join(", ")
         )));
+    }
+    if cfg.cluster.join && cfg.node.seeds.is_empty() {
+        return Err(err("--join needs seeds: the addresses of nodes of the running cluster".into()));
     }
 
     std::fs::create_dir_all(&cfg.node.data_dir)
@@ -404,7 +458,8 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let persisted = RingSpec::load(&table).map_err(|e| err(e.to_string()))?;
     // A ring formed just now: its members have all joined already, so there is nobody to wait for
     // (a member whose data dir was wiped still pulls its partitions from the others below).
-    let fresh = persisted.is_none();
+    let fresh = persisted.is_none() && !cfg.cluster.join;
+    let mut joining = false;
     let spec = match persisted {
         Some(s) => {
             tracing::info!(epoch = s.epoch, members = %s.members.join(","), "rejoining with the persisted ring");
@@ -421,6 +476,30 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
                      (changing placement is a re-sharding, not a restart)"
                 );
             }
+            // The cluster may have changed while this node was away: take a newer table first.
+            let s = match newer_from_peers(&membership, &s, Duration::from_millis(cfg.cluster.catch_up_wait_ms)).await {
+                Some(n) => {
+                    tracing::info!(epoch = n.epoch, members = %n.members.join(","), "the cluster moved on meanwhile: using its newer ring");
+                    n.save(&table).map_err(|e| err(e.to_string()))?;
+                    n
+                }
+                None => s,
+            };
+            joining = !s.members.contains(&me) && s.target.as_ref().is_some_and(|t| t.contains(&me));
+            if !s.members.contains(&me) && !joining {
+                return Err(err(format!(
+                    "this node `{me}` was removed from the cluster (ring epoch {}); to join again, start it with an \
+                     empty data dir and --join",
+                    s.epoch
+                )));
+            }
+            s
+        }
+        None if cfg.cluster.join => {
+            joining = true;
+            let s = ring_from_cluster(&membership).await;
+            s.save(&table).map_err(|e| err(e.to_string()))?;
+            tracing::info!(epoch = s.epoch, members = %s.members.join(","), "joining the running cluster");
             s
         }
         None => {
@@ -431,7 +510,8 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         }
     };
     let ring = Arc::new(Ring::from_spec(spec));
-    membership.set_ring(ring.epoch, &ring.digest).await;
+    membership.set_ring(ring.epoch, &ring.digest, &serde_json::to_string(&ring.spec).unwrap_or_default()).await;
+    metrics::gauge!("recsys_ring_epoch").set(ring.epoch as f64);
 
     // Load: open sled, replay this node's partitions one at a time.
     let t = Instant::now();
@@ -442,8 +522,11 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         .await
         .map_err(|e| err(e.to_string()))?
         .map_err(|e| err(e.to_string()))?;
-    let fparts = ring.partitions_of(Role::Feature, &me);
-    let gparts = ring.partitions_of(Role::Generator, &me);
+    // Everything this node holds: what it owns, and what a change in progress brings it (a move
+    // resumed after a crash replays what it had streamed, then streams again).
+    let held = ring.held_by(&me);
+    let fparts: Vec<u32> = held.iter().filter(|p| p.role == Role::Feature).map(|p| p.partition).collect();
+    let gparts: Vec<u32> = held.iter().filter(|p| p.role == Role::Generator).map(|p| p.partition).collect();
     let mut features = Vec::with_capacity(fparts.len());
     let mut generators = Vec::with_capacity(gparts.len());
     let mut ops = 0u64;
@@ -491,15 +574,13 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     };
     let (partition_sup, _) =
         Actor::spawn(None, PartitionSupervisor, args).await.map_err(|e| err(format!("partition actors: {e}")))?;
+    let partition_cmds = partition_sup.clone();
     let transport = Arc::new(Transport::new(me.clone(), ring.clone(), local_parts.clone(), membership.clone()));
     let _ = handles.transport.set(transport.clone());
 
-    // Catch up with the other replicas of this node's partitions before serving reads of them.
-    let own: Vec<Part> = fparts
-        .iter()
-        .map(|p| Part::new(Role::Feature, *p))
-        .chain(gparts.iter().map(|p| Part::new(Role::Generator, *p)))
-        .collect();
+    // Catch up with the other replicas of the partitions this node owns before serving reads of
+    // them (incoming ones are streamed by the controller).
+    let own = owned_parts(&ring, &me);
     if !fresh {
         wait_for_replicas(&transport, &own, Duration::from_millis(cfg.cluster.catch_up_wait_ms)).await;
     }
@@ -508,6 +589,19 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     for p in &own {
         local_parts.set_ready(*p, true);
     }
+    let controller = Controller::new(
+        transport.clone(),
+        partition_cmds,
+        table.clone(),
+        MoveSettings {
+            concurrency: cfg.cluster.move_concurrency,
+            bytes_per_sec: cfg.cluster.move_bytes_per_sec,
+            chunk_bytes: cfg.cluster.move_chunk_bytes,
+        },
+        joining,
+    );
+    let mut removed = controller.removed.subscribe();
+    let controller_task = tokio::spawn(controller.clone().run());
 
     let pool = match &manifest {
         Some(m) if scorer_here => ScorerPool::new(m.clone(), cfg.scoring.scorers, cfg.scoring.queue_per_scorer)
@@ -547,22 +641,31 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         plan: plan.clone(),
         models_dir: models_dir.clone(),
         models_root: cfg.scoring.models_root.clone().unwrap_or_else(|| models_dir.clone()),
+        changes: controller.clone(),
     }));
+    if joining {
+        // A joining node serves once the ring has taken it in with its partitions complete.
+        tracing::info!("joining: waiting for the partitions to be streamed here and the ring to commit");
+        let mut changes = membership.subscribe();
+        while !controller.serving_member() {
+            let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
+        }
+    }
     membership.set_state(MemberState::Serving).await;
     for s in services {
         health.set_service_status(s, tonic_health::ServingStatus::Serving).await;
     }
     tracing::info!(%local, ms = t.elapsed().as_millis() as u64, "SERVING");
 
-    let anti_entropy = tokio::spawn(anti_entropy_loop(
-        transport.clone(),
-        own.clone(),
-        Duration::from_millis(cfg.cluster.anti_entropy_interval_ms),
-    ));
+    let anti_entropy =
+        tokio::spawn(anti_entropy_loop(transport.clone(), Duration::from_millis(cfg.cluster.anti_entropy_interval_ms)));
 
-    wait_for_signal().await;
-    tracing::info!("leaving: draining, then stopping");
+    tokio::select! {
+        _ = wait_for_signal() => tracing::info!("leaving: draining, then stopping"),
+        _ = removed.wait_for(|r| *r) => tracing::info!("drained: every partition moved away; stopping"),
+    }
     anti_entropy.abort();
+    controller_task.abort();
     membership.set_state(MemberState::Leaving).await;
     for s in services {
         health.set_service_status(s, tonic_health::ServingStatus::NotServing).await;
@@ -584,14 +687,51 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// The partitions a node owns (reads may go to it) under `ring`.
+fn owned_parts(ring: &Ring, node: &str) -> Vec<Part> {
+    Role::ALL.into_iter().flat_map(|r| ring.partitions_of(r, node).into_iter().map(move |p| Part::new(r, p))).collect()
+}
+
+/// A restarted node: a table newer than its persisted one, from peers (waits a bounded time for
+/// some peer to publish one; none when this node is alone or the first up).
+async fn newer_from_peers(membership: &Membership, mine: &RingSpec, wait: Duration) -> Option<RingSpec> {
+    let end = Instant::now() + wait;
+    let mut changes = membership.subscribe();
+    loop {
+        let any_peer =
+            membership.members().iter().any(|m| m.live && m.node_id != membership.node_id && !m.ring_spec.is_empty());
+        if any_peer || Instant::now() >= end {
+            return crate::cluster::changes::newest_in_gossip(membership, Some(mine));
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
+    }
+}
+
+/// A joining node: the table the running cluster publishes (waits until a peer publishes one).
+async fn ring_from_cluster(membership: &Membership) -> RingSpec {
+    let mut changes = membership.subscribe();
+    let mut last_log = Instant::now();
+    loop {
+        if let Some(s) = crate::cluster::changes::newest_in_gossip(membership, None) {
+            return s;
+        }
+        if last_log.elapsed() > Duration::from_secs(5) {
+            tracing::info!("waiting for the seeds to publish the cluster's ring");
+            last_log = Instant::now();
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
+    }
+}
+
 /// Waits (bounded) until, for each partition, some other replica is alive, so a restarted node
 /// can pull what it missed before it serves; a node whose peers are all down starts alone.
 async fn wait_for_replicas(t: &Transport, own: &[Part], limit: Duration) {
     let end = Instant::now() + limit;
     let mut changes = t.membership.subscribe();
     loop {
+        let ring = t.ring();
         let waiting = own.iter().any(|p| {
-            let owners = t.ring.owners(p.role, p.partition);
+            let owners = ring.owners(p.role, p.partition);
             owners.len() > 1 && !owners.iter().any(|o| *o != t.node_id && t.membership.is_routable(o))
         });
         let left = end.saturating_duration_since(Instant::now());
@@ -605,7 +745,7 @@ async fn wait_for_replicas(t: &Transport, own: &[Part], limit: Duration) {
 /// Background anti-entropy: every interval, when a peer comes back, and right after this process
 /// was frozen (its own clock ticks jumped), compare digests with the replicas and pull what is
 /// missing. After a freeze, this node's partitions stop serving reads until they caught up.
-async fn anti_entropy_loop(t: Arc<Transport>, own: Vec<Part>, every: Duration) {
+async fn anti_entropy_loop(t: Arc<Transport>, every: Duration) {
     let mut changes = t.membership.subscribe();
     let tick = Duration::from_millis(100);
     let mut ticker = tokio::time::interval(tick);
@@ -617,6 +757,8 @@ async fn anti_entropy_loop(t: Arc<Transport>, own: Vec<Part>, every: Duration) {
     // their failure detectors and flap debounce let them, after the start-up catch-up ran.
     let mut full_at = Some(Instant::now() + Duration::from_secs(2));
     loop {
+        // The partitions owned now (the ring changes with joins and drains).
+        let own = owned_parts(&t.ring(), &t.node_id);
         let peer_changed = tokio::select! {
             _ = ticker.tick() => false,
             r = changes.changed() => r.is_ok(),

@@ -384,6 +384,56 @@ impl Store {
         Ok(out)
     }
 
+    /// A chunk of a partition's op log from batch `from` on, about `max_bytes` big (at least one
+    /// batch): the ops, the batch to continue from, and whether the log ended. Streams a whole
+    /// partition to a new owner without holding anything across chunks. Blocking (sled).
+    pub fn chunk(&self, part: Part, from: u64, max_bytes: usize) -> Result<(Vec<LoggedOp>, u64, bool), StoreError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = from;
+        let end = {
+            let mut p = part_prefix(part).to_vec();
+            // The prefix's successor: role and partition are fixed width, so +1 on the last byte
+            // with carry bounds exactly this partition's keys.
+            for i in (0..p.len()).rev() {
+                if p[i] == u8::MAX {
+                    p[i] = 0;
+                } else {
+                    p[i] += 1;
+                    break;
+                }
+            }
+            p
+        };
+        for kv in self.log.range(batch_key(part, from).to_vec()..end) {
+            let (k, v) = kv?;
+            if bytes >= max_bytes {
+                return Ok((out, next, false));
+            }
+            let batch = u64::from_be_bytes(k[5..13].try_into().map_err(|_| corrupt(part, "short key"))?);
+            let ops: Vec<LoggedOp> = postcard::from_bytes(&v).map_err(|e| corrupt(part, e))?;
+            bytes += v.len();
+            out.extend(ops);
+            next = batch + 1;
+        }
+        Ok((out, next, true))
+    }
+
+    /// Forgets a partition this node no longer owns: its log range and its ids. Blocking (sled).
+    pub fn drop_partition(&self, part: Part) -> Result<u64, StoreError> {
+        let mut log = self.part_log(part);
+        let mut n = 0u64;
+        let keys: Vec<sled::IVec> = self.log.scan_prefix(part_prefix(part)).keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            self.log.remove(k)?;
+            n += 1;
+        }
+        log.ids.clear();
+        log.digest = vec![(0, 0); BUCKETS];
+        log.next_batch = 0;
+        Ok(n)
+    }
+
     /// One flush per write batch; the ack waits for it.
     pub async fn flush(&self) -> Result<usize, StoreError> {
         Ok(self.db.flush_async().await?)
@@ -445,6 +495,17 @@ mod tests {
         let total: usize = (0..BUCKETS).map(|b| s.bucket_ids(part, b).unwrap().len()).sum();
         assert_eq!(total, 200);
         assert!(s.append(part, &ops[..3]).unwrap().iter().all(|n| !*n), "ids are known again after the reopen");
+        // Streaming in chunks returns the log in order, then says it ended.
+        let (mut got, mut from) = (Vec::new(), 0);
+        loop {
+            let (ops, next, done) = s.chunk(part, from, 1).unwrap();
+            got.extend(ops);
+            from = next;
+            if done {
+                break;
+            }
+        }
+        assert_eq!(got, ops, "chunks cover the partition exactly");
         let more = LoggedOp { id: 7, at: 0, op: Op::Pair { a: 1, b: 2 } };
         assert_eq!(s.append(part, std::slice::from_ref(&more)).unwrap(), vec![true]);
         assert_eq!(s.scan(part).unwrap().len(), 201, "a batch after the reopen does not overwrite one before");
@@ -454,6 +515,10 @@ mod tests {
             assert_eq!(*count as usize, ids.len());
             assert_eq!(*xor, ids.iter().fold(0, |x, i| x ^ i));
         }
+        assert_eq!(s.drop_partition(other).unwrap(), 1);
+        assert_eq!(s.op_count(other), 0);
+        assert!(s.scan(other).unwrap().is_empty());
+        assert_eq!(s.scan(part).unwrap().len(), 201, "dropping one partition leaves the others");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::pb;
 use crate::chaos::ChaosError;
+use crate::cluster::changes::{Change, ChangeError};
 use crate::cluster::{MemberState, Part, Role};
 use crate::features::shard::{FeatureMsg, ShardCounts};
 use crate::features::FeaturePlan;
@@ -19,6 +20,8 @@ pub struct AdminState {
     pub models_dir: std::path::PathBuf,
     /// ReloadModels loads only directories under this (scoring.models_root).
     pub models_root: std::path::PathBuf,
+    /// Membership changes (drain, remove) and the moves they cause.
+    pub changes: Arc<crate::cluster::changes::Controller>,
 }
 
 pub struct AdminService {
@@ -29,7 +32,7 @@ impl AdminState {
     /// Records and unknown-user bookkeeping of this node's feature partitions, summed.
     async fn counts(&self) -> ShardCounts {
         let t = &self.transport;
-        let calls = t.ring.partitions_of(Role::Feature, &t.node_id).into_iter().filter_map(|p| {
+        let calls = (0..t.local.partitions).filter_map(|p| {
             let a = t.local.feature_actor(p)?;
             Some(async move {
                 match a.call(FeatureMsg::Counts, Some(Duration::from_secs(2))).await {
@@ -65,11 +68,9 @@ fn fault_part(st: &AdminState, field: &str, role: &str, partition: u32) -> Resul
         "feature" => Role::Feature,
         _ => return Err(ChaosError::Invalid(format!("{field}.role: `{role}` is not generator or feature"))),
     };
-    if partition >= t.ring.partitions {
-        return Err(ChaosError::Invalid(format!(
-            "{field}.partition: {partition} is outside [0, {})",
-            t.ring.partitions
-        )));
+    let partitions = t.ring().partitions;
+    if partition >= partitions {
+        return Err(ChaosError::Invalid(format!("{field}.partition: {partition} is outside [0, {partitions})")));
     }
     let part = Part::new(role, partition);
     if !t.local.is_open(part) {
@@ -143,12 +144,19 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let st = super::recommender::ready(&self.state)?;
         let t = &st.transport;
-        let ring = &t.ring;
+        let ring = t.ring();
         let scorers = st.models.current();
         let members = t.membership.members();
         // The joined set first (ring order), then nodes gossip knows that have not joined.
         let mut ids: Vec<String> = ring.members().to_vec();
-        ids.extend(members.iter().map(|m| m.node_id.clone()).filter(|n| !ring.members().contains(n)));
+        // Nodes gossip still remembers but the ring no longer names (drained, removed) are left
+        // out unless alive (one starting to join).
+        let gossip_live = members.iter().filter(|m| m.live).map(|m| m.node_id.clone());
+        for n in ring.target_members().iter().cloned().chain(gossip_live) {
+            if !ids.contains(&n) {
+                ids.push(n);
+            }
+        }
         let nodes = ids
             .iter()
             .map(|id| {
@@ -169,6 +177,9 @@ impl pb::admin_server::Admin for AdminService {
                     live,
                     ring_epoch: m.map(|m| m.ring_epoch).unwrap_or(0),
                     ring_digest: m.map(|m| m.ring_digest.clone()).unwrap_or_default(),
+                    resident_bytes: m.map(|m| m.resident_bytes).unwrap_or(0),
+                    cpu_seconds: m.map(|m| m.cpu_seconds).unwrap_or(0.0),
+                    incoming_partitions: ring.incoming(id).len() as u32,
                 }
             })
             .collect();
@@ -187,7 +198,7 @@ impl pb::admin_server::Admin for AdminService {
                     })
                     .collect();
                 let part = crate::cluster::Part::new(role, p);
-                let (ops_here, fingerprint_here) = if t.ring.owns(role, p, &t.node_id) {
+                let (ops_here, fingerprint_here) = if ring.owns(role, p, &t.node_id) {
                     let d = t.local.store.digest(part);
                     let fp = d
                         .iter()
@@ -232,9 +243,39 @@ impl pb::admin_server::Admin for AdminService {
             catch_up_rounds: t.local.catch_up_rounds.load(std::sync::atomic::Ordering::Acquire),
             cpu_seconds,
             resident_bytes,
+            moves: st
+                .changes
+                .moves()
+                .into_iter()
+                .map(|m| pb::Move {
+                    role: m.role,
+                    partition: m.partition,
+                    from: m.from,
+                    to: m.to,
+                    bytes_done: m.bytes_done,
+                    bytes_total: m.bytes_total,
+                    eta_ms: m.eta_ms,
+                })
+                .collect(),
+            target_members: if ring.in_transition() { ring.target_members().to_vec() } else { vec![] },
             chaos_enabled: t.local.faults().enabled(),
             active_faults: t.local.faults().active(),
         }))
+    }
+
+    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::MembershipChangeResponse>, Status> {
+        let st = super::recommender::ready(&self.state)?;
+        let node = node_field(req.into_inner().node_id)?;
+        change(&st, Change::Drain(node)).await
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::MembershipChangeResponse>, Status> {
+        let st = super::recommender::ready(&self.state)?;
+        let node = node_field(req.into_inner().node_id)?;
+        change(&st, Change::Remove(node)).await
     }
 
     async fn reload_models(
@@ -274,4 +315,29 @@ impl pb::admin_server::Admin for AdminService {
             }
         }
     }
+}
+
+fn node_field(id: String) -> Result<String, Status> {
+    let id = id.trim().to_string();
+    if id.is_empty() {
+        return Err(Status::invalid_argument("node_id: must name a node"));
+    }
+    Ok(id)
+}
+
+async fn change(st: &AdminState, c: Change) -> Result<Response<pb::MembershipChangeResponse>, Status> {
+    let spec = st.changes.propose(c).await.map_err(|e| match e {
+        ChangeError::NotMember(_) => Status::not_found(e.to_string()),
+        ChangeError::Refused(_) => Status::failed_precondition(e.to_string()),
+        ChangeError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        ChangeError::Internal(_) => Status::internal(e.to_string()),
+    })?;
+    let ring = crate::cluster::Ring::from_spec(spec.clone());
+    let moving = ring.target_members().iter().map(|n| ring.incoming(n).len() as u32).sum();
+    Ok(Response::new(pb::MembershipChangeResponse {
+        epoch: spec.epoch,
+        members: spec.members.clone(),
+        target_members: spec.target.clone().unwrap_or_default(),
+        partitions_moving: moving,
+    }))
 }

@@ -128,9 +128,12 @@ pub fn print_status(s: &pb::ClusterStatusResponse) {
         "cluster seen from {}: ring epoch {} digest {}, {} partitions per role, replication {}",
         s.self_node_id, s.ring_epoch, s.ring_digest, s.partitions_per_role, s.replication_factor
     );
+    if !s.target_members.is_empty() {
+        println!("membership change in progress: moving to {}", s.target_members.join(", "));
+    }
     println!(
-        "  {:<12} {:<22} {:<8} {:>13} {:>6} {:>6} {:>8}  RING",
-        "NODE", "ADDRESS", "STATE", "GENERATION", "GEN", "FEAT", "SCORERS"
+        "  {:<12} {:<22} {:<8} {:>13} {:>6} {:>6} {:>5} {:>8} {:>9} {:>8}  RING",
+        "NODE", "ADDRESS", "STATE", "GENERATION", "GEN", "FEAT", "IN", "SCORERS", "MEM", "CPU"
     );
     for n in &s.nodes {
         let agrees = if n.ring_epoch == s.ring_epoch && n.ring_digest == s.ring_digest {
@@ -141,16 +144,33 @@ pub fn print_status(s: &pb::ClusterStatusResponse) {
             format!("DIFFERS: epoch {} digest {}", n.ring_epoch, n.ring_digest)
         };
         println!(
-            "  {:<12} {:<22} {:<8} {:>13} {:>6} {:>6} {:>8}  {}",
+            "  {:<12} {:<22} {:<8} {:>13} {:>6} {:>6} {:>5} {:>8} {:>9} {:>8}  {}",
             n.node_id,
             if n.address.is_empty() { "-" } else { &n.address },
             n.state,
             n.generation,
             n.generator_partitions,
             n.feature_partitions,
+            n.incoming_partitions,
             n.scorers,
+            format!("{:.0}MiB", n.resident_bytes as f64 / (1024.0 * 1024.0)),
+            format!("{:.1}s", n.cpu_seconds),
             agrees
         );
+    }
+    if !s.moves.is_empty() {
+        println!("  moves in progress:");
+        println!("    {:<16} {:<10} {:<10} {:>12} {:>8}", "PARTITION", "FROM", "TO", "BYTES", "ETA");
+        for m in &s.moves {
+            println!(
+                "    {:<16} {:<10} {:<10} {:>12} {:>7.1}s",
+                format!("{}/{}", m.role, m.partition),
+                m.from,
+                m.to,
+                format!("{}/{}", human_bytes(m.bytes_done), human_bytes(m.bytes_total)),
+                m.eta_ms as f64 / 1000.0
+            );
+        }
     }
     let models = s.models.as_ref().map(|m| format!("{}, {}", m.stage1, m.stage2)).unwrap_or("none (heuristic)".into());
     if s.chaos_enabled {
@@ -198,5 +218,56 @@ pub fn print_status(s: &pb::ClusterStatusResponse) {
         for chunk in line.chunks(6) {
             println!("    {}", chunk.join("  "));
         }
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    if b >= 1 << 20 {
+        format!("{:.1}M", b as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.0}K", b as f64 / 1024.0)
+    }
+}
+
+/// `recsys drain|remove --wait`: follows the change until the ring has committed it and every
+/// partition has its replicas live again (bounded by `limit`), printing progress.
+pub async fn wait_change(addr: &str, node: &str, limit: Duration) -> anyhow::Result<pb::ClusterStatusResponse> {
+    let end = std::time::Instant::now() + limit;
+    let mut last = String::new();
+    loop {
+        let ch = connect(addr).await?;
+        let s = pb::admin_client::AdminClient::new(ch)
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .map_err(output::status_error)?
+            .into_inner();
+        let member = s.nodes.iter().any(|n| n.node_id == node && (n.generator_partitions + n.feature_partitions) > 0);
+        let full = s.partitions.iter().all(|p| p.live.iter().all(|l| *l));
+        // Every other live node runs the committed table, and the node itself has stopped.
+        let agreed = s.nodes.iter().filter(|n| n.live && n.node_id != node).all(|n| n.ring_epoch == s.ring_epoch);
+        let gone = !s.nodes.iter().any(|n| n.node_id == node && n.live);
+        let line = if s.target_members.is_empty() {
+            format!("ring epoch {}: {} {}", s.ring_epoch, node, if member { "is still a member" } else { "is out" })
+        } else {
+            let bytes: u64 = s.moves.iter().map(|m| m.bytes_done).sum();
+            format!(
+                "ring epoch {}: {} partitions streaming ({} so far)",
+                s.ring_epoch,
+                s.moves.len(),
+                human_bytes(bytes)
+            )
+        };
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        if s.target_members.is_empty() && !member && full && agreed && gone {
+            return Ok(s);
+        }
+        if std::time::Instant::now() >= end {
+            anyhow::bail!("the change did not complete within {} s (see recsys status)", limit.as_secs());
+        }
+        // Polling an operator's view at a human pace, bounded by `limit`.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -18,6 +18,14 @@ const K_GRPC: &str = "grpc_addr";
 const K_STATE: &str = "state";
 const K_EPOCH: &str = "ring_epoch";
 const K_DIGEST: &str = "ring_digest";
+/// The whole ring spec (JSON, a few hundred bytes): a newer table spreads by gossip.
+const K_SPEC: &str = "ring_spec";
+/// Partitions this node has received complete in the change in progress: `epoch:i,i,…`.
+const K_DONE: &str = "moves_done";
+/// Moves in progress to this node (JSON list of `MoveReport`), for status.
+const K_MOVES: &str = "moves";
+const K_RSS: &str = "resident_bytes";
+const K_CPU: &str = "cpu_seconds";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
@@ -50,6 +58,12 @@ pub struct MemberInfo {
     pub ring_digest: String,
     /// Seen alive by the failure detector (and past the flap debounce).
     pub live: bool,
+    /// The ring spec it publishes (JSON).
+    pub ring_spec: String,
+    pub moves_done: String,
+    pub moves: String,
+    pub resident_bytes: u64,
+    pub cpu_seconds: f64,
 }
 
 #[derive(Default)]
@@ -101,6 +115,9 @@ impl Membership {
             (K_STATE.to_string(), initial_state.as_str().to_string()),
             (K_EPOCH.to_string(), "0".to_string()),
             (K_DIGEST.to_string(), String::new()),
+            (K_SPEC.to_string(), String::new()),
+            (K_DONE.to_string(), String::new()),
+            (K_MOVES.to_string(), String::new()),
         ];
         let handle =
             spawn_chitchat(config, kvs, &UdpTransport).await.map_err(|e| MembershipError::Gossip(e.to_string()))?;
@@ -136,11 +153,32 @@ impl Membership {
         self.refresh().await;
     }
 
-    pub async fn set_ring(&self, epoch: u64, digest: &str) {
+    /// Publishes the ring this node runs (epoch, digest and the spec itself).
+    pub async fn set_ring(&self, epoch: u64, digest: &str, spec_json: &str) {
+        {
+            let mut c = self.chitchat.lock().await;
+            let me = c.self_node_state();
+            me.set(K_EPOCH, epoch.to_string());
+            me.set(K_DIGEST, digest);
+            me.set(K_SPEC, spec_json);
+        }
+        self.refresh().await;
+    }
+
+    /// Publishes the partitions received complete in the change at `epoch`, and the moves running.
+    pub async fn set_moves(&self, done: &str, moves: &str) {
         let mut c = self.chitchat.lock().await;
         let me = c.self_node_state();
-        me.set(K_EPOCH, epoch.to_string());
-        me.set(K_DIGEST, digest);
+        me.set(K_DONE, done);
+        me.set(K_MOVES, moves);
+    }
+
+    /// Publishes this process's resident memory and CPU time (status of the other nodes).
+    pub async fn set_load(&self, resident_bytes: u64, cpu_seconds: f64) {
+        let mut c = self.chitchat.lock().await;
+        let me = c.self_node_state();
+        me.set(K_RSS, resident_bytes.to_string());
+        me.set(K_CPU, format!("{cpu_seconds:.2}"));
     }
 
     /// Re-reads the gossip state into the routing view (also run every gossip tick).
@@ -158,6 +196,11 @@ impl Membership {
                     ring_epoch: st.get(K_EPOCH).and_then(|v| v.parse().ok()).unwrap_or(0),
                     ring_digest: st.get(K_DIGEST).unwrap_or_default().to_string(),
                     live: live.contains(cid),
+                    ring_spec: st.get(K_SPEC).unwrap_or_default().to_string(),
+                    moves_done: st.get(K_DONE).unwrap_or_default().to_string(),
+                    moves: st.get(K_MOVES).unwrap_or_default().to_string(),
+                    resident_bytes: st.get(K_RSS).and_then(|v| v.parse().ok()).unwrap_or(0),
+                    cpu_seconds: st.get(K_CPU).and_then(|v| v.parse().ok()).unwrap_or(0.0),
                 };
                 // A restarted node appears under a new generation: the newest one counts.
                 match best.get(&info.node_id) {
@@ -231,6 +274,15 @@ impl Membership {
     /// Alive and not leaving: writes go to it (a joining node takes writes while it catches up).
     pub fn takes_writes(&self, node: &str) -> bool {
         self.check(node, |m| m.live && m.state != MemberState::Leaving)
+    }
+
+    pub fn member(&self, node: &str) -> Option<MemberInfo> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).members.get(node).cloned()
+    }
+
+    /// Alive (past the debounce), whatever its state.
+    pub fn is_live(&self, node: &str) -> bool {
+        self.check(node, |m| m.live)
     }
 
     pub fn addr_of(&self, node: &str) -> Option<String> {

@@ -1,6 +1,7 @@
 //! Cluster shape: which nodes have joined and which are alive (membership, gossip), where each
 //! partition lives (ring: placement over the joined set, never over momentary liveness), and how
 //! a partition's copies stay identical (replication: op log, anti-entropy).
+pub mod changes;
 pub mod membership;
 pub mod replication;
 pub mod ring;
@@ -80,6 +81,12 @@ impl Part {
     /// Dense index for per-partition tables: role-major.
     pub fn index(self, partitions: u32) -> usize {
         self.role as usize * partitions as usize + self.partition as usize
+    }
+
+    /// The inverse of `index` (None when out of range).
+    pub fn from_index(i: u32, partitions: u32) -> Option<Self> {
+        let role = Role::from_u32(i.checked_div(partitions)?)?;
+        Some(Self::new(role, i % partitions))
     }
 }
 

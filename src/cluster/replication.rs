@@ -85,7 +85,7 @@ pub async fn catch_up_mode(t: &Arc<Transport>, parts: &[Part], timeout: Duration
     let mut stats = CatchUpStats::default();
     let mut by_peer: BTreeMap<String, Vec<Part>> = BTreeMap::new();
     for &part in parts {
-        for o in t.ring.owners(part.role, part.partition) {
+        for o in t.ring().owners(part.role, part.partition) {
             if *o != t.node_id && t.membership.takes_writes(o) {
                 by_peer.entry(o.clone()).or_default().push(part);
             }

@@ -2,12 +2,18 @@
 //! distinct owner nodes by a consistent-hash ring with virtual nodes. Built over the *joined*
 //! nodes (the persisted `RingSpec`), never over momentary liveness, so a node that dies or flaps
 //! moves nothing: its partitions are served by their other replicas until an operator removes it.
+//!
+//! A membership change (join, drain, remove) is two ring steps, each one epoch: `begin` sets a
+//! target member set beside the current one (reads keep going to the current owners; writes go to
+//! the union, so a partition's new owner receives every write while it streams the history), and
+//! `commit` makes the target current once every new owner has its partitions complete. Old owners
+//! drop what they no longer own only after every live node runs the committed table.
 use std::path::Path;
 
 use consistent_hash::{DefaultHash, Node, StaticHashRing};
 use serde::{Deserialize, Serialize};
 
-use super::Role;
+use super::{Part, Role};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
@@ -29,6 +35,9 @@ pub struct RingSpec {
     /// Nodes that run scorers; empty means every member.
     #[serde(default)]
     pub scorer_nodes: Vec<String>,
+    /// While a membership change is in progress: the member set it moves to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Vec<String>>,
 }
 
 impl RingSpec {
@@ -36,7 +45,30 @@ impl RingSpec {
         let mut members = members.to_vec();
         members.sort();
         members.dedup();
-        Self { epoch, members, partitions, replication, vnodes, scorer_nodes: vec![] }
+        Self { epoch, members, partitions, replication, vnodes, scorer_nodes: vec![], target: None }
+    }
+
+    /// The first step of a membership change: `target` beside the current members, epoch + 1.
+    pub fn begin(&self, target: &[String]) -> Self {
+        let mut t = target.to_vec();
+        t.sort();
+        t.dedup();
+        Self { epoch: self.epoch + 1, target: Some(t), ..self.clone() }
+    }
+
+    /// The second step: the target becomes the member set, epoch + 1. Every node that commits
+    /// the same change computes the same spec (same digest), so two committers agree.
+    pub fn commit(&self) -> Self {
+        match &self.target {
+            Some(t) => Self { epoch: self.epoch + 1, members: t.clone(), target: None, ..self.clone() },
+            None => self.clone(),
+        }
+    }
+
+    /// Whether `other` is a newer table: higher epoch, or the same epoch and a greater digest
+    /// (two changes begun at once: every node settles on the same one).
+    pub fn newer_than(&self, other: &RingSpec) -> bool {
+        (self.epoch, self.digest()) > (other.epoch, other.digest())
     }
 
     pub fn with_scorers(mut self, scorers: &[String]) -> Self {
@@ -50,7 +82,7 @@ impl RingSpec {
     /// Covers everything placement depends on: two nodes with the same digest place every
     /// partition on the same owners.
     pub fn digest(&self) -> String {
-        let text = format!(
+        let mut text = format!(
             "members={};partitions={};replication={};vnodes={};scorers={}",
             self.members.join(","),
             self.partitions,
@@ -58,6 +90,9 @@ impl RingSpec {
             self.vnodes,
             self.scorer_nodes.join(",")
         );
+        if let Some(t) = &self.target {
+            text.push_str(&format!(";target={}", t.join(",")));
+        }
         format!("{:016x}", crate::ids::key_of(&text))
     }
 
@@ -94,6 +129,21 @@ pub struct Ring {
     feature_owners: Vec<Vec<String>>,
     /// Scorer nodes in ring order of the request key space.
     scorers: Vec<String>,
+    /// Owners under the target member set while a change is in progress.
+    next: Option<Placement>,
+}
+
+/// Owners per partition, for generators and for features.
+type Placement = (Vec<Vec<String>>, Vec<Vec<String>>);
+
+fn place(members: &[String], partitions: u32, replication: u32, vnodes: u32) -> Placement {
+    let ring =
+        StaticHashRing::new(DefaultHash, members.iter().map(|n| Node::new(n.clone()).quantity(vnodes.max(1) as usize)));
+    let r = (replication.max(1) as usize).min(members.len().max(1));
+    let owners = |role: &str| -> Vec<Vec<String>> {
+        (0..partitions).map(|p| ring.calc_candidates(&(role, p)).take(r).map(|n| n.key.clone()).collect()).collect()
+    };
+    (owners("generator"), owners("feature"))
 }
 
 impl Ring {
@@ -102,27 +152,79 @@ impl Ring {
     }
 
     pub fn from_spec(spec: RingSpec) -> Self {
-        let ring = StaticHashRing::new(
-            DefaultHash,
-            spec.members.iter().map(|n| Node::new(n.clone()).quantity(spec.vnodes.max(1) as usize)),
-        );
+        let (generator_owners, feature_owners) = place(&spec.members, spec.partitions, spec.replication, spec.vnodes);
         let r = (spec.replication.max(1) as usize).min(spec.members.len().max(1));
-        let owners = |role: &str| -> Vec<Vec<String>> {
-            (0..spec.partitions)
-                .map(|p| ring.calc_candidates(&(role, p)).take(r).map(|n| n.key.clone()).collect())
-                .collect()
-        };
+        let next = spec.target.as_ref().map(|t| place(t, spec.partitions, spec.replication, spec.vnodes));
         let scorers = if spec.scorer_nodes.is_empty() { spec.members.clone() } else { spec.scorer_nodes.clone() };
         Self {
             epoch: spec.epoch,
             digest: spec.digest(),
             partitions: spec.partitions,
             replication: r as u32,
-            generator_owners: owners("generator"),
-            feature_owners: owners("feature"),
+            generator_owners,
+            feature_owners,
             scorers,
+            next,
             spec,
         }
+    }
+
+    /// A membership change is in progress.
+    pub fn in_transition(&self) -> bool {
+        self.next.is_some()
+    }
+
+    /// The member set the change moves to (the current one when none is in progress).
+    pub fn target_members(&self) -> &[String] {
+        self.spec.target.as_deref().unwrap_or(&self.spec.members)
+    }
+
+    /// Owners under the target member set (the current owners when no change is in progress).
+    pub fn target_owners(&self, role: Role, partition: u32) -> &[String] {
+        let Some((g, f)) = &self.next else { return self.owners(role, partition) };
+        let table = match role {
+            Role::Generator => g,
+            Role::Feature => f,
+        };
+        table.get(partition as usize).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+
+    /// Where a partition's writes go: its current owners, then its new owners during a change.
+    pub fn write_owners(&self, role: Role, partition: u32) -> Vec<String> {
+        let mut out = self.owners(role, partition).to_vec();
+        for n in self.target_owners(role, partition) {
+            if !out.contains(n) {
+                out.push(n.clone());
+            }
+        }
+        out
+    }
+
+    /// The node takes writes of the partition (a current or a new owner).
+    pub fn owns_write(&self, role: Role, partition: u32, node: &str) -> bool {
+        self.owns(role, partition, node) || self.target_owners(role, partition).iter().any(|n| n == node)
+    }
+
+    /// Partitions a node must hold under this table: those it owns now and those it receives.
+    pub fn held_by(&self, node: &str) -> Vec<Part> {
+        Role::ALL
+            .into_iter()
+            .flat_map(|role| (0..self.partitions).map(move |p| Part::new(role, p)))
+            .filter(|p| self.owns_write(p.role, p.partition, node))
+            .collect()
+    }
+
+    /// Partitions a node receives in the change in progress (new owner, not a current one).
+    pub fn incoming(&self, node: &str) -> Vec<Part> {
+        if self.next.is_none() {
+            return vec![];
+        }
+        Role::ALL
+            .into_iter()
+            .flat_map(|role| (0..self.partitions).map(move |p| Part::new(role, p)))
+            .filter(|p| !self.owns(p.role, p.partition, node))
+            .filter(|p| self.target_owners(p.role, p.partition).iter().any(|n| n == node))
+            .collect()
     }
 
     pub fn members(&self) -> &[String] {
@@ -218,6 +320,39 @@ mod tests {
         let r = Ring::from_spec(s);
         assert!(r.is_scorer("n2") && !r.is_scorer("n1"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_change_writes_to_both_tables_and_reads_the_current_one() {
+        let three = RingSpec::new(1, &names(&["n1", "n2", "n3"]), 32, 2, 64);
+        let begun = three.begin(&names(&["n1", "n2", "n3", "n4"]));
+        assert_eq!(begun.epoch, 2);
+        assert!(begun.newer_than(&three) && !three.newer_than(&begun));
+        let r = Ring::from_spec(begun.clone());
+        assert!(r.in_transition());
+        let now = Ring::from_spec(three.clone());
+        let incoming = r.incoming("n4");
+        assert!(!incoming.is_empty() && incoming.len() < 64, "n4 receives some partitions: {}", incoming.len());
+        for role in Role::ALL {
+            for p in 0..32 {
+                assert_eq!(r.owners(role, p), now.owners(role, p), "reads stay on the current owners");
+                let w = r.write_owners(role, p);
+                assert!(now.owners(role, p).iter().all(|o| w.contains(o)));
+                assert!(r.target_owners(role, p).iter().all(|o| w.contains(o)));
+            }
+        }
+        assert!(r.incoming("n1").iter().all(|p| !now.owns(p.role, p.partition, "n1")));
+        let committed = begun.commit();
+        assert_eq!((committed.epoch, committed.target.clone()), (3, None));
+        assert_eq!(committed.members, names(&["n1", "n2", "n3", "n4"]));
+        assert_eq!(committed.digest(), begun.commit().digest(), "two committers agree");
+        let c = Ring::from_spec(committed);
+        for p in &incoming {
+            assert!(c.owns(p.role, p.partition, "n4"));
+        }
+        // Two changes begun at one epoch: every node settles on the same one.
+        let other = three.begin(&names(&["n1", "n2"]));
+        assert_ne!(other.newer_than(&begun), begun.newer_than(&other));
     }
 
     #[test]

@@ -122,7 +122,7 @@ impl Writer {
     }
 
     fn planner(&self) -> ops::Planner {
-        ops::Planner::new(self.transport.ring.partitions, self.cfg.retrieval.global_trending_shards)
+        ops::Planner::new(self.transport.ring().partitions, self.cfg.retrieval.global_trending_shards)
     }
 
     fn timeout(&self) -> Duration {

@@ -11,7 +11,7 @@ use crate::transport::{ReadQuery, ReadReply};
 impl Pipeline {
     pub(super) async fn profile(&self, user_id: &str, deadline: Instant, cov: &mut Coverage) -> UserSnapshot {
         let key = key_of(user_id);
-        let part = Part::new(Role::Feature, partition_of(ids::USER, key, self.transport.ring.partitions));
+        let part = Part::new(Role::Feature, partition_of(ids::USER, key, self.transport.ring().partitions));
         let out = self.transport.read_fanout("profile", vec![(part, ReadQuery::Profile(key))], deadline).await;
         let missing = !out.coverage.missing.is_empty();
         cov.stage(out.coverage);

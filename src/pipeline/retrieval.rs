@@ -32,7 +32,7 @@ impl Pipeline {
         cov: &mut Coverage,
     ) -> Vec<Candidate> {
         let rc = &self.cfg.retrieval;
-        let parts = self.transport.ring.partitions;
+        let parts = self.transport.ring().partitions;
         let mut queries: HashMap<u32, RetrieveQuery> = HashMap::new();
         let base = RetrieveQuery {
             now,

@@ -46,14 +46,15 @@ impl Pipeline {
         deadline: Instant,
     ) -> Result<Vec<f32>, String> {
         let t = &self.transport;
-        if t.ring.is_scorer(&t.node_id) && scorers.live() > 0 {
+        if t.ring().is_scorer(&t.node_id) && scorers.live() > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             return scorers.score(stage, rows, cols, matrix, left).await.map_err(|e| e.to_string());
         }
         let version = scorers.manifest.as_ref().map(|m| m.version.clone()).unwrap_or_default();
         // Start at a node picked by the request id, so coordinators spread over the scorer nodes.
+        let ring = t.ring();
         let nodes: Vec<&String> =
-            t.ring.scorer_nodes().iter().filter(|n| **n != t.node_id && t.membership.is_routable(n)).collect();
+            ring.scorer_nodes().iter().filter(|n| **n != t.node_id && t.membership.is_routable(n)).collect();
         if nodes.is_empty() {
             return Err("no scorer node is reachable".into());
         }

@@ -18,12 +18,15 @@ const HINT_CAP_OPS: usize = 200_000;
 
 pub struct Transport {
     pub node_id: String,
-    pub ring: Arc<Ring>,
+    /// The table in effect here; swapped when a newer one arrives by gossip.
+    ring: std::sync::RwLock<Arc<Ring>>,
     pub local: Arc<LocalPartitions>,
     pub membership: Arc<Membership>,
     peers: Mutex<HashMap<String, (String, InternalClient<Channel>)>>,
     /// Writes owed to replicas that did not acknowledge them.
     pub hints: super::hints::Hints,
+    /// Woken when a caller shows a newer ring than this node's (the ring sync looks at gossip).
+    pub ring_changed: tokio::sync::Notify,
 }
 
 pub enum NodeClient<'a> {
@@ -44,19 +47,30 @@ impl Transport {
     pub fn new(node_id: String, ring: Arc<Ring>, local: Arc<LocalPartitions>, membership: Arc<Membership>) -> Self {
         Self {
             node_id,
-            ring,
+            ring: std::sync::RwLock::new(ring),
             local,
             membership,
             peers: Mutex::new(HashMap::new()),
             hints: super::hints::Hints::new(HINT_CAP_OPS),
+            ring_changed: tokio::sync::Notify::new(),
         }
     }
 
+    /// The table in effect (a snapshot: a stage call keeps the one it started with).
+    pub fn ring(&self) -> Arc<Ring> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_ring(&self, ring: Arc<Ring>) {
+        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
+    }
+
     pub fn envelope(&self, timeout: Duration) -> pb::Envelope {
+        let ring = self.ring();
         pb::Envelope {
             from_node: self.node_id.clone(),
-            epoch: self.ring.epoch,
-            digest: self.ring.digest.clone(),
+            epoch: ring.epoch,
+            digest: ring.digest.clone(),
             deadline_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{CallError, ReadQuery, ReadReply, Transport};
-use crate::cluster::{Part, Role};
+use crate::cluster::{Part, Ring, Role};
 use crate::features::shard::{BriefWants, ItemBrief};
 use crate::ids::{self, partition_of, Key, KeyMap};
 use crate::ingest::ops::Plan;
@@ -52,8 +52,8 @@ impl Transport {
     /// seed for all partitions of a stage makes them prefer the same peers, so a stage calls as
     /// few nodes as it can (with three nodes and R = 2, every partition this node lacks is on both
     /// others: one call instead of two), while different requests spread over the replicas.
-    pub fn read_candidates(&self, part: Part, seed: u64) -> (&str, VecDeque<&str>) {
-        let owners = self.ring.owners(part.role, part.partition);
+    pub fn read_candidates<'r>(&'r self, ring: &'r Ring, part: Part, seed: u64) -> (&'r str, VecDeque<&'r str>) {
+        let owners = ring.owners(part.role, part.partition);
         let me_owner = owners.contains(&self.node_id);
         let rank = |n: &str| {
             let mut h = crate::ids::key_of(n) ^ seed;
@@ -80,10 +80,11 @@ impl Transport {
         let mut cov = StageCoverage { stage, asked: asks.len() as u32, ..Default::default() };
         let mut replies = Vec::with_capacity(asks.len());
         let seed: u64 = rand::random();
+        let ring = self.ring();
         let mut pending: Vec<Pending> = asks
             .into_iter()
             .map(|(part, query)| {
-                let (preferred, candidates) = self.read_candidates(part, seed);
+                let (preferred, candidates) = self.read_candidates(&ring, part, seed);
                 Pending { part, query: Some(query), candidates, preferred }
             })
             .collect();
@@ -186,7 +187,7 @@ impl Transport {
     ) -> (Vec<(Vec<Key>, ReadReply)>, StageCoverage) {
         let mut by_part: HashMap<u32, Vec<Key>> = HashMap::new();
         for k in keys {
-            by_part.entry(partition_of(space, k, self.ring.partitions)).or_default().push(k);
+            by_part.entry(partition_of(space, k, self.ring().partitions)).or_default().push(k);
         }
         let mut asked: HashMap<Part, Vec<Key>> = HashMap::with_capacity(by_part.len());
         let asks: Vec<(Part, ReadQuery)> = by_part
@@ -229,8 +230,10 @@ impl Transport {
     pub async fn write(&self, plan: Plan, timeout: Duration) -> Result<WriteResult, WriteError> {
         let mut by_node: BTreeMap<String, NodeOps> = BTreeMap::new();
         let mut state: BTreeMap<Part, PartWrite> = BTreeMap::new();
+        let ring = self.ring();
         for (part, ops) in plan {
-            let owners = self.ring.owners(part.role, part.partition);
+            // During a membership change the new owners take writes too (they stream the rest).
+            let owners = ring.write_owners(part.role, part.partition);
             let targets: Vec<&String> =
                 owners.iter().filter(|o| **o == self.node_id || self.membership.takes_writes(o)).collect();
             if targets.is_empty() {

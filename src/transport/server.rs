@@ -18,19 +18,20 @@ pub struct InternalService {
 }
 
 impl InternalService {
-    /// The transport once the ring has formed, after checking that the caller places partitions
-    /// the way this node does.
+    /// The transport once the ring has formed, and the caller's deadline. Tables may differ for
+    /// a moment while a membership change spreads: a caller with a newer one wakes this node's
+    /// ring sync, and each partition is answered only where it is held (reads: complete; writes:
+    /// owned under this node's table, current or target), so no placement is mixed up.
     fn check(&self, env: Option<&pb::Envelope>) -> Result<(Arc<Transport>, Duration), Status> {
         let t = self.transport.get().ok_or_else(|| Status::unavailable("node is starting: no ring yet"))?;
         if t.local.faults().serving_fails() {
             return Err(Status::unavailable(format!("{}: internal rpcs fail (injected fault)", t.node_id)));
         }
         let env = env.ok_or_else(|| Status::invalid_argument("envelope: missing"))?;
-        if env.epoch != t.ring.epoch || env.digest != t.ring.digest {
-            return Err(Status::failed_precondition(format!(
-                "ring mismatch: {} has epoch {} digest {}, caller {} sent epoch {} digest {}",
-                t.node_id, t.ring.epoch, t.ring.digest, env.from_node, env.epoch, env.digest
-            )));
+        let ring = t.ring();
+        if env.epoch > ring.epoch || (env.epoch == ring.epoch && env.digest != ring.digest) {
+            tracing::debug!(caller = %env.from_node, epoch = env.epoch, mine = ring.epoch, "caller has another table");
+            t.ring_changed.notify_one();
         }
         let deadline = Duration::from_millis(u64::from(env.deadline_ms.max(1)));
         Ok((t.clone(), deadline))
@@ -89,9 +90,10 @@ impl pb::internal_server::Internal for InternalService {
                 Err(e) => results.push(failed(part, e)),
             }
         }
-        let ring = t.ring.clone();
+        let ring = t.ring();
         let me = t.node_id.clone();
-        let (applied, flush_micros) = t.local.apply(asks, |p| ring.owns(p.role, p.partition, &me)).await;
+        let (applied, flush_micros) =
+            t.local.apply(asks, |p| ring.owns_write(p.role, p.partition, &me) || t.local.is_open(p)).await;
         results.extend(applied.into_iter().map(|(part, r)| match r {
             Ok(flags) => done(part, encode(&flags)),
             Err(e) => failed(part, e),
@@ -159,5 +161,33 @@ impl pb::internal_server::Internal for InternalService {
             Err(e) => failed(part, e.to_string()),
         }));
         Ok(Response::new(pb::PullReply { results }))
+    }
+
+    async fn stream(&self, req: Request<pb::StreamRequest>) -> Result<Response<pb::StreamReply>, Status> {
+        let req = req.into_inner();
+        let (t, _) = self.check(req.envelope.as_ref())?;
+        let r = pb::PartitionResult { role: req.role, partition: req.partition, ..Default::default() };
+        let part =
+            result_part(&r).ok_or_else(|| Status::invalid_argument(format!("role: unknown role {}", req.role)))?;
+        if req.partition >= t.local.partitions {
+            return Err(Status::invalid_argument(format!("partition: {} is out of range", req.partition)));
+        }
+        // A source must hold the partition complete (not itself receiving it).
+        if !t.local.is_ready(part) {
+            return Err(Status::unavailable(format!("{part} is not held complete on {}", t.node_id)));
+        }
+        let store = t.local.store.clone();
+        let max = (req.max_bytes as usize).clamp(4 * 1024, 16 * 1024 * 1024);
+        let from = req.from_batch;
+        let (ops, next_batch, done) = tokio::task::spawn_blocking(move || store.chunk(part, from, max))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::StreamReply {
+            body: encode(&ops),
+            next_batch,
+            done,
+            ops_total: t.local.store.op_count(part),
+        }))
     }
 }

@@ -176,6 +176,8 @@ pub struct Cluster {
     pub metrics: Vec<String>,
     pub nodes: Vec<Option<NodeProc>>,
     config: PathBuf,
+    /// Nodes n1..n{initial} formed the first ring; later ones were started with `--join`.
+    initial: usize,
 }
 
 impl Cluster {
@@ -187,7 +189,7 @@ impl Cluster {
         let ids: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
         let addrs: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let metrics: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let mut c = Cluster { dir, ids, addrs, metrics, nodes: Vec::new(), config };
+        let mut c = Cluster { dir, ids, addrs, metrics, nodes: Vec::new(), config, initial: n };
         for i in 0..n {
             let p = c.spawn(i).unwrap_or_else(|e| panic!("node n{} did not start: {e}", i + 1));
             c.nodes.push(Some(p));
@@ -204,8 +206,9 @@ impl Cluster {
             .arg(&self.config)
             .args(["--node-id", &self.ids[i], "--listen", &self.addrs[i], "--data-dir"])
             .arg(&data)
-            .args(["--seeds", &seeds.join(","), "--initial-nodes", &self.ids.join(",")])
+            .args(["--seeds", &seeds.join(","), "--initial-nodes", &self.ids[..self.initial].join(",")])
             .args(["--metrics-listen", &self.metrics[i]])
+            .args(if i >= self.initial { &["--join"][..] } else { &[][..] })
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -240,6 +243,31 @@ impl Cluster {
     pub fn restart(&mut self, i: usize) {
         assert!(self.nodes[i].is_none(), "node n{} still running", i + 1);
         self.nodes[i] = Some(self.spawn(i).expect("node restarts"));
+    }
+
+    /// Starts one more node, n{N+1}, with `--join` (its partitions are streamed to it before it
+    /// serves); returns its index.
+    pub fn join(&mut self) -> usize {
+        let i = self.ids.len();
+        self.ids.push(format!("n{}", i + 1));
+        self.addrs.push(format!("127.0.0.1:{}", free_port()));
+        self.metrics.push(format!("127.0.0.1:{}", free_port()));
+        let p = self.spawn(i).unwrap_or_else(|e| panic!("node n{} did not start: {e}", i + 1));
+        self.nodes.push(Some(p));
+        i
+    }
+
+    /// Waits (bounded) for node i to exit on its own (a drained node stops); its exit status.
+    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> std::process::ExitStatus {
+        let mut p = self.nodes[i].take().expect("node running");
+        let end = std::time::Instant::now() + limit;
+        loop {
+            if let Some(st) = p.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(std::time::Instant::now() < end, "n{} did not stop within {limit:?}", i + 1);
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self, i: usize) -> u32 {
