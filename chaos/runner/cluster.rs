@@ -26,6 +26,10 @@ pub struct Node {
     pub stopped: bool,
     /// Taken out of the cluster on purpose (drained, removed): no longer expected back.
     pub gone: bool,
+    /// Health says SERVING since its last start (a client's balancer sends it calls only then).
+    pub serving: bool,
+    /// Started with `--join` (restarts join again rather than name the initial members).
+    pub joined: bool,
     data: PathBuf,
     /// netns mode: the namespace and the bridge-side veth.
     ns: Option<(String, String)>,
@@ -132,7 +136,18 @@ impl Cluster {
                 (format!("{a}:7400"), format!("{a}:9400"), Some((ns, host)))
             }
         };
-        self.nodes.push(Node { id: id.to_string(), addr, metrics, child: None, stopped: false, gone: false, data, ns });
+        self.nodes.push(Node {
+            id: id.to_string(),
+            addr,
+            metrics,
+            child: None,
+            stopped: false,
+            gone: false,
+            serving: false,
+            joined: false,
+            data,
+            ns,
+        });
         Ok(i)
     }
 
@@ -143,6 +158,7 @@ impl Cluster {
     /// Starts node i (again) on its address and data dir; `join`: as a node joining a running
     /// cluster (`--join`, seeds = the others) instead of one of the initial members.
     pub fn spawn(&mut self, i: usize, join: bool) -> Result<(), ClusterError> {
+        let join = join || self.nodes[i].joined;
         let me = &self.nodes[i];
         let seeds: Vec<&str> =
             self.nodes.iter().filter(|n| n.id != me.id && !n.gone).map(|n| n.addr.as_str()).collect();
@@ -182,6 +198,8 @@ impl Cluster {
         let n = &mut self.nodes[i];
         n.child = Some(child);
         n.stopped = false;
+        n.serving = false;
+        n.joined = join;
         Ok(())
     }
 

@@ -284,6 +284,36 @@ async fn recsys_cmd(args: Vec<String>, limit: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Runs `f` on the one thread that starts node processes. They get PR_SET_PDEATHSIG, which fires
+/// when the *thread* that forked them exits (a tokio blocking thread retires after 10 s idle), so
+/// they are all forked from this thread, which lives as long as the runner. Blocking work, off the
+/// async workers; the queue is bounded.
+async fn on_spawner<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    static TX: std::sync::OnceLock<std::sync::mpsc::SyncSender<Job>> = std::sync::OnceLock::new();
+    let tx = TX.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(16);
+        std::thread::Builder::new()
+            .name("node-spawner".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .expect("spawner thread");
+        tx
+    });
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = done_tx.send(f());
+    });
+    let tx = tx.clone();
+    // A full queue blocks the sender: hand it over from a blocking thread.
+    tokio::task::spawn_blocking(move || tx.send(job)).await?.map_err(|_| anyhow::anyhow!("spawner thread gone"))?;
+    done_rx.await.map_err(|_| anyhow::anyhow!("spawner dropped the job"))
+}
+
 /// Process and network actions: signals, spawns, `ip` commands — blocking, run off the async workers.
 fn process_action(c: &Mutex<Cluster>, a: &Action) -> anyhow::Result<String> {
     let lock = || c.lock().unwrap_or_else(|e| e.into_inner());
@@ -405,8 +435,25 @@ async fn apply(c: &Arc<Mutex<Cluster>>, a: &Action, load_addr: &str) -> anyhow::
         }
         // Signals, spawns, `ip`: blocking, off the async workers.
         other => {
-            let (c, a) = (c.clone(), other.clone());
-            return tokio::task::spawn_blocking(move || process_action(&c, &a)).await?;
+            let (c2, a) = (c.clone(), other.clone());
+            let done = on_spawner(move || process_action(&c2, &a)).await??;
+            // A (re)started node gets calls once its health says SERVING (polled, bounded).
+            let starting: Vec<(usize, String)> = {
+                let c = lock();
+                (0..c.nodes.len())
+                    .filter(|i| c.running(*i) && !c.nodes[*i].serving)
+                    .map(|i| (i, c.nodes[i].addr.clone()))
+                    .collect()
+            };
+            for (i, addr) in starting {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    if recsys::cli::wait_serving(&addr, Duration::from_secs(120)).await.is_ok() {
+                        c.lock().unwrap_or_else(|e| e.into_inner()).nodes[i].serving = true;
+                    }
+                });
+            }
+            return Ok(done);
         }
     }
     Ok(a.describe())
@@ -445,14 +492,21 @@ async fn run_scenario(s: &Scenario) -> anyhow::Result<Row> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let (name, n, ov, netns) = (s.name.clone(), s.nodes, overrides(s), s.network == "netns");
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&repo, &name, n, &ov, netns, dir)).await??;
+    let cluster = on_spawner(move || Cluster::start(&repo, &name, n, &ov, netns, dir)).await??;
     let cluster = Arc::new(Mutex::new(cluster));
     let res = drive(s, &cluster).await;
     if let Err(e) = &res {
-        let c = cluster.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = cluster.lock().unwrap_or_else(|e| e.into_inner());
         eprintln!("{}: {e:#}", s.name);
-        for n in &c.nodes {
-            eprintln!("--- {} log (last lines) ---\n{}", n.id, c.log_tail(&n.id, 15));
+        for i in 0..c.nodes.len() {
+            let state = match c.nodes[i].child.as_mut().map(|ch| ch.try_wait()) {
+                None => "not running (killed or never started)".to_string(),
+                Some(Ok(None)) => "running".to_string(),
+                Some(Ok(Some(st))) => format!("exited: {st}"),
+                Some(Err(e)) => e.to_string(),
+            };
+            let n = &c.nodes[i];
+            eprintln!("--- {} at {}: {state}; log (last lines) ---\n{}", n.id, n.addr, c.log_tail(&n.id, 15));
         }
     }
     // Dropping the cluster (the last Arc) kills the nodes and removes the temp dir: blocking work.
@@ -476,6 +530,15 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
                 bail!("{} not SERVING after {:?}", c.nodes[i].id, Cluster::wait_timeout());
             }
         }
+        cluster.lock().unwrap_or_else(|e| e.into_inner()).nodes[i].serving = true;
+    }
+    // Every node routes to every other (gossip up, flap debounce passed) before the world is loaded.
+    let end = Instant::now() + Duration::from_secs(30);
+    while !full_coverage(cluster, s.replication).await {
+        if Instant::now() >= end {
+            bail!("the cluster did not reach full coverage within 30 s of start-up");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let [items, users, evs] = s.world;
     let world = Arc::new(World::generate(synthetic_spec(21, items, users, evs)));
@@ -510,6 +573,7 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
     // Writer: one batch in flight at a time, at event_batch_rate; acknowledged batches go in the ledger.
     let writer = (s.event_batch_rate > 0.0).then(|| {
         let (w, world, ings, tag) = (writes.clone(), world.clone(), ings.clone(), s.name.clone());
+        let (cl, load_idx) = (cluster.clone(), load_idx.clone());
         let every = Duration::from_secs_f64(1.0 / s.event_batch_rate);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -518,7 +582,14 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
             while start.elapsed() < duration {
                 tick.tick().await;
                 let evs = events(&world, &tag, batch);
-                let mut c = ings[batch % ings.len()].clone();
+                // The same balancer as the Recommend calls: nodes known up and serving.
+                let up: Vec<usize> = {
+                    let c = cl.lock().unwrap_or_else(|e| e.into_inner());
+                    let ok = |i: usize| c.answering(i) && c.nodes[i].serving && !c.nodes[i].gone;
+                    (0..load_idx.len()).filter(|k| ok(load_idx[*k])).collect()
+                };
+                let k = up.get(batch % up.len().max(1)).copied().unwrap_or(batch % ings.len());
+                let mut c = ings[k].clone();
                 let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
                 r.set_timeout(Duration::from_secs(5));
                 let res = tokio::time::timeout(Duration::from_secs(6), c.log_events(r)).await;
@@ -608,7 +679,8 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
         // The client's balancer skips load nodes it knows are down (killed, frozen, drained).
         let up: Vec<usize> = {
             let c = cluster.lock().unwrap_or_else(|e| e.into_inner());
-            (0..load_idx.len()).filter(|k| c.answering(load_idx[*k]) && !c.nodes[load_idx[*k]].gone).collect()
+            let ok = |i: usize| c.answering(i) && c.nodes[i].serving && !c.nodes[i].gone;
+            (0..load_idx.len()).filter(|k| ok(load_idx[*k])).collect()
         };
         let Some(&k) = up.get(n % up.len().max(1)) else {
             let mut c = calls.lock().unwrap_or_else(|e| e.into_inner());
