@@ -65,8 +65,10 @@ pub struct ClusterConfig {
     pub anti_entropy_interval_ms: u64,
     /// At start, how long to wait for peers holding this node's partitions before catching up.
     pub catch_up_wait_ms: u64,
-    /// Key for signing page tokens; every node of a cluster must have the same. Empty: derived
-    /// from the cluster name (fine on a laptop, not in production). Env: RECSYS_CLUSTER_SECRET.
+    /// Key for signing page tokens and authenticating internal calls (HMAC, see `auth`); every
+    /// node of a cluster must have the same. Empty: page tokens use a key derived from the cluster
+    /// name and internal calls are not authenticated (fine on a laptop, not in production). Env:
+    /// RECSYS_CLUSTER_SECRET.
     pub secret: String,
     /// Start by joining the running cluster the seeds belong to (a node without a persisted
     /// ring): the ring grows by this node and its partitions are streamed to it.
@@ -77,6 +79,9 @@ pub struct ClusterConfig {
     pub move_bytes_per_sec: u64,
     /// Bytes of op log per streamed chunk.
     pub move_chunk_bytes: u32,
+    /// When set, every Ingest and Admin call needs `authorization: Bearer <token>`. Empty: open.
+    /// Env: RECSYS_OPERATOR_TOKEN.
+    pub operator_token: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +99,10 @@ pub struct ServingConfig {
     pub stage_share: StageShare,
     /// Bound on requests running at once; beyond it Recommend answers RESOURCE_EXHAUSTED.
     pub max_in_flight: usize,
+    /// Hedged reads: at most this share of extra calls (0 turns hedging off).
+    pub hedge_max_ratio: f64,
+    /// A hedge is sent no earlier than this, however fast the peer's recent p95.
+    pub hedge_min_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +257,7 @@ impl Default for ClusterConfig {
             move_concurrency: 2,
             move_bytes_per_sec: 32 * 1024 * 1024,
             move_chunk_bytes: 1024 * 1024,
+            operator_token: String::new(),
         }
     }
 }
@@ -268,6 +278,8 @@ impl Default for ServingConfig {
             ranked_list_len: 100,
             stage_share: StageShare::default(),
             max_in_flight: 256,
+            hedge_max_ratio: 0.05,
+            hedge_min_delay_ms: 2,
         }
     }
 }
@@ -404,6 +416,15 @@ impl Config {
             || self.node.node_id.contains(char::is_whitespace)
         {
             return bad("node.node_id", "must be 1..=64 characters without spaces");
+        }
+        if !self.node.node_id.is_ascii() {
+            return bad("node.node_id", "must be ASCII (it travels in the internal calls' auth header)");
+        }
+        if !self.cluster.operator_token.chars().all(|c| c.is_ascii_graphic()) {
+            return bad("cluster.operator_token", "must be printable ASCII without spaces");
+        }
+        if !(0.0..=1.0).contains(&self.serving.hedge_max_ratio) {
+            return bad("serving.hedge_max_ratio", "must be in 0..=1");
         }
         if self.serving.max_k == 0 {
             return bad("serving.max_k", "must be at least 1");

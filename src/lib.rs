@@ -1,5 +1,6 @@
 //! recsys: a recommendation serving cluster. See README.md for the architecture.
 pub mod api;
+pub mod auth;
 pub mod chaos;
 pub mod cli;
 pub mod cluster;

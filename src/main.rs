@@ -104,6 +104,9 @@ enum Cmd {
         events_file: Option<PathBuf>,
         #[arg(long)]
         quiet: bool,
+        /// Operator token for Ingest/Admin calls (a cluster with cluster.operator_token set).
+        #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Ask a node for recommendations.
     Recommend {
@@ -128,6 +131,9 @@ enum Cmd {
     Status {
         #[arg(long, default_value = "127.0.0.1:7400")]
         addr: String,
+        /// Operator token for Ingest/Admin calls (a cluster with cluster.operator_token set).
+        #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Move every partition of a live node to the other members; the node then leaves and stops.
     Drain {
@@ -141,6 +147,9 @@ enum Cmd {
         wait: bool,
         #[arg(long, default_value_t = 600)]
         wait_seconds: u64,
+        /// Operator token for Admin calls (a cluster with cluster.operator_token set).
+        #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Take a dead node out of the ring and re-replicate its partitions from surviving replicas.
     Remove {
@@ -152,6 +161,9 @@ enum Cmd {
         wait: bool,
         #[arg(long, default_value_t = 600)]
         wait_seconds: u64,
+        /// Operator token for Admin calls (a cluster with cluster.operator_token set).
+        #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Deploy the model version in a directory without a restart (checked, canaried, then swapped).
     Reload {
@@ -161,11 +173,17 @@ enum Cmd {
         /// configured scoring.models_dir.
         #[arg(long, default_value = "")]
         models_dir: String,
+        /// Operator token for Ingest/Admin calls (a cluster with cluster.operator_token set).
+        #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Chaos testing: inject a fault on one node (refused unless its config has `[chaos] enabled = true`).
     Fault {
         #[arg(long, default_value = "127.0.0.1:7400")]
         addr: String,
+        /// Operator token for Admin calls (a cluster with cluster.operator_token set).
+        #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         #[command(subcommand)]
         fault: FaultCmd,
     },
@@ -190,6 +208,9 @@ enum Cmd {
         deadline_ms: u64,
         #[arg(long, default_value_t = 50)]
         warmup: usize,
+        /// Operator token for the cluster status reads (CPU and memory per node).
+        #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Simulated users consume recommendations and emit events (for training data).
     Simulate {
@@ -351,16 +372,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
         }
-        Cmd::Load { addr, seed, items, users, events, batch, items_file, users_file, events_file, quiet } => {
+        Cmd::Load { addr, seed, items, users, events, batch, items_file, users_file, events_file, quiet, token } => {
+            let token = cli::token(token.as_deref())?;
             cli::wait_serving(&addr, Duration::from_secs(120)).await?;
             let ch = cli::connect(&addr).await?;
             let s = if items_file.is_some() || users_file.is_some() || events_file.is_some() {
                 let (i, u, e) = (items_file.as_deref(), users_file.as_deref(), events_file.as_deref());
-                cli::load::load_files(ch, i, u, e, batch, quiet).await?
+                cli::load::load_files(ch, &token, i, u, e, batch, quiet).await?
             } else {
                 let world =
                     Arc::new(recsys::world::World::generate(cli::load::synthetic_spec(seed, items, users, events)));
-                cli::load::load_world(ch, world, batch, quiet).await?
+                cli::load::load_world_with(ch, &token, world, batch, quiet).await?
             };
             println!(
                 "loaded {} items, {} users, {} events ({} duplicates, {} rejected) in {:.1}s",
@@ -386,44 +408,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(s) => return Err(output::status_error(s)),
             }
         }
-        Cmd::Status { addr } => {
+        Cmd::Status { addr, token } => {
+            let token = cli::token(token.as_deref())?;
             let ch = cli::connect(&addr).await?;
-            let s = match pb::admin_client::AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await {
+            let s = match cli::admin_client(ch, &token).cluster_status(pb::ClusterStatusRequest {}).await {
                 Ok(r) => r.into_inner(),
                 Err(s) => return Err(output::status_error(s)),
             };
             cli::print_status(&s);
         }
-        Cmd::Drain { addr, node, wait, wait_seconds } => {
+        Cmd::Drain { addr, node, wait, wait_seconds, token } => {
+            let token = cli::token(token.as_deref())?;
             let ch = cli::connect(&addr).await?;
-            let r = pb::admin_client::AdminClient::new(ch)
+            let r = cli::admin_client(ch, &token)
                 .drain(pb::DrainRequest { node_id: node.clone() })
                 .await
                 .map_err(output::status_error)?
                 .into_inner();
             print_change("draining", &node, &r);
             if wait {
-                cli::wait_change(&addr, &node, Duration::from_secs(wait_seconds)).await?;
+                cli::wait_change(&addr, &token, &node, Duration::from_secs(wait_seconds)).await?;
                 println!("{node} drained: its partitions live on the other members");
             }
         }
-        Cmd::Remove { addr, node, wait, wait_seconds } => {
+        Cmd::Remove { addr, node, wait, wait_seconds, token } => {
+            let token = cli::token(token.as_deref())?;
             let ch = cli::connect(&addr).await?;
-            let r = pb::admin_client::AdminClient::new(ch)
+            let r = cli::admin_client(ch, &token)
                 .remove_node(pb::RemoveNodeRequest { node_id: node.clone() })
                 .await
                 .map_err(output::status_error)?
                 .into_inner();
             print_change("removing", &node, &r);
             if wait {
-                cli::wait_change(&addr, &node, Duration::from_secs(wait_seconds)).await?;
+                cli::wait_change(&addr, &token, &node, Duration::from_secs(wait_seconds)).await?;
                 println!("{node} removed: every partition has its replicas again");
             }
         }
-        Cmd::Reload { addr, models_dir } => {
+        Cmd::Reload { addr, models_dir, token } => {
+            let token = cli::token(token.as_deref())?;
             let ch = cli::connect(&addr).await?;
             let req = pb::ReloadModelsRequest { models_dir };
-            match pb::admin_client::AdminClient::new(ch).reload_models(req).await {
+            match cli::admin_client(ch, &token).reload_models(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     let from = if r.previous_version.is_empty() { "heuristic" } else { &r.previous_version };
@@ -432,11 +458,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(s) => return Err(output::status_error(s)),
             }
         }
-        Cmd::Fault { addr, fault } => {
+        Cmd::Fault { addr, token, fault } => {
+            let token = cli::token(token.as_deref())?;
             let ch = cli::connect(&addr).await?;
             let mut req = tonic::Request::new(fault.request());
             req.set_timeout(Duration::from_secs(10));
-            match pb::admin_client::AdminClient::new(ch).inject_fault(req).await {
+            match cli::admin_client(ch, &token).inject_fault(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     println!("{}", r.fault);
@@ -447,7 +474,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(s) => return Err(output::status_error(s)),
             }
         }
-        Cmd::Bench { addr, concurrency, rate, requests, max_seconds, users, k, deadline_ms, warmup } => {
+        Cmd::Bench { addr, concurrency, rate, requests, max_seconds, users, k, deadline_ms, warmup, token } => {
+            let token = cli::token(token.as_deref())?;
             cli::wait_serving(&addr, Duration::from_secs(120)).await?;
             let r = cli::bench::run(cli::bench::BenchSpec {
                 addr,
@@ -459,6 +487,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 k,
                 deadline_ms,
                 warmup,
+                token,
             })
             .await?;
             print!("{}", r.text);

@@ -111,12 +111,7 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ("recsys_moves_in_progress", Kind::Gauge, None, "Partitions being streamed to this node"),
     ("recsys_moves_completed_total", Kind::Counter, None, "Partitions streamed to this node complete"),
     ("recsys_move_failures_total", Kind::Counter, None, "Partition streams that failed and were tried again"),
-    (
-        "recsys_move_bytes_total",
-        Kind::Counter,
-        Some(Unit::Bytes),
-        "Op-log bytes streamed to this node by partition moves",
-    ),
+    ("recsys_move_bytes_total", Kind::Counter, None, "Op-log bytes streamed to this node by partition moves"),
     ("recsys_partitions_dropped_total", Kind::Counter, None, "Partitions dropped here after moving to other owners"),
     (
         "recsys_partitions_lost_total",
@@ -171,6 +166,14 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Time a scoring chunk waited for a scorer",
     ),
     ("recsys_scoring_shed_total", Kind::Counter, None, "Scoring chunks dropped because their request had given up"),
+    (
+        "recsys_auth_failures_total",
+        Kind::Counter,
+        None,
+        "Calls refused UNAUTHENTICATED, per credential (internal: cluster secret, operator: token)",
+    ),
+    ("recsys_hedged_calls_total", Kind::Counter, None, "Hedged partition reads sent to a next replica, per stage"),
+    ("recsys_hedge_wins_total", Kind::Counter, None, "Hedged partition reads that answered first, per stage"),
     (
         "recsys_feature_log_dropped_total",
         Kind::Counter,
@@ -239,6 +242,11 @@ fn register_zeros() {
         counter!("recsys_partition_misses_total", "stage" => s).absolute(0);
         counter!("recsys_missing_partitions_total", "stage" => s).absolute(0);
         counter!("recsys_replica_fallbacks_total", "stage" => s).absolute(0);
+        counter!("recsys_hedged_calls_total", "stage" => s).absolute(0);
+        counter!("recsys_hedge_wins_total", "stage" => s).absolute(0);
+    }
+    for c in ["internal", "operator"] {
+        counter!("recsys_auth_failures_total", "credential" => c).absolute(0);
     }
     let _ = histogram!("recsys_peer_rpc_seconds");
     counter!("recsys_peer_rpc_errors_total").absolute(0);

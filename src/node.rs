@@ -14,6 +14,7 @@ use crate::api::codes::SpecCodes;
 use crate::api::ingest::IngestService;
 use crate::api::pb;
 use crate::api::recommender::RecommenderService;
+use crate::auth::Guard;
 use crate::cluster::changes::{Controller, MoveSettings, PartitionCmd};
 use crate::cluster::membership::MembershipSettings;
 use crate::cluster::{replication, MemberState, Membership, Part, Ring, RingSpec, Role};
@@ -157,9 +158,14 @@ impl Actor for PartitionSupervisor {
                     Role::Generator => st.local.set_generator(part.partition, None),
                 }
                 if let Some(cell) = actor {
-                    // Forgotten first, so its stop is not taken for a crash to restart.
+                    // Forgotten first, so its stop is not taken for a crash to restart; waited
+                    // for, so no write it is still applying lands after the log is dropped.
                     st.children.remove(&cell.get_id());
-                    cell.stop(Some("partition moved away".into()));
+                    let stopped =
+                        cell.stop_and_wait(Some("partition moved away".into()), Some(Duration::from_secs(30)));
+                    if let Err(e) = stopped.await {
+                        tracing::warn!(part = %part, error = %e, "partition actor did not stop in time");
+                    }
                 }
                 if let Some(store) = st.store.clone() {
                     match tokio::task::spawn_blocking(move || store.drop_partition(part)).await {
@@ -252,8 +258,7 @@ async fn resolve(addr: &str, what: &str) -> Result<SocketAddr, NodeError> {
 }
 
 fn page_key(cfg: &Config) -> Vec<u8> {
-    let secret =
-        std::env::var("RECSYS_CLUSTER_SECRET").ok().filter(|s| !s.is_empty()).unwrap_or(cfg.cluster.secret.clone());
+    let secret = crate::auth::cluster_secret(cfg).unwrap_or_default();
     if secret.is_empty() {
         tracing::warn!("cluster.secret is empty: page tokens are signed with a key derived from the cluster name");
         format!("recsys-default-page-key/{}", cfg.cluster.name).into_bytes()
@@ -389,6 +394,17 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let max_msg = 64 * 1024 * 1024;
     let internal = InternalService { transport: handles.transport.clone(), pipeline: handles.pipeline.clone() };
+    // Internal calls need the cluster secret's MAC; Ingest and Admin the operator token (when
+    // configured). Recommender, health and reflection stay open.
+    let cluster_key = crate::auth::cluster_secret(&cfg).map(|s| crate::auth::ClusterKey::new(&s));
+    let token = crate::auth::operator_token(&cfg);
+    if token.as_deref().is_some_and(|t| !t.chars().all(|c| c.is_ascii_graphic())) {
+        return Err(err("RECSYS_OPERATOR_TOKEN must be printable ASCII without spaces".into()));
+    }
+    if token.is_none() {
+        tracing::info!("cluster.operator_token is empty: Ingest and Admin calls are not authenticated");
+    }
+    let operator = || crate::auth::Check::Operator(token.clone().map(String::into_bytes));
     let server = tonic::transport::Server::builder()
         .layer(crate::metrics::GrpcMetricsLayer)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -401,19 +417,24 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             pb::recommender_server::RecommenderServer::new(RecommenderService { pipeline: handles.pipeline.clone() })
                 .max_decoding_message_size(max_msg),
         ))
-        .add_service(SpecCodes(
+        .add_service(SpecCodes(Guard::new(
             pb::ingest_server::IngestServer::new(IngestService {
                 writer: handles.writer.clone(),
                 logger: handles.logger.clone(),
             })
             .max_decoding_message_size(max_msg),
-        ))
-        .add_service(SpecCodes(pb::admin_server::AdminServer::new(AdminService { state: handles.admin.clone() })))
-        .add_service(SpecCodes(
+            operator(),
+        )))
+        .add_service(SpecCodes(Guard::new(
+            pb::admin_server::AdminServer::new(AdminService { state: handles.admin.clone() }),
+            operator(),
+        )))
+        .add_service(SpecCodes(Guard::new(
             ipb::internal_server::InternalServer::new(internal)
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(max_msg),
-        ));
+            crate::auth::Check::Internal(cluster_key.clone()),
+        )));
     let mut rx = shutdown_rx.clone();
     // Small replies on a persistent connection: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -575,7 +596,17 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let (partition_sup, _) =
         Actor::spawn(None, PartitionSupervisor, args).await.map_err(|e| err(format!("partition actors: {e}")))?;
     let partition_cmds = partition_sup.clone();
-    let transport = Arc::new(Transport::new(me.clone(), ring.clone(), local_parts.clone(), membership.clone()));
+    if cluster_key.is_none() {
+        tracing::warn!(
+            "cluster.secret is empty: internal calls between nodes are NOT authenticated (fine for one node on a \
+             laptop; set cluster.secret or RECSYS_CLUSTER_SECRET on every node)"
+        );
+    }
+    let transport = Arc::new(
+        Transport::new(me.clone(), ring.clone(), local_parts.clone(), membership.clone())
+            .with_cluster_key(cluster_key)
+            .with_hedging(cfg.serving.hedge_max_ratio, Duration::from_millis(cfg.serving.hedge_min_delay_ms)),
+    );
     let _ = handles.transport.set(transport.clone());
 
     // Catch up with the other replicas of the partitions this node owns before serving reads of

@@ -233,7 +233,7 @@ async fn three_to_five_to_three_nodes_under_load_loses_nothing() {
         let ch = recsys::cli::connect(&cluster.addrs[via]).await.unwrap();
         let r = AdminClient::new(ch).drain(pb::DrainRequest { node_id: id.clone() }).await.unwrap().into_inner();
         assert!(!r.target_members.contains(&id) && r.partitions_moving > 0, "{r:?}");
-        let st = cluster.wait_exit(i, Duration::from_secs(120));
+        let st = cluster.wait_exit(i, Duration::from_secs(120)).await;
         assert!(st.success(), "{id} stopped cleanly after the drain: {st:?}");
     }
     wait_settled(&cluster.addrs[0], &["n1", "n2", "n3"], Duration::from_secs(60)).await;

@@ -23,6 +23,8 @@ pub struct BenchSpec {
     pub k: u32,
     pub deadline_ms: u64,
     pub warmup: usize,
+    /// For the cluster status reads (Admin) when the cluster has an operator token.
+    pub token: super::OperatorToken,
 }
 
 #[derive(Default)]
@@ -91,14 +93,10 @@ async fn one(
 }
 
 /// CPU seconds and resident bytes of every live node of the cluster `addr` belongs to.
-async fn cluster_usage(addr: &str) -> Vec<(String, f64, u64)> {
+async fn cluster_usage(addr: &str, token: &super::OperatorToken) -> Vec<(String, f64, u64)> {
     let status = |a: String| async move {
         let ch = super::connect(&a).await.ok()?;
-        let s = crate::api::pb::admin_client::AdminClient::new(ch)
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .ok()?
-            .into_inner();
+        let s = super::admin_client(ch, token).cluster_status(pb::ClusterStatusRequest {}).await.ok()?.into_inner();
         Some(s)
     };
     let Some(first) = status(addr.to_string()).await else { return vec![] };
@@ -121,7 +119,7 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<BenchReport> {
             one(&mut c, &spec, &acc, false).await;
         }
     }
-    let before = cluster_usage(&spec.addr).await;
+    let before = cluster_usage(&spec.addr, &spec.token).await;
     let start = Instant::now();
     let deadline = start + spec.max_duration;
     let issued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -170,7 +168,7 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<BenchReport> {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let after = cluster_usage(&spec.addr).await;
+    let after = cluster_usage(&spec.addr, &spec.token).await;
     let a = acc.lock().await;
     let lat = a.latency.clone().unwrap_or_else(hist);
     let ms = |v: u64| v as f64 / 1000.0;

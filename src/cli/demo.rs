@@ -12,8 +12,6 @@ use rand::{Rng, SeedableRng};
 use super::bench::{self, BenchSpec};
 use super::load;
 use crate::api::pb;
-use crate::api::pb::admin_client::AdminClient;
-use crate::api::pb::ingest_client::IngestClient;
 use crate::api::pb::recommender_client::RecommenderClient;
 use crate::world::World;
 
@@ -104,7 +102,9 @@ async fn drive(spec: &DemoSpec, addrs: &[String]) -> anyhow::Result<()> {
     let first = &addrs[0];
     let last = addrs.last().unwrap_or(first);
     let ch = super::connect(first).await?;
-    let status = AdminClient::new(ch.clone())
+    // The nodes inherit RECSYS_OPERATOR_TOKEN from this process; so do its own calls.
+    let token = super::OperatorToken::from_env();
+    let status = super::admin_client(ch.clone(), &token)
         .cluster_status(pb::ClusterStatusRequest {})
         .await
         .map_err(super::output::status_error)?
@@ -120,7 +120,7 @@ async fn drive(spec: &DemoSpec, addrs: &[String]) -> anyhow::Result<()> {
             "\n== loading synthetic world through n1: {} items, {} users, {} events (seed {})",
             spec.items, spec.users, spec.events, spec.seed
         );
-        let s = load::load_world(ch.clone(), world.clone(), 5000, false).await?;
+        let s = load::load_world_with(ch.clone(), &token, world.clone(), 5000, false).await?;
         println!(
             "   loaded {} items, {} users, {} events ({} duplicates) in {:.1}s",
             s.items, s.users, s.events, s.duplicates, s.seconds
@@ -178,6 +178,7 @@ async fn drive(spec: &DemoSpec, addrs: &[String]) -> anyhow::Result<()> {
         k: 10,
         deadline_ms: 250,
         warmup: 20,
+        token: token.clone(),
     })
     .await?;
     print!("{}", report.text);
@@ -207,7 +208,7 @@ pub async fn simulate(spec: SimSpec) -> anyhow::Result<SimReport> {
     let world = World::generate(load::synthetic_spec(spec.seed, spec.items, spec.users, 0));
     let ch = super::connect(&spec.addr).await?;
     let mut rec = RecommenderClient::new(ch.clone());
-    let mut ing = IngestClient::new(ch);
+    let mut ing = super::ingest_client(ch, &super::OperatorToken::from_env());
     let mut rng = StdRng::seed_from_u64(spec.seed ^ 0x51u64 ^ rand::random::<u64>());
     let mut rep = SimReport::default();
     let t = Instant::now();

@@ -5,8 +5,8 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
+use super::OperatorToken;
 use crate::api::pb;
-use crate::api::pb::ingest_client::IngestClient;
 use crate::store::{Action, EventRecord, ItemRecord, UserRecord};
 use crate::world::{World, WorldSpec};
 
@@ -89,14 +89,26 @@ pub async fn load_world(
     batch: usize,
     quiet: bool,
 ) -> anyhow::Result<LoadSummary> {
-    let mut c = IngestClient::new(ch).max_encoding_message_size(64 << 20);
+    load_world_with(ch, &OperatorToken::default(), world, batch, quiet).await
+}
+
+/// `load_world` with the operator token (a cluster with `cluster.operator_token` set).
+pub async fn load_world_with(
+    ch: Channel,
+    token: &OperatorToken,
+    world: std::sync::Arc<World>,
+    batch: usize,
+    quiet: bool,
+) -> anyhow::Result<LoadSummary> {
+    let mut c = super::ingest_client(ch, token).max_encoding_message_size(64 << 20);
     let t = Instant::now();
     let mut s = LoadSummary::default();
     let b = bar(world.items.len() as u64, "items", quiet);
     for chunk in world.items.chunks(batch) {
         let r = c
             .upsert_items(pb::UpsertItemsRequest { items: chunk.iter().map(to_pb_item).collect() })
-            .await?
+            .await
+            .map_err(super::output::status_error)?
             .into_inner();
         s.items += u64::from(r.accepted);
         s.rejected += u64::from(r.rejected);
@@ -107,7 +119,8 @@ pub async fn load_world(
     for chunk in world.users.chunks(batch) {
         let r = c
             .upsert_users(pb::UpsertUsersRequest { users: chunk.iter().map(to_pb_user).collect() })
-            .await?
+            .await
+            .map_err(super::output::status_error)?
             .into_inner();
         s.users += u64::from(r.accepted);
         b.inc(chunk.len() as u64);
@@ -131,7 +144,7 @@ pub async fn load_world(
     });
     while let Some(events) = rx.recv().await {
         let n = events.len() as u64;
-        let r = c.log_events(pb::LogEventsRequest { events }).await?.into_inner();
+        let r = c.log_events(pb::LogEventsRequest { events }).await.map_err(super::output::status_error)?.into_inner();
         s.events += u64::from(r.accepted);
         s.duplicates += u64::from(r.duplicates);
         s.rejected += u64::from(r.rejected);
@@ -222,6 +235,7 @@ fn read_batches<T: serde::de::DeserializeOwned>(
 /// decides each record (rejections are counted and the first reasons printed).
 pub async fn load_files(
     ch: Channel,
+    token: &OperatorToken,
     items: Option<&Path>,
     users: Option<&Path>,
     events: Option<&Path>,
@@ -233,7 +247,7 @@ pub async fn load_files(
         Users(Vec<UserRecord>),
         Events(Vec<EventLine>),
     }
-    let mut c = IngestClient::new(ch).max_encoding_message_size(64 << 20);
+    let mut c = super::ingest_client(ch, token).max_encoding_message_size(64 << 20);
     let mut s = LoadSummary::default();
     let t = Instant::now();
     let files: Vec<(&'static str, PathBuf)> = [("items", items), ("users", users), ("events", events)]
@@ -260,13 +274,13 @@ pub async fn load_files(
             let r = match batch {
                 Batch::Items(v) => {
                     let r = c.upsert_items(pb::UpsertItemsRequest { items: v.iter().map(to_pb_item).collect() });
-                    let r = r.await?.into_inner();
+                    let r = r.await.map_err(super::output::status_error)?.into_inner();
                     s.items += u64::from(r.accepted);
                     r
                 }
                 Batch::Users(v) => {
                     let r = c.upsert_users(pb::UpsertUsersRequest { users: v.iter().map(to_pb_user).collect() });
-                    let r = r.await?.into_inner();
+                    let r = r.await.map_err(super::output::status_error)?.into_inner();
                     s.users += u64::from(r.accepted);
                     r
                 }
@@ -283,7 +297,11 @@ pub async fn load_files(
                             }
                         }
                     }
-                    let r = c.log_events(pb::LogEventsRequest { events: evs }).await?.into_inner();
+                    let r = c
+                        .log_events(pb::LogEventsRequest { events: evs })
+                        .await
+                        .map_err(super::output::status_error)?
+                        .into_inner();
                     s.events += u64::from(r.accepted);
                     r
                 }

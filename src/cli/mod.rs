@@ -7,9 +7,28 @@ pub mod output;
 use std::time::Duration;
 
 use anyhow::Context;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::api::pb;
+pub use crate::auth::OperatorToken;
+
+/// A channel whose calls carry the operator token (Ingest and Admin need it when one is set).
+pub type Authed = InterceptedService<Channel, OperatorToken>;
+
+pub fn admin_client(ch: Channel, token: &OperatorToken) -> pb::admin_client::AdminClient<Authed> {
+    pb::admin_client::AdminClient::with_interceptor(ch, token.clone())
+}
+
+pub fn ingest_client(ch: Channel, token: &OperatorToken) -> pb::ingest_client::IngestClient<Authed> {
+    pb::ingest_client::IngestClient::with_interceptor(ch, token.clone())
+}
+
+/// The `--token` flag (or RECSYS_OPERATOR_TOKEN) as a header value; a token that cannot travel
+/// in a header is the user's mistake, reported as one line.
+pub fn token(flag: Option<&str>) -> anyhow::Result<OperatorToken> {
+    OperatorToken::new(flag).map_err(|e| anyhow::anyhow!("--token: {e}"))
+}
 
 pub async fn connect(addr: &str) -> anyhow::Result<Channel> {
     let url = if addr.starts_with("http") { addr.to_string() } else { format!("http://{addr}") };
@@ -231,12 +250,17 @@ fn human_bytes(b: u64) -> String {
 
 /// `recsys drain|remove --wait`: follows the change until the ring has committed it and every
 /// partition has its replicas live again (bounded by `limit`), printing progress.
-pub async fn wait_change(addr: &str, node: &str, limit: Duration) -> anyhow::Result<pb::ClusterStatusResponse> {
+pub async fn wait_change(
+    addr: &str,
+    token: &OperatorToken,
+    node: &str,
+    limit: Duration,
+) -> anyhow::Result<pb::ClusterStatusResponse> {
     let end = std::time::Instant::now() + limit;
     let mut last = String::new();
     loop {
         let ch = connect(addr).await?;
-        let s = pb::admin_client::AdminClient::new(ch)
+        let s = admin_client(ch, token)
             .cluster_status(pb::ClusterStatusRequest {})
             .await
             .map_err(output::status_error)?

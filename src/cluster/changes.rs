@@ -110,8 +110,9 @@ struct Progress {
     streamed: BTreeSet<Part>,
     /// Streams running: partition → report.
     running: BTreeMap<Part, MoveReport>,
-    /// When a failed stream may be tried again.
-    retry_at: HashMap<Part, Instant>,
+    /// When a failed stream may be tried again, and how many times it failed (picks the next
+    /// source in turn).
+    retry_at: HashMap<Part, (Instant, usize)>,
 }
 
 pub struct Controller {
@@ -129,6 +130,8 @@ pub struct Controller {
     last_load: Mutex<Instant>,
     /// A stream ended: the loop runs again at once (the next one starts without waiting a tick).
     wake: tokio::sync::Notify,
+    /// Serialises table changes here (proposals and adoptions): a table only ever moves forward.
+    adopting: tokio::sync::Mutex<()>,
 }
 
 impl Controller {
@@ -151,6 +154,7 @@ impl Controller {
             removed,
             last_load: Mutex::new(Instant::now() - Duration::from_secs(60)),
             wake: tokio::sync::Notify::new(),
+            adopting: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -208,8 +212,22 @@ impl Controller {
         }
     }
 
-    /// Makes `spec` this node's table: persisted first, then in effect, then published.
+    /// Makes `spec` this node's table, when newer than the one in effect.
     async fn adopt(&self, spec: RingSpec) -> Result<(), ChangeError> {
+        let _one = self.adopting.lock().await;
+        self.adopt_locked(spec).await
+    }
+
+    /// Persisted first, then in effect, then published. Partitions this node owns from now on
+    /// and cannot serve yet (streamed here, or found unready after a restart) first catch up
+    /// with every copy the previous table had, so nothing written around the change is missing
+    /// when they turn readable; the old owners drop theirs only once this node publishes the
+    /// new table (after that catch-up).
+    async fn adopt_locked(&self, spec: RingSpec) -> Result<(), ChangeError> {
+        let previous = self.t.ring();
+        if !spec.newer_than(&previous.spec) {
+            return Ok(());
+        }
         let table = self.table.clone();
         let s = spec.clone();
         tokio::task::spawn_blocking(move || s.save(&table))
@@ -218,16 +236,30 @@ impl Controller {
             .map_err(|e| ChangeError::Internal(e.to_string()))?;
         let ring = Arc::new(Ring::from_spec(spec));
         self.t.set_ring(ring.clone());
-        // Streamed partitions this node now owns become readable.
+        let incoming = ring.incoming(self.me());
         {
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-            let streamed = std::mem::take(&mut p.streamed);
-            for part in streamed {
-                if ring.owns(part.role, part.partition, self.me()) {
-                    self.t.local.set_ready(part, true);
-                } else if ring.incoming(self.me()).contains(&part) {
-                    p.streamed.insert(part);
-                }
+            p.streamed.retain(|part| incoming.contains(part));
+        }
+        let newly: Vec<(Part, Vec<String>)> = Role::ALL
+            .into_iter()
+            .flat_map(|r| ring.partitions_of(r, self.me()).into_iter().map(move |p| Part::new(r, p)))
+            .filter(|p| self.t.local.is_open(*p) && !self.t.local.is_ready(*p))
+            .map(|p| {
+                let mut peers = previous.write_owners(p.role, p.partition);
+                peers.extend(ring.owners(p.role, p.partition).iter().cloned());
+                (p, peers)
+            })
+            .collect();
+        if !newly.is_empty() {
+            let c = replication::catch_up_from(&self.t, &newly, Duration::from_secs(60), replication::Mode::Full).await;
+            tracing::info!(
+                partitions = newly.len(),
+                ops = c.ops_pulled,
+                "partitions owned from now on caught up; readable"
+            );
+            for (p, _) in &newly {
+                self.t.local.set_ready(*p, true);
             }
         }
         metrics::gauge!("recsys_ring_epoch").set(ring.epoch as f64);
@@ -237,8 +269,13 @@ impl Controller {
     }
 
     /// Every live node runs at least this node's epoch: nobody routes by an older table.
-    fn all_live_caught_up(&self, epoch: u64) -> bool {
-        self.t.membership.members().iter().filter(|m| m.live).all(|m| m.ring_epoch >= epoch)
+    fn all_live_caught_up(&self, ring: &Ring) -> bool {
+        self.t
+            .membership
+            .members()
+            .iter()
+            .filter(|m| m.live)
+            .all(|m| m.ring_epoch > ring.epoch || (m.ring_epoch == ring.epoch && m.ring_digest == ring.digest))
     }
 
     /// A node started with `--join` proposes itself once no other change is in progress.
@@ -247,7 +284,7 @@ impl Controller {
         if ring.members().iter().any(|m| m == self.me()) || ring.target_members().iter().any(|m| m == self.me()) {
             return;
         }
-        if ring.in_transition() || !self.all_live_caught_up(ring.epoch) {
+        if ring.in_transition() || !self.all_live_caught_up(&ring) {
             return;
         }
         match self.propose(Change::Join(self.me().to_string())).await {
@@ -258,6 +295,7 @@ impl Controller {
 
     /// Begins a membership change from this node's table (the Admin RPCs and joins).
     pub async fn propose(&self, change: Change) -> Result<RingSpec, ChangeError> {
+        let _one = self.adopting.lock().await;
         let ring = self.t.ring();
         let spec = &ring.spec;
         let members = &spec.members;
@@ -319,8 +357,14 @@ impl Controller {
         if target.is_empty() {
             return Err(ChangeError::Invalid("node: the last member of a cluster cannot leave it".into()));
         }
-        let next = spec.begin(&target);
-        self.adopt(next.clone()).await?;
+        let mut next = spec.begin(&target);
+        if let Change::Remove(n) = &change {
+            if !next.removed.contains(n) {
+                next.removed.push(n.clone());
+                next.removed.sort();
+            }
+        }
+        self.adopt_locked(next.clone()).await?;
         metrics::counter!("recsys_membership_changes_begun_total").increment(1);
         Ok(next)
     }
@@ -338,7 +382,25 @@ impl Controller {
                 }
             }
         }
-        let safe = self.all_live_caught_up(ring.epoch);
+        // Owned here but not readable (a partition whose move finished in an earlier process,
+        // a commit adopted before its stream's progress was known): catch up with the other
+        // owners, then serve it. Without this it would stay unreadable for good.
+        let stuck: Vec<Part> = held
+            .iter()
+            .copied()
+            .filter(|p| ring.owns(p.role, p.partition, self.me()))
+            .filter(|p| self.t.local.is_open(*p) && !self.t.local.is_ready(*p))
+            .collect();
+        if !stuck.is_empty() {
+            let c = replication::catch_up(&self.t, &stuck, Duration::from_secs(60)).await;
+            if c.peers_failed == 0 {
+                for p in &stuck {
+                    self.t.local.set_ready(*p, true);
+                }
+                tracing::info!(partitions = stuck.len(), ops = c.ops_pulled, "owned partitions caught up; readable");
+            }
+        }
+        let safe = self.all_live_caught_up(&ring);
         let mut dropped = 0;
         for role in Role::ALL {
             for p in 0..ring.partitions {
@@ -370,7 +432,7 @@ impl Controller {
     /// Starts streams for incoming partitions, within the concurrency bound.
     fn start_moves(self: &Arc<Self>) {
         let ring = self.t.ring();
-        if !ring.in_transition() || !self.all_live_caught_up(ring.epoch) {
+        if !ring.in_transition() || !self.all_live_caught_up(&ring) {
             return;
         }
         let incoming = ring.incoming(self.me());
@@ -383,9 +445,10 @@ impl Controller {
             if p.streamed.contains(&part) || p.running.contains_key(&part) {
                 continue;
             }
-            if p.retry_at.get(&part).is_some_and(|at| *at > now) {
+            if p.retry_at.get(&part).is_some_and(|(at, _)| *at > now) {
                 continue;
             }
+            let failures = p.retry_at.get(&part).map_or(0, |(_, n)| *n);
             // A current owner that is alive and serving reads of it.
             let sources: Vec<String> = ring
                 .owners(part.role, part.partition)
@@ -393,10 +456,10 @@ impl Controller {
                 .filter(|o| *o != self.me() && self.t.membership.is_routable(o))
                 .cloned()
                 .collect();
-            let Some(from) = sources.first().cloned() else {
+            let Some(from) = (!sources.is_empty()).then(|| sources[failures % sources.len()].clone()) else {
                 // No live copy: when every current owner is gone for good (removed), there is
                 // nothing to stream; the partition starts empty here and the loss is counted.
-                let gone = ring.owners(part.role, part.partition).iter().all(|o| !ring.target_members().contains(o));
+                let gone = ring.owners(part.role, part.partition).iter().all(|o| ring.spec.removed.contains(o));
                 if gone {
                     tracing::error!(part = %part, "no live replica holds this partition: it starts empty here");
                     metrics::counter!("recsys_partitions_lost_total").increment(1);
@@ -431,7 +494,8 @@ impl Controller {
                     Err(e) => {
                         tracing::warn!(part = %part, from = %from, error = %e, "partition stream failed; trying again");
                         metrics::counter!("recsys_move_failures_total").increment(1);
-                        p.retry_at.insert(part, Instant::now() + Duration::from_secs(1));
+                        let n = p.retry_at.get(&part).map_or(0, |(_, n)| *n) + 1;
+                        p.retry_at.insert(part, (Instant::now() + Duration::from_secs(1), n));
                     }
                 }
                 metrics::gauge!("recsys_moves_in_progress").set(p.running.len() as f64);
@@ -449,7 +513,8 @@ impl Controller {
         let (mut bytes_done, mut ops_done) = (0u64, 0u64);
         let started = Instant::now();
         // Bounded: a partition of n batches takes n / (batches per chunk) rounds; the bound only
-        // guards against a source whose log never ends.
+        // guards against a source whose log never ends (reaching it is a failure, not a success).
+        let mut ended = false;
         for _ in 0..1_000_000 {
             if self.t.ring().epoch != epoch {
                 // The change was replaced or committed meanwhile: stop; the loop decides again.
@@ -495,6 +560,7 @@ impl Controller {
                 }
             }
             if reply.done {
+                ended = true;
                 break;
             }
             batch = reply.next_batch;
@@ -504,9 +570,12 @@ impl Controller {
                 tokio::time::sleep(wait).await;
             }
         }
+        if !ended {
+            return Err(format!("the stream from {from} did not end"));
+        }
         let c = replication::catch_up(&self.t, &[part], Duration::from_secs(30)).await;
-        if c.peers_failed > 0 && c.parts_checked > 0 && c.ops_pulled == 0 {
-            tracing::debug!(part = %part, "closing catch-up reached no peer; the stream stands");
+        if c.peers_failed > 0 {
+            return Err(format!("closing catch-up: {} replica(s) did not answer", c.peers_failed));
         }
         Ok(())
     }

@@ -81,13 +81,27 @@ pub async fn catch_up(t: &Arc<Transport>, parts: &[Part], timeout: Duration) -> 
     catch_up_mode(t, parts, timeout, Mode::Full).await
 }
 
-pub async fn catch_up_mode(t: &Arc<Transport>, parts: &[Part], timeout: Duration, mut mode: Mode<'_>) -> CatchUpStats {
+pub async fn catch_up_mode(t: &Arc<Transport>, parts: &[Part], timeout: Duration, mode: Mode<'_>) -> CatchUpStats {
+    let ring = t.ring();
+    let asks: Vec<(Part, Vec<String>)> =
+        parts.iter().map(|p| (*p, ring.owners(p.role, p.partition).to_vec())).collect();
+    catch_up_from(t, &asks, timeout, mode).await
+}
+
+/// Compares each partition with the given peers (those alive) and pulls what this node lacks:
+/// also used against a partition's previous owners when a membership change commits.
+pub async fn catch_up_from(
+    t: &Arc<Transport>,
+    parts: &[(Part, Vec<String>)],
+    timeout: Duration,
+    mut mode: Mode<'_>,
+) -> CatchUpStats {
     let mut stats = CatchUpStats::default();
     let mut by_peer: BTreeMap<String, Vec<Part>> = BTreeMap::new();
-    for &part in parts {
-        for o in t.ring().owners(part.role, part.partition) {
+    for (part, peers) in parts {
+        for o in peers {
             if *o != t.node_id && t.membership.takes_writes(o) {
-                by_peer.entry(o.clone()).or_default().push(part);
+                by_peer.entry(o.clone()).or_default().push(*part);
             }
         }
     }

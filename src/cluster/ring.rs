@@ -38,6 +38,10 @@ pub struct RingSpec {
     /// While a membership change is in progress: the member set it moves to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Vec<String>>,
+    /// Nodes an operator removed as dead in the change in progress: only their copies count as
+    /// lost (a drained node that is merely unreachable for a moment still holds its data).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 impl RingSpec {
@@ -45,7 +49,7 @@ impl RingSpec {
         let mut members = members.to_vec();
         members.sort();
         members.dedup();
-        Self { epoch, members, partitions, replication, vnodes, scorer_nodes: vec![], target: None }
+        Self { epoch, members, partitions, replication, vnodes, scorer_nodes: vec![], target: None, removed: vec![] }
     }
 
     /// The first step of a membership change: `target` beside the current members, epoch + 1.
@@ -60,7 +64,9 @@ impl RingSpec {
     /// the same change computes the same spec (same digest), so two committers agree.
     pub fn commit(&self) -> Self {
         match &self.target {
-            Some(t) => Self { epoch: self.epoch + 1, members: t.clone(), target: None, ..self.clone() },
+            Some(t) => {
+                Self { epoch: self.epoch + 1, members: t.clone(), target: None, removed: vec![], ..self.clone() }
+            }
             None => self.clone(),
         }
     }
@@ -92,6 +98,9 @@ impl RingSpec {
         );
         if let Some(t) = &self.target {
             text.push_str(&format!(";target={}", t.join(",")));
+        }
+        if !self.removed.is_empty() {
+            text.push_str(&format!(";removed={}", self.removed.join(",")));
         }
         format!("{:016x}", crate::ids::key_of(&text))
     }

@@ -155,6 +155,8 @@ impl Ops {
                     "generator_partitions": n.generator_partitions,
                     "feature_partitions": n.feature_partitions,
                     "scorers": n.scorers,
+                    "incoming_partitions": n.incoming_partitions,
+                    "resident_bytes": n.resident_bytes,
                     "same_ring": n.ring_epoch == s.ring_epoch && n.ring_digest == s.ring_digest,
                 })
             })
@@ -163,6 +165,15 @@ impl Ops {
             .partitions
             .iter()
             .map(|p| json!({"role": p.role, "partition": p.partition, "replicas": p.replicas, "live": p.live}))
+            .collect();
+        v["target_members"] = json!(s.target_members);
+        v["moves"] = s
+            .moves
+            .iter()
+            .map(|m| {
+                json!({"role": m.role, "partition": m.partition, "from": m.from, "to": m.to,
+                       "bytes_done": m.bytes_done, "bytes_total": m.bytes_total, "eta_ms": m.eta_ms})
+            })
             .collect();
         v["counts"] = json!({"items": s.items, "users": s.users, "events": s.events});
         v["models"] = match &s.models {

@@ -4,11 +4,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::local::ApplyResults;
 use super::pb::internal_client::InternalClient;
 use super::{decode, encode, pb, CallError, LocalPartitions, ReadQuery, ReadReply};
+use crate::auth::InternalAuth;
 use crate::cluster::{Membership, Part, Ring, Role};
 use crate::store::LoggedOp;
 
@@ -16,22 +18,29 @@ const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// Ops a coordinator holds for replicas that missed them (~100 bytes each).
 const HINT_CAP_OPS: usize = 200_000;
 
+/// A peer's internal-API client: every call signed with the cluster secret (see `auth`).
+pub type PeerClient = InternalClient<InterceptedService<Channel, InternalAuth>>;
+
 pub struct Transport {
     pub node_id: String,
     /// The table in effect here; swapped when a newer one arrives by gossip.
     ring: std::sync::RwLock<Arc<Ring>>,
     pub local: Arc<LocalPartitions>,
     pub membership: Arc<Membership>,
-    peers: Mutex<HashMap<String, (String, InternalClient<Channel>)>>,
+    peers: Mutex<HashMap<String, (String, PeerClient)>>,
     /// Writes owed to replicas that did not acknowledge them.
     pub hints: super::hints::Hints,
     /// Woken when a caller shows a newer ring than this node's (the ring sync looks at gossip).
     pub ring_changed: tokio::sync::Notify,
+    /// Signs this node's calls to its peers (no-op without a cluster secret).
+    auth: InternalAuth,
+    /// Hedged reads: recent latencies per peer and kind, and the hedge budget.
+    pub hedge: super::hedge::Policy,
 }
 
 pub enum NodeClient<'a> {
     Local(&'a LocalPartitions),
-    Remote { node: String, client: InternalClient<Channel>, transport: &'a Transport },
+    Remote { node: String, client: PeerClient, transport: &'a Transport },
 }
 
 /// A whole call to a node failed (connect, deadline, epoch): every partition in it is missing.
@@ -53,6 +62,8 @@ impl Transport {
             peers: Mutex::new(HashMap::new()),
             hints: super::hints::Hints::new(HINT_CAP_OPS),
             ring_changed: tokio::sync::Notify::new(),
+            auth: InternalAuth::none(),
+            hedge: super::hedge::Policy::new(0.05, Duration::from_millis(2)),
         }
     }
 
@@ -63,6 +74,18 @@ impl Transport {
 
     pub fn set_ring(&self, ring: Arc<Ring>) {
         *self.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
+    }
+
+    /// Hedged reads: at most `max_ratio` extra calls, never before `min_delay` (0: no hedging).
+    pub fn with_hedging(mut self, max_ratio: f64, min_delay: Duration) -> Self {
+        self.hedge = super::hedge::Policy::new(max_ratio, min_delay);
+        self
+    }
+
+    /// Signs calls to peers with the cluster secret (`None`: unsigned, for a cluster without one).
+    pub fn with_cluster_key(mut self, key: Option<crate::auth::ClusterKey>) -> Self {
+        self.auth = InternalAuth::new(key, &self.node_id);
+        self
     }
 
     pub fn envelope(&self, timeout: Duration) -> pb::Envelope {
@@ -76,7 +99,7 @@ impl Transport {
     }
 
     /// The internal-API client of a peer (None when gossip has no address for it yet).
-    pub fn peer(&self, node: &str) -> Option<InternalClient<Channel>> {
+    pub fn peer(&self, node: &str) -> Option<PeerClient> {
         if self.local.faults().outbound_fails() {
             // Injected network partition (chaos tests): no peer is reachable from here.
             return None;
@@ -98,7 +121,7 @@ impl Transport {
             // Feature batches are large: bigger windows saved ~30 % per call in a loopback test.
             .initial_connection_window_size(Some(8 * 1024 * 1024))
             .initial_stream_window_size(Some(4 * 1024 * 1024));
-        let client = InternalClient::new(ep.connect_lazy())
+        let client = InternalClient::with_interceptor(ep.connect_lazy(), self.auth.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         peers.insert(node.to_string(), (addr, client.clone()));
@@ -163,6 +186,9 @@ impl NodeClient<'_> {
                 let t = Instant::now();
                 let res = client.clone().read(transport.request(req, timeout)).await;
                 transport.observe(node, "read", t, res.is_ok());
+                if res.is_ok() {
+                    transport.hedge.latencies.record(node, kind, t.elapsed());
+                }
                 let reply = res.map_err(|s| node_error(node, s))?.into_inner();
                 let mut by_part: HashMap<Part, pb::PartitionResult> =
                     reply.results.into_iter().filter_map(|r| Some((result_part(&r)?, r))).collect();

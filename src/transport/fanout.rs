@@ -116,18 +116,41 @@ impl Transport {
                         Some((p.part, q?))
                     })
                     .collect();
-                let res = match self.client(node) {
-                    None => Err(format!("no address for {node}")),
-                    Some(c) => match tokio::time::timeout(budget, c.read(asks, budget)).await {
-                        Ok(Ok(r)) => Ok(r),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err(format!("{node} missed its {} ms budget", budget.as_millis())),
-                    },
+                let kind = asks.first().map(|(_, q)| q.kind()).unwrap_or("read");
+                let end = Instant::now() + budget;
+                let primary = self.call_read(node, asks, budget);
+                // A remote call slower than the peer's recent p95 is also sent to the next replica
+                // of its partitions (within the hedge budget); the first answer per partition wins.
+                let delay = if node != self.node_id {
+                    self.hedge.budget.primary();
+                    self.hedge.delay(node, kind).filter(|d| *d < budget && fallback)
+                } else {
+                    None
                 };
-                (node, ps, res)
+                let mut won = HashMap::new();
+                let res = match delay {
+                    None => primary.await,
+                    Some(d) => self.hedged(stage, &ps, primary, d, end, &mut won).await,
+                };
+                (node, ps, res, won)
             });
             let mut retry = Vec::new();
-            for (node, ps, res) in futures::future::join_all(calls).await {
+            for (node, ps, res, mut won) in futures::future::join_all(calls).await {
+                // Partitions a hedge answered first: from a replica, whatever the primary did.
+                let ps: Vec<Pending> = ps
+                    .into_iter()
+                    .filter_map(|p| match won.remove(&p.part) {
+                        Some(r) => {
+                            cov.from_replica.push(p.part.partition);
+                            replies.push((p.part, r));
+                            None
+                        }
+                        None => Some(p),
+                    })
+                    .collect();
+                if ps.is_empty() {
+                    continue;
+                }
                 match res {
                     Ok(results) => {
                         let mut by_part: HashMap<Part, Result<ReadReply, CallError>> = results.into_iter().collect();
@@ -173,6 +196,84 @@ impl Transport {
         cov.missing.sort_unstable();
         cov.from_replica.sort_unstable();
         ReadOutcome { replies, coverage: cov }
+    }
+
+    /// One node's call for a stage, bounded by `budget`.
+    async fn call_read(&self, node: &str, asks: Vec<(Part, ReadQuery)>, budget: Duration) -> NodeRead {
+        match self.client(node) {
+            None => Err(format!("no address for {node}")),
+            Some(c) => match tokio::time::timeout(budget, c.read(asks, budget)).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("{node} missed its {} ms budget", budget.as_millis())),
+            },
+        }
+    }
+
+    /// Waits `delay` for `primary`; then sends its partitions that have a next replica there too
+    /// (one call per next node, each paid from the hedge budget) and keeps the first answer per
+    /// partition in `won`. Returns once the primary answered (hedges still running are dropped,
+    /// which cancels them), or every partition was won (the primary is dropped), or the primary
+    /// failed and no hedge is left running.
+    async fn hedged<'r>(
+        &'r self,
+        stage: &'static str,
+        ps: &[Pending<'r>],
+        primary: impl std::future::Future<Output = NodeRead>,
+        delay: Duration,
+        end: Instant,
+        won: &mut HashMap<Part, ReadReply>,
+    ) -> NodeRead {
+        use futures::StreamExt;
+        tokio::pin!(primary);
+        tokio::select! {
+            r = &mut primary => return r,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let mut by_alt: HashMap<&'r str, Vec<(Part, ReadQuery)>> = HashMap::new();
+        for p in ps {
+            if let (Some(alt), Some(q)) = (p.candidates.get(1), &p.query) {
+                by_alt.entry(*alt).or_default().push((p.part, q.clone()));
+            }
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        let mut hedges = futures::stream::FuturesUnordered::new();
+        for (alt, asks) in by_alt {
+            if left.is_zero() || !self.hedge.budget.try_hedge() {
+                break;
+            }
+            metrics::counter!("recsys_hedged_calls_total", "stage" => stage).increment(1);
+            hedges.push(async move { self.call_read(alt, asks, left).await });
+        }
+        if hedges.is_empty() {
+            return primary.await;
+        }
+        let mut primary_res: Option<NodeRead> = None;
+        loop {
+            tokio::select! {
+                r = &mut primary, if primary_res.is_none() => primary_res = Some(r),
+                Some(r) = hedges.next(), if !hedges.is_empty() => {
+                    let mut first = false;
+                    for (part, reply) in r.into_iter().flatten() {
+                        if let (Ok(reply), std::collections::hash_map::Entry::Vacant(v)) = (reply, won.entry(part)) {
+                            v.insert(reply);
+                            first = true;
+                        }
+                    }
+                    if first {
+                        metrics::counter!("recsys_hedge_wins_total", "stage" => stage).increment(1);
+                    }
+                }
+                else => break,
+            }
+            match &primary_res {
+                Some(Ok(_)) => break,
+                Some(Err(_)) if hedges.is_empty() => break,
+                None if ps.iter().all(|p| won.contains_key(&p.part)) => return Ok(Vec::new()),
+                _ => {}
+            }
+        }
+        primary_res.unwrap_or_else(|| Ok(Vec::new()))
     }
 
     /// Groups `keys` of a key space by their feature partition, asks each partition the query
@@ -310,6 +411,9 @@ impl Transport {
         Ok(WriteResult { new, flush_micros, replica_failures })
     }
 }
+
+/// One node's answer for a stage: per partition, or the whole call failed.
+type NodeRead = Result<Vec<(Part, Result<ReadReply, CallError>)>, String>;
 
 /// The ops one node is sent, per partition.
 type NodeOps = Vec<(Part, Arc<Vec<LoggedOp>>)>;

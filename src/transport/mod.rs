@@ -6,6 +6,7 @@
 //! epoch; a partition that does not answer is retried on its next replica while time remains.
 pub mod client;
 pub mod fanout;
+pub mod hedge;
 pub mod hints;
 pub mod local;
 pub mod server;

@@ -258,7 +258,7 @@ impl Cluster {
     }
 
     /// Waits (bounded) for node i to exit on its own (a drained node stops); its exit status.
-    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> std::process::ExitStatus {
+    pub async fn wait_exit(&mut self, i: usize, limit: Duration) -> std::process::ExitStatus {
         let mut p = self.nodes[i].take().expect("node running");
         let end = std::time::Instant::now() + limit;
         loop {
@@ -266,7 +266,8 @@ impl Cluster {
                 return st;
             }
             assert!(std::time::Instant::now() < end, "n{} did not stop within {limit:?}", i + 1);
-            std::thread::sleep(Duration::from_millis(50));
+            // Bounded polling of the child's exit, without blocking a runtime worker.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
