@@ -25,6 +25,7 @@ pub struct Config {
     pub scoring: ScoringConfig,
     pub ingest: IngestConfig,
     pub store: StoreConfig,
+    pub chaos: ChaosConfig,
     /// Feature declarations (name, source, default), in the order they are logged.
     pub features: Vec<FeatureDecl>,
 }
@@ -207,6 +208,15 @@ pub struct StoreConfig {
     pub cache_capacity_mb: u64,
 }
 
+/// Fault injection for chaos tests (`Admin.InjectFault`): compiled in, off unless enabled here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChaosConfig {
+    pub enabled: bool,
+    /// Longest a delay or RPC-failure fault may last; longer requests are refused.
+    pub max_duration_ms: u64,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FeatureDecl {
@@ -327,6 +337,11 @@ impl Default for IngestConfig {
         }
     }
 }
+impl Default for ChaosConfig {
+    fn default() -> Self {
+        Self { enabled: false, max_duration_ms: 600_000 }
+    }
+}
 impl Default for StoreConfig {
     fn default() -> Self {
         Self { cache_capacity_mb: 64 }
@@ -440,6 +455,9 @@ impl Config {
         }
         if self.ingest.max_batch == 0 {
             return bad("ingest.max_batch", "must be at least 1");
+        }
+        if !(1..=3_600_000).contains(&self.chaos.max_duration_ms) {
+            return bad("chaos.max_duration_ms", "must be in 1..=3600000 (one hour)");
         }
         if self.features.is_empty() {
             return bad("features", "no features declared");

@@ -1,6 +1,7 @@
 //! recsys: a recommendation serving cluster. See README.md for the architecture.
 pub mod api;
 pub mod auth;
+pub mod chaos;
 pub mod cli;
 pub mod cluster;
 pub mod config;

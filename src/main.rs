@@ -177,6 +177,16 @@ enum Cmd {
         #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Chaos testing: inject a fault on one node (refused unless its config has `[chaos] enabled = true`).
+    Fault {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: String,
+        /// Operator token for Admin calls (a cluster with cluster.operator_token set).
+        #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[command(subcommand)]
+        fault: FaultCmd,
+    },
     /// Load generator: closed loop at a concurrency, or open loop at a fixed rate.
     Bench {
         #[arg(long, default_value = "127.0.0.1:7400")]
@@ -217,6 +227,57 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         k: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum FaultCmd {
+    /// Kill a partition actor (--role generator|feature --partition P) or a scorer (--role scorer
+    /// --index I) on the node; its supervisor rebuilds it.
+    Kill {
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value_t = 0)]
+        partition: u32,
+        #[arg(long, default_value_t = 0)]
+        index: u32,
+    },
+    /// Delay the node's replies for one partition by --ms for --for-ms.
+    Delay {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        partition: u32,
+        #[arg(long)]
+        ms: u32,
+        #[arg(long)]
+        for_ms: u32,
+    },
+    /// Make the node's internal RPCs fail (UNAVAILABLE) for --for-ms: the ones it serves, and
+    /// with --outbound the ones it makes too.
+    FailRpcs {
+        #[arg(long)]
+        for_ms: u32,
+        #[arg(long)]
+        outbound: bool,
+    },
+}
+
+impl FaultCmd {
+    fn request(self) -> pb::InjectFaultRequest {
+        use pb::inject_fault_request::Fault;
+        let fault = match self {
+            FaultCmd::Kill { role, partition, index } => {
+                Fault::KillActor(pb::KillActorFault { role, partition, index })
+            }
+            FaultCmd::Delay { role, partition, ms, for_ms } => {
+                Fault::DelayPartition(pb::DelayPartitionFault { role, partition, delay_ms: ms, duration_ms: for_ms })
+            }
+            FaultCmd::FailRpcs { for_ms, outbound } => {
+                Fault::FailRpcs(pb::FailRpcsFault { duration_ms: for_ms, outbound })
+            }
+        };
+        pb::InjectFaultRequest { fault: Some(fault) }
+    }
 }
 
 fn main() -> ExitCode {
@@ -393,6 +454,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let r = r.into_inner();
                     let from = if r.previous_version.is_empty() { "heuristic" } else { &r.previous_version };
                     println!("deployed {} (was {from})", r.version);
+                }
+                Err(s) => return Err(output::status_error(s)),
+            }
+        }
+        Cmd::Fault { addr, token, fault } => {
+            let token = cli::token(token.as_deref())?;
+            let ch = cli::connect(&addr).await?;
+            let mut req = tonic::Request::new(fault.request());
+            req.set_timeout(Duration::from_secs(10));
+            match cli::admin_client(ch, &token).inject_fault(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    println!("{}", r.fault);
+                    for f in r.active_faults {
+                        println!("  active: {f}");
+                    }
                 }
                 Err(s) => return Err(output::status_error(s)),
             }

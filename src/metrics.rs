@@ -121,6 +121,12 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ),
     ("recsys_actor_restarts_total", Kind::Counter, None, "Actors restarted by their supervisor, per role"),
     (
+        "recsys_faults_injected_total",
+        Kind::Counter,
+        None,
+        "Faults injected by Admin.InjectFault (chaos tests), per kind: kill_actor, delay_partition, fail_rpcs",
+    ),
+    (
         "recsys_model_run_seconds",
         Kind::Histogram,
         Some(Unit::Seconds),
@@ -282,6 +288,9 @@ fn register_zeros() {
     }
     for r in ["feature", "generator", "scorer"] {
         counter!("recsys_actor_restarts_total", "role" => r).absolute(0);
+    }
+    for k in ["kill_actor", "delay_partition", "fail_rpcs"] {
+        counter!("recsys_faults_injected_total", "kind" => k).absolute(0);
     }
     for o in ["deployed", "rejected"] {
         counter!("recsys_model_reloads_total", "outcome" => o).absolute(0);

@@ -186,7 +186,7 @@ impl Actor for PartitionSupervisor {
         ev: SupervisionEvent,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let SupervisionEvent::ActorFailed(cell, err) = ev else { return Ok(()) };
+        let Some((cell, err)) = failure(ev) else { return Ok(()) };
         let Some((role, p)) = st.children.remove(&cell.get_id()) else { return Ok(()) };
         tracing::warn!(role = role.as_str(), partition = p, error = %err, "partition actor failed; rebuilding it from its op log");
         metrics::counter!("recsys_actor_restarts_total", "role" => role.as_str()).increment(1);
@@ -202,6 +202,16 @@ impl Actor for PartitionSupervisor {
         st.spawn(&me, role, p, None, None).await?;
         st.local.set_ready(part, was_ready);
         Ok(())
+    }
+}
+
+/// A child that failed, or was killed (`ActorRef::kill`, as `Admin.InjectFault` does): both are
+/// restarted. A child stopped cleanly is the node shutting down.
+pub fn failure(ev: SupervisionEvent) -> Option<(ractor::ActorCell, String)> {
+    match ev {
+        SupervisionEvent::ActorFailed(cell, err) => Some((cell, err.to_string())),
+        SupervisionEvent::ActorTerminated(cell, _, Some(reason)) if reason == "killed" => Some((cell, reason)),
+        _ => None,
     }
 }
 
@@ -572,6 +582,8 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     );
 
     let local_parts = Arc::new(LocalPartitions::new(me.clone(), ring.partitions, store.clone()));
+    let max_fault = Duration::from_millis(cfg.chaos.max_duration_ms);
+    local_parts.set_faults(Arc::new(crate::chaos::Faults::new(&me, cfg.chaos.enabled, max_fault)));
     let (feature_loader, generator_loader) = loaders(&store, &cfg);
     let args = PartitionSupervisorArgs {
         local: local_parts.clone(),

@@ -4,8 +4,9 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::pb;
+use crate::chaos::ChaosError;
 use crate::cluster::changes::{Change, ChangeError};
-use crate::cluster::{MemberState, Role};
+use crate::cluster::{MemberState, Part, Role};
 use crate::features::shard::{FeatureMsg, ShardCounts};
 use crate::features::FeaturePlan;
 use crate::scoring::paths::{self, PathError};
@@ -50,8 +51,93 @@ impl AdminState {
     }
 }
 
+fn chaos_status(e: ChaosError) -> Status {
+    match e {
+        ChaosError::Disabled(_) => Status::failed_precondition(e.to_string()),
+        ChaosError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        ChaosError::NotFound(_) => Status::not_found(e.to_string()),
+        ChaosError::TooMany => Status::resource_exhausted(e.to_string()),
+    }
+}
+
+/// A partition named by a fault: a partition role, in range, held on this node.
+fn fault_part(st: &AdminState, field: &str, role: &str, partition: u32) -> Result<Part, ChaosError> {
+    let t = &st.transport;
+    let role = match role {
+        "generator" => Role::Generator,
+        "feature" => Role::Feature,
+        _ => return Err(ChaosError::Invalid(format!("{field}.role: `{role}` is not generator or feature"))),
+    };
+    let partitions = t.ring().partitions;
+    if partition >= partitions {
+        return Err(ChaosError::Invalid(format!("{field}.partition: {partition} is outside [0, {partitions})")));
+    }
+    let part = Part::new(role, partition);
+    if !t.local.is_open(part) {
+        return Err(ChaosError::NotFound(format!("{field}: {part} is not held on {}", t.node_id)));
+    }
+    Ok(part)
+}
+
+impl AdminState {
+    /// Applies one fault; returns what was done, in the words `active_faults` uses.
+    fn inject(&self, fault: Option<pb::inject_fault_request::Fault>) -> Result<(&'static str, String), ChaosError> {
+        use pb::inject_fault_request::Fault;
+        let t = &self.transport;
+        let faults = t.local.faults();
+        faults.check_enabled()?;
+        match fault {
+            None => Err(ChaosError::Invalid("fault: missing (kill_actor, delay_partition or fail_rpcs)".into())),
+            Some(Fault::KillActor(k)) if k.role == "scorer" => {
+                let pool = self.models.current();
+                let i = k.index as usize;
+                if i >= pool.len() {
+                    return Err(ChaosError::NotFound(format!(
+                        "kill_actor.index: scorer {i} is not on {} (it runs {})",
+                        t.node_id,
+                        pool.len()
+                    )));
+                }
+                let a = pool.actor(i).ok_or_else(|| {
+                    ChaosError::NotFound(format!("kill_actor.index: scorer {i} on {} is restarting", t.node_id))
+                })?;
+                a.kill();
+                Ok(("kill_actor", format!("killed scorer {i} on {}", t.node_id)))
+            }
+            Some(Fault::KillActor(k)) => {
+                let part = fault_part(self, "kill_actor", &k.role, k.partition)?;
+                // The actor is gone at once: calls to it fail fast (their reply ports drop) and
+                // the partition goes to its replicas while the supervisor rebuilds it.
+                match part.role {
+                    Role::Feature => t.local.feature_actor(part.partition).map(|a| a.kill()),
+                    Role::Generator => t.local.generator_actor(part.partition).map(|a| a.kill()),
+                }
+                .ok_or_else(|| ChaosError::NotFound(format!("kill_actor: {part} on {} is restarting", t.node_id)))?;
+                Ok(("kill_actor", format!("killed {part} on {}", t.node_id)))
+            }
+            Some(Fault::DelayPartition(d)) => {
+                let part = fault_part(self, "delay_partition", &d.role, d.partition)?;
+                Ok(("delay_partition", faults.delay(part, d.delay_ms, d.duration_ms)?))
+            }
+            Some(Fault::FailRpcs(f)) => Ok(("fail_rpcs", faults.fail_rpcs(f.duration_ms, f.outbound)?)),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn inject_fault(
+        &self,
+        req: Request<pb::InjectFaultRequest>,
+    ) -> Result<Response<pb::InjectFaultResponse>, Status> {
+        let st = super::recommender::ready(&self.state)?;
+        let (kind, fault) = st.inject(req.into_inner().fault).map_err(chaos_status)?;
+        metrics::counter!("recsys_faults_injected_total", "kind" => kind).increment(1);
+        tracing::warn!(kind, fault = %fault, "fault injected");
+        let active_faults = st.transport.local.faults().active();
+        Ok(Response::new(pb::InjectFaultResponse { fault, active_faults }))
+    }
+
     async fn cluster_status(
         &self,
         _req: Request<pb::ClusterStatusRequest>,
@@ -172,6 +258,8 @@ impl pb::admin_server::Admin for AdminService {
                 })
                 .collect(),
             target_members: if ring.in_transition() { ring.target_members().to_vec() } else { vec![] },
+            chaos_enabled: t.local.faults().enabled(),
+            active_faults: t.local.faults().active(),
         }))
     }
 

@@ -192,6 +192,10 @@ pub fn print_status(s: &pb::ClusterStatusResponse) {
         }
     }
     let models = s.models.as_ref().map(|m| format!("{}, {}", m.stage1, m.stage2)).unwrap_or("none (heuristic)".into());
+    if s.chaos_enabled {
+        let faults = if s.active_faults.is_empty() { "none".to_string() } else { s.active_faults.join("; ") };
+        println!("chaos enabled on {}: active faults: {faults}", s.self_node_id);
+    }
     println!(
         "held here: {} items, {} users, {} events; resident memory {:.0} MiB; models: {models}",
         s.items,

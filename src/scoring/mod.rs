@@ -391,6 +391,11 @@ impl ScorerPool {
         self.scorers.write().expect("scorer lock")[i] = a;
     }
 
+    /// Scorer `i`'s actor (None while it restarts or when there is no such scorer).
+    pub fn actor(&self, i: usize) -> Option<ActorRef<ScorerMsg>> {
+        self.scorers.read().expect("scorer lock").get(i).cloned().flatten()
+    }
+
     pub fn live(&self) -> usize {
         self.scorers.read().expect("scorer lock").iter().filter(|a| a.is_some()).count()
     }
@@ -632,7 +637,7 @@ impl Actor for ScorerSupervisor {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         // Only failures restart: a clean stop is the node shutting down.
-        if let SupervisionEvent::ActorFailed(cell, _) = ev {
+        if let Some((cell, _)) = crate::node::failure(ev) {
             let Some(pool) = st.pool.upgrade() else { return Ok(()) };
             if let Some(i) = st.children.remove(&cell.get_id()) {
                 tracing::warn!(scorer = i, "scorer failed; restarting");

@@ -100,6 +100,10 @@ impl Transport {
 
     /// The internal-API client of a peer (None when gossip has no address for it yet).
     pub fn peer(&self, node: &str) -> Option<PeerClient> {
+        if self.local.faults().outbound_fails() {
+            // Injected network partition (chaos tests): no peer is reachable from here.
+            return None;
+        }
         let addr = self.membership.addr_of(node)?;
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((a, c)) = peers.get(node) {

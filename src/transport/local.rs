@@ -28,6 +28,8 @@ pub struct LocalPartitions {
     ready: Vec<AtomicBool>,
     /// Completed anti-entropy rounds (status: lets an operator or a test see catch-up progress).
     pub catch_up_rounds: std::sync::atomic::AtomicU64,
+    /// Injected faults (chaos tests); none until the node sets its registry.
+    faults: std::sync::OnceLock<Arc<crate::chaos::Faults>>,
 }
 
 pub type ApplyResults = Vec<(Part, Result<Vec<bool>, String>)>;
@@ -43,7 +45,19 @@ impl LocalPartitions {
             features: RwLock::new(vec![None; n]),
             ready: (0..2 * n).map(|_| AtomicBool::new(false)).collect(),
             catch_up_rounds: Default::default(),
+            faults: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the node's fault registry (once, at start).
+    pub fn set_faults(&self, f: Arc<crate::chaos::Faults>) {
+        let _ = self.faults.set(f);
+    }
+
+    /// The node's fault registry (a disabled one before `set_faults`).
+    pub fn faults(&self) -> &crate::chaos::Faults {
+        static NONE: std::sync::OnceLock<crate::chaos::Faults> = std::sync::OnceLock::new();
+        self.faults.get().map(|f| &**f).unwrap_or_else(|| NONE.get_or_init(crate::chaos::Faults::disabled))
     }
 
     pub fn set_generator(&self, p: u32, a: Option<ActorRef<GeneratorMsg>>) {
@@ -82,6 +96,15 @@ impl LocalPartitions {
         if !self.is_ready(part) {
             let why = if self.is_open(part) { "catching up" } else { "not open on this node" };
             return Err(CallError::Unavailable { part, reason: format!("{why} ({})", self.node_id) });
+        }
+        if let Some(d) = self.faults().read_delay(part) {
+            // An injected delay (chaos tests) is part of the reply time; the caller's deadline
+            // still bounds the whole call.
+            if d >= timeout {
+                tokio::time::sleep(timeout).await;
+                return Err(CallError::Timeout { part });
+            }
+            tokio::time::sleep(d).await;
         }
         let p = part.partition;
         match (part.role, q) {

@@ -24,6 +24,9 @@ impl InternalService {
     /// owned under this node's table, current or target), so no placement is mixed up.
     fn check(&self, env: Option<&pb::Envelope>) -> Result<(Arc<Transport>, Duration), Status> {
         let t = self.transport.get().ok_or_else(|| Status::unavailable("node is starting: no ring yet"))?;
+        if t.local.faults().serving_fails() {
+            return Err(Status::unavailable(format!("{}: internal rpcs fail (injected fault)", t.node_id)));
+        }
         let env = env.ok_or_else(|| Status::invalid_argument("envelope: missing"))?;
         let ring = t.ring();
         if env.epoch > ring.epoch || (env.epoch == ring.epoch && env.digest != ring.digest) {

@@ -1,0 +1,209 @@
+//! A scenario file (`chaos/scenarios/NAME.toml`): the cluster, the load and the fault schedule.
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    #[serde(skip)]
+    pub name: String,
+    pub description: String,
+    /// In the quick subset (`chaos/run --short`, run by scripts/test.sh).
+    #[serde(default)]
+    pub short: bool,
+    /// Nodes n1..nN started with the cluster.
+    pub nodes: usize,
+    pub replication: u32,
+    /// "loopback" (127.0.0.1, free ports) or "netns" (each node in its own network namespace on a
+    /// bridge, so a node can be cut off the network for real).
+    #[serde(default = "loopback")]
+    pub network: String,
+    /// Recommend calls per second (open loop) and event batches (40 events each) per second.
+    pub recommend_rate: f64,
+    pub event_batch_rate: f64,
+    pub duration_secs: f64,
+    /// Each Recommend call's deadline (grpc-timeout).
+    pub deadline_ms: u64,
+    /// Nodes the load is sent to (a client's balancer routes around failed nodes); default: the
+    /// nodes no node-level action targets.
+    #[serde(default)]
+    pub load_nodes: Vec<String>,
+    /// Synthetic world: items, users, events loaded before the load starts.
+    #[serde(default = "world_default")]
+    pub world: [usize; 3],
+    /// A capability this scenario needs from the node binary ("membership": join/drain/remove);
+    /// without it the scenario is reported pending, not run.
+    #[serde(default)]
+    pub requires: Vec<String>,
+    /// Extra TOML laid over the runner's node overrides.
+    #[serde(default)]
+    pub config: String,
+    pub schedule: Vec<Step>,
+}
+
+fn loopback() -> String {
+    "loopback".into()
+}
+
+fn world_default() -> [usize; 3] {
+    [3000, 300, 20_000]
+}
+
+/// At `at_secs` after the load started: one action.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Step {
+    pub at_secs: f64,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// SIGKILL the node's process.
+    Sigkill {
+        node: String,
+    },
+    /// SIGSTOP / SIGCONT the node's process.
+    Sigstop {
+        node: String,
+    },
+    Sigcont {
+        node: String,
+    },
+    /// Start a killed node again on its data dir.
+    Restart {
+        node: String,
+    },
+    /// Start every killed node (not drained or removed) again.
+    RestartKilled,
+    /// Admin.InjectFault kill_actor on `node`: role generator|feature (partition: the first one
+    /// the node holds when omitted) or scorer (index).
+    KillActor {
+        node: String,
+        role: String,
+        partition: Option<u32>,
+        #[serde(default)]
+        index: u32,
+    },
+    /// Admin.InjectFault delay_partition.
+    Delay {
+        node: String,
+        role: String,
+        partition: Option<u32>,
+        delay_ms: u32,
+        for_ms: u32,
+    },
+    /// Admin.InjectFault fail_rpcs.
+    FailRpcs {
+        node: String,
+        for_ms: u32,
+        #[serde(default)]
+        outbound: bool,
+    },
+    /// Cut the node off the network (netns scenarios: its veth goes down) / put it back.
+    Isolate {
+        node: String,
+    },
+    Heal {
+        node: String,
+    },
+    /// Start a new node with `--join` (seeds: the running nodes).
+    Join {
+        node: String,
+    },
+    /// `recsys drain --node N --wait` / `recsys remove --node N --wait` through a load node.
+    Drain {
+        node: String,
+    },
+    Remove {
+        node: String,
+    },
+    /// SIGKILL the source node of the first partition move ClusterStatus lists (waits for one,
+    /// bounded).
+    KillMoveSource,
+}
+
+impl Action {
+    /// The node a node-level action takes out (the load is not sent there).
+    pub fn node_level_target(&self) -> Option<&str> {
+        match self {
+            Action::Sigkill { node }
+            | Action::Sigstop { node }
+            | Action::Isolate { node }
+            | Action::Drain { node }
+            | Action::Remove { node } => Some(node),
+            _ => None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Action::Sigkill { node } => format!("SIGKILL {node}"),
+            Action::Sigstop { node } => format!("SIGSTOP {node}"),
+            Action::Sigcont { node } => format!("SIGCONT {node}"),
+            Action::Restart { node } => format!("restart {node}"),
+            Action::RestartKilled => "restart the killed nodes".into(),
+            Action::KillActor { node, role, partition, index } => match (role.as_str(), partition) {
+                ("scorer", _) => format!("kill scorer {index} on {node}"),
+                (_, Some(p)) => format!("kill {role}/{p} on {node}"),
+                (_, None) => format!("kill a {role} actor on {node}"),
+            },
+            Action::Delay { node, role, delay_ms, for_ms, .. } => {
+                format!("delay a {role} partition on {node} by {delay_ms} ms for {for_ms} ms")
+            }
+            Action::FailRpcs { node, for_ms, outbound } => {
+                format!("fail {node}'s internal rpcs for {for_ms} ms (outbound: {outbound})")
+            }
+            Action::Isolate { node } => format!("isolate {node}"),
+            Action::Heal { node } => format!("heal {node}"),
+            Action::Join { node } => format!("join {node}"),
+            Action::Drain { node } => format!("drain {node}"),
+            Action::Remove { node } => format!("remove {node}"),
+            Action::KillMoveSource => "SIGKILL the source of a move".into(),
+        }
+    }
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let bad = |message: String| ScenarioError::Invalid { path: path.to_path_buf(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let mut s: Scenario = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        s.name = path.file_stem().and_then(|n| n.to_str()).unwrap_or("scenario").to_string();
+        if s.nodes == 0 || s.nodes > 9 {
+            return Err(bad("nodes: must be in 1..=9".into()));
+        }
+        if s.replication == 0 || s.replication as usize > s.nodes {
+            return Err(bad("replication: must be in 1..=nodes".into()));
+        }
+        let rates_ok = s.recommend_rate > 0.0 && s.recommend_rate <= 500.0;
+        if !rates_ok || !(0.0..=50.0).contains(&s.event_batch_rate) {
+            return Err(bad("recommend_rate must be in (0, 500], event_batch_rate in [0, 50]".into()));
+        }
+        if !(1.0..=600.0).contains(&s.duration_secs) || s.deadline_ms == 0 {
+            return Err(bad("duration_secs must be in [1, 600] and deadline_ms positive".into()));
+        }
+        if !["loopback", "netns"].contains(&s.network.as_str()) {
+            return Err(bad(format!("network: `{}` is not loopback or netns", s.network)));
+        }
+        if s.schedule.windows(2).any(|w| w[1].at_secs < w[0].at_secs) {
+            return Err(bad("schedule: steps must be in time order".into()));
+        }
+        if s.load_nodes.is_empty() {
+            let out: Vec<&str> = s.schedule.iter().filter_map(|st| st.action.node_level_target()).collect();
+            s.load_nodes = (1..=s.nodes).map(|i| format!("n{i}")).filter(|n| !out.contains(&n.as_str())).collect();
+        }
+        if s.load_nodes.is_empty() {
+            return Err(bad("load_nodes: no node left to send the load to".into()));
+        }
+        Ok(s)
+    }
+}
