@@ -106,10 +106,10 @@ async fn secret_and_operator_token_guard_a_three_node_cluster() {
     let stale = ClusterKey::new(SECRET).header("n2", unix_now() - 3600);
     let e = internal.read(with_header(read.clone(), Some(stale))).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    // With the right secret the call gets past authentication (and fails on our made-up ring).
+    // With the right secret the call gets past authentication and is answered.
     let right = ClusterKey::new(SECRET).header("n2", unix_now());
-    let e = internal.digests(with_header(digests_request(), Some(right))).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let r = internal.digests(with_header(digests_request(), Some(right))).await;
+    assert!(r.is_ok(), "the right secret is accepted: {r:?}");
 
     // (c) Admin and Ingest need the operator token.
     let ch1 = recsys::cli::connect(&cluster.addrs[0]).await.unwrap();
@@ -195,8 +195,8 @@ async fn without_a_secret_internal_calls_are_open_with_a_warning() {
     assert!(warned.is_some(), "no start-up warning about the missing cluster secret");
     common::wait_health(&node.addr, Duration::from_secs(60)).await;
     let mut internal = InternalClient::new(recsys::cli::connect(&node.addr).await.unwrap());
-    let e = internal.digests(with_header(digests_request(), None)).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "reaches the ring check: {e:?}");
+    let r = internal.digests(with_header(digests_request(), None)).await;
+    assert!(r.is_ok(), "without a secret an unsigned internal call is answered: {r:?}");
     // No operator token either: Admin is open.
     let mut admin = AdminClient::new(recsys::cli::connect(&node.addr).await.unwrap());
     admin.cluster_status(pb::ClusterStatusRequest {}).await.unwrap();
