@@ -49,23 +49,6 @@ struct Outcome {
     restarted_in: Option<Duration>,
 }
 
-fn events(world: &World, batch: usize) -> Vec<pb::Event> {
-    (0..40)
-        .map(|j| {
-            let i = (batch * 40 + j) * 7 % world.items.len();
-            pb::Event {
-                event_id: format!("ledger-{batch}-{j}"),
-                user_id: world.users[(batch + j) % world.users.len()].id.clone(),
-                item_id: world.items[i].id.clone(),
-                action: if j % 4 == 0 { pb::Action::Like } else { pb::Action::Click } as i32,
-                event_time_ms: world.spec.now * 1000,
-                geo: "us".into(),
-                request_id: String::new(),
-            }
-        })
-        .collect()
-}
-
 async fn catch_up_rounds(addr: &str) -> u64 {
     let ch = recsys::cli::connect(addr).await.unwrap();
     AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner().catch_up_rounds
@@ -102,7 +85,7 @@ async fn run(
         tokio::spawn(async move {
             let mut batch = 0;
             while start.elapsed() < LOAD {
-                let evs = events(&w, batch);
+                let evs = common::ledger_events(&w, "ledger", batch);
                 let mut c = ings[batch % 2].clone();
                 let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
                 r.set_timeout(Duration::from_secs(10));
@@ -211,20 +194,6 @@ async fn run(
     (cluster, world, o)
 }
 
-/// Re-sends every acknowledged batch through `addr`: each event must already be logged on every
-/// live replica of its partition, so the batch comes back all duplicates.
-async fn check_ledger(addr: &str, ledger: &[Vec<pb::Event>], via: &str) {
-    let mut ing = IngestClient::new(recsys::cli::connect(addr).await.unwrap());
-    for (b, evs) in ledger.iter().enumerate() {
-        let r = ing.log_events(pb::LogEventsRequest { events: evs.clone() }).await.unwrap().into_inner();
-        assert_eq!(
-            (r.accepted, r.duplicates),
-            (0, evs.len() as u32),
-            "acknowledged batch {b} is missing on some replica (re-sent through {via})"
-        );
-    }
-}
-
 /// Waits (bounded, polling status) until every partition shows one fingerprint on all the nodes
 /// holding it: its replicas hold exactly the same ops (every op, not only the events' item ops).
 async fn replicas_converge(cluster: &Cluster, limit: Duration) {
@@ -270,8 +239,8 @@ async fn sigkill_of_one_node_loses_nothing_and_it_comes_back_caught_up() {
     let back = o.restarted_in.expect("n3 was restarted");
     println!("n3 restarted and SERVING again in {:.1} s", back.as_secs_f64());
     assert!(back < Duration::from_secs(10), "n3 took {back:?} to serve again");
-    check_ledger(&cluster.addrs[0], &o.ledger, "n1, a surviving replica").await;
-    check_ledger(&cluster.addrs[2], &o.ledger, "n3, the restarted node").await;
+    common::check_ledger(&cluster.addrs[0], &o.ledger, "n1, a surviving replica").await;
+    common::check_ledger(&cluster.addrs[2], &o.ledger, "n3, the restarted node").await;
     replicas_converge(&cluster, Duration::from_secs(30)).await;
     let mut rec = RecommenderClient::new(recsys::cli::connect(&cluster.addrs[2]).await.unwrap());
     let r = rec
@@ -287,7 +256,7 @@ async fn a_node_frozen_for_ten_seconds_is_routed_around_and_catches_up() {
     let (cluster, _world, o) = run("chaos-freeze", 2, Fault::Freeze, true, None).await;
     assert_served(&o);
     assert!(o.from_replica > 0, "while n3 was frozen some answers came from replicas, and said so");
-    check_ledger(&cluster.addrs[0], &o.ledger, "n1").await;
+    common::check_ledger(&cluster.addrs[0], &o.ledger, "n1").await;
     // n3 noticed its own freeze and catches up with its replicas: wait (bounded) for two
     // completed anti-entropy rounds after the resume, then it must hold every acknowledged write.
     let r0 = catch_up_rounds(&cluster.addrs[2]).await;
@@ -296,7 +265,7 @@ async fn a_node_frozen_for_ten_seconds_is_routed_around_and_catches_up() {
         assert!(Instant::now() < end, "n3 did not complete anti-entropy rounds after the resume");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    check_ledger(&cluster.addrs[2], &o.ledger, "n3, the resumed node").await;
+    common::check_ledger(&cluster.addrs[2], &o.ledger, "n3, the resumed node").await;
     replicas_converge(&cluster, Duration::from_secs(30)).await;
 }
 

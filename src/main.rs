@@ -418,32 +418,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cli::print_status(&s);
         }
         Cmd::Drain { addr, node, wait, wait_seconds, token } => {
-            let token = cli::token(token.as_deref())?;
-            let ch = cli::connect(&addr).await?;
-            let r = cli::admin_client(ch, &token)
-                .drain(pb::DrainRequest { node_id: node.clone() })
-                .await
-                .map_err(output::status_error)?
-                .into_inner();
-            print_change("draining", &node, &r);
-            if wait {
-                cli::wait_change(&addr, &token, &node, Duration::from_secs(wait_seconds)).await?;
-                println!("{node} drained: its partitions live on the other members");
-            }
+            membership_change(&addr, token, &node, wait, wait_seconds, true).await?
         }
         Cmd::Remove { addr, node, wait, wait_seconds, token } => {
-            let token = cli::token(token.as_deref())?;
-            let ch = cli::connect(&addr).await?;
-            let r = cli::admin_client(ch, &token)
-                .remove_node(pb::RemoveNodeRequest { node_id: node.clone() })
-                .await
-                .map_err(output::status_error)?
-                .into_inner();
-            print_change("removing", &node, &r);
-            if wait {
-                cli::wait_change(&addr, &token, &node, Duration::from_secs(wait_seconds)).await?;
-                println!("{node} removed: every partition has its replicas again");
-            }
+            membership_change(&addr, token, &node, wait, wait_seconds, false).await?
         }
         Cmd::Reload { addr, models_dir, token } => {
             let token = cli::token(token.as_deref())?;
@@ -505,6 +483,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r.clicks as f64 / r.impressions.max(1) as f64,
                 r.likes
             );
+        }
+    }
+    Ok(())
+}
+
+/// `recsys drain` (`drain`) or `recsys remove`: begins the change, then follows it with `--wait`.
+async fn membership_change(
+    addr: &str,
+    token: Option<String>,
+    node: &str,
+    wait: bool,
+    wait_seconds: u64,
+    drain: bool,
+) -> anyhow::Result<()> {
+    let token = cli::token(token.as_deref())?;
+    let mut admin = cli::admin_client(cli::connect(addr).await?, &token);
+    let node_id = node.to_string();
+    let r = if drain {
+        admin.drain(pb::DrainRequest { node_id }).await
+    } else {
+        admin.remove_node(pb::RemoveNodeRequest { node_id }).await
+    };
+    let r = r.map_err(output::status_error)?.into_inner();
+    print_change(if drain { "draining" } else { "removing" }, node, &r);
+    if wait {
+        cli::wait_change(addr, &token, node, Duration::from_secs(wait_seconds)).await?;
+        if drain {
+            println!("{node} drained: its partitions live on the other members");
+        } else {
+            println!("{node} removed: every partition has its replicas again");
         }
     }
     Ok(())

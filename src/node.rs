@@ -611,7 +611,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
 
     // Catch up with the other replicas of the partitions this node owns before serving reads of
     // them (incoming ones are streamed by the controller).
-    let own = owned_parts(&ring, &me);
+    let own = ring.owned_by(&me);
     if !fresh {
         wait_for_replicas(&transport, &own, Duration::from_millis(cfg.cluster.catch_up_wait_ms)).await;
     }
@@ -718,11 +718,6 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// The partitions a node owns (reads may go to it) under `ring`.
-fn owned_parts(ring: &Ring, node: &str) -> Vec<Part> {
-    Role::ALL.into_iter().flat_map(|r| ring.partitions_of(r, node).into_iter().map(move |p| Part::new(r, p))).collect()
-}
-
 /// A restarted node: a table newer than its persisted one, from peers (waits a bounded time for
 /// some peer to publish one; none when this node is alone or the first up).
 async fn newer_from_peers(membership: &Membership, mine: &RingSpec, wait: Duration) -> Option<RingSpec> {
@@ -789,7 +784,7 @@ async fn anti_entropy_loop(t: Arc<Transport>, every: Duration) {
     let mut full_at = Some(Instant::now() + Duration::from_secs(2));
     loop {
         // The partitions owned now (the ring changes with joins and drains).
-        let own = owned_parts(&t.ring(), &t.node_id);
+        let own = t.ring().owned_by(&t.node_id);
         let peer_changed = tokio::select! {
             _ = ticker.tick() => false,
             r = changes.changed() => r.is_ok(),

@@ -58,23 +58,6 @@ async fn wait_settled(addr: &str, members: &[&str], limit: Duration) -> pb::Clus
     }
 }
 
-fn events(world: &World, batch: usize) -> Vec<pb::Event> {
-    (0..30)
-        .map(|j| {
-            let i = (batch * 30 + j) * 11 % world.items.len();
-            pb::Event {
-                event_id: format!("scale-{batch}-{j}"),
-                user_id: world.users[(batch + j) % world.users.len()].id.clone(),
-                item_id: world.items[i].id.clone(),
-                action: if j % 3 == 0 { pb::Action::Like } else { pb::Action::Click } as i32,
-                event_time_ms: world.spec.now * 1000,
-                geo: "us".into(),
-                request_id: String::new(),
-            }
-        })
-        .collect()
-}
-
 #[derive(Default)]
 struct Outcome {
     /// (latency, sent while a membership change was in progress)
@@ -88,16 +71,6 @@ struct Outcome {
 fn p99(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v.get(((v.len() as f64 * 0.99) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or_default()
-}
-
-/// Re-sends every acknowledged batch through `addr`: each event must be logged on every live
-/// replica of its partitions already, so the batch comes back all duplicates.
-async fn check_ledger(addr: &str, ledger: &[Vec<pb::Event>]) {
-    let mut ing = IngestClient::new(recsys::cli::connect(addr).await.unwrap());
-    for (b, evs) in ledger.iter().enumerate() {
-        let r = ing.log_events(pb::LogEventsRequest { events: evs.clone() }).await.unwrap().into_inner();
-        assert_eq!((r.accepted, r.duplicates), (0, evs.len() as u32), "acknowledged batch {b} is missing somewhere");
-    }
 }
 
 /// Every partition is held by exactly two of the running nodes, with one fingerprint.
@@ -151,7 +124,7 @@ async fn three_to_five_to_three_nodes_under_load_loses_nothing() {
                 if stop.load(std::sync::atomic::Ordering::Acquire) {
                     break;
                 }
-                let evs = events(&w, batch);
+                let evs = common::ledger_events(&w, "scale", batch);
                 let mut c = ings[batch % 3].clone();
                 let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
                 r.set_timeout(Duration::from_secs(10));
@@ -273,8 +246,8 @@ async fn three_to_five_to_three_nodes_under_load_loses_nothing() {
     assert!(during.len() >= 40, "the load ran during the moves: {}", during.len());
     assert!(o.write_errors.is_empty(), "failed writes: {:?}", o.write_errors);
     assert!(o.ledger.len() >= 20, "writes went on during the moves: {}", o.ledger.len());
-    check_ledger(&cluster.addrs[0], &o.ledger).await;
-    check_ledger(&cluster.addrs[2], &o.ledger).await;
+    common::check_ledger(&cluster.addrs[0], &o.ledger, "n1").await;
+    common::check_ledger(&cluster.addrs[2], &o.ledger, "n3").await;
     replicas_identical(&cluster, Duration::from_secs(30)).await;
 }
 
@@ -287,7 +260,7 @@ async fn a_dead_node_is_removed_and_every_partition_gets_r_copies_again() {
     let mut ing = IngestClient::new(recsys::cli::connect(&cluster.addrs[0]).await.unwrap());
     let mut ledger = Vec::new();
     for b in 0..10 {
-        let evs = events(&world, b);
+        let evs = common::ledger_events(&world, "scale", b);
         ing.log_events(pb::LogEventsRequest { events: evs.clone() }).await.unwrap();
         ledger.push(evs);
     }
@@ -318,8 +291,8 @@ async fn a_dead_node_is_removed_and_every_partition_gets_r_copies_again() {
     wait_settled(&cluster.addrs[0], &["n1", "n2"], Duration::from_secs(60)).await;
     replicas_identical(&cluster, Duration::from_secs(30)).await;
     // Every acknowledged write is still there, on both remaining replicas.
-    check_ledger(&cluster.addrs[0], &ledger).await;
-    check_ledger(&cluster.addrs[1], &ledger).await;
+    common::check_ledger(&cluster.addrs[0], &ledger, "n1").await;
+    common::check_ledger(&cluster.addrs[1], &ledger, "n2").await;
 }
 
 /// Waits (bounded) until some partition is being streamed to `to`; returns its source.
@@ -348,7 +321,7 @@ async fn a_join_resumes_after_its_receiver_and_a_source_crash() {
     let mut ing = IngestClient::new(recsys::cli::connect(&cluster.addrs[0]).await.unwrap());
     let mut ledger = Vec::new();
     let mut write = |b: usize| {
-        let evs = events(&world, b);
+        let evs = common::ledger_events(&world, "scale", b);
         ledger.push(evs.clone());
         pb::LogEventsRequest { events: evs }
     };
@@ -389,6 +362,6 @@ async fn a_join_resumes_after_its_receiver_and_a_source_crash() {
     members.retain(|m| *m != source);
     wait_settled(&cluster.addrs[ingest_via], &members, Duration::from_secs(240)).await;
     replicas_identical(&cluster, Duration::from_secs(30)).await;
-    check_ledger(&cluster.addrs[n4], &ledger).await;
-    check_ledger(&cluster.addrs[ingest_via], &ledger).await;
+    common::check_ledger(&cluster.addrs[n4], &ledger, "n4, the joined node").await;
+    common::check_ledger(&cluster.addrs[ingest_via], &ledger, "a surviving member").await;
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 
-use super::{replication, MemberState, Part, Ring, RingSpec, Role};
+use super::{replication, Part, Ring, RingSpec, Role};
 use crate::store::LoggedOp;
 use crate::transport::{decode, pb, Transport};
 
@@ -181,8 +181,8 @@ impl Controller {
         }
     }
 
-    /// One round of the loop (also called by tests and at start).
-    pub async fn step(self: &Arc<Self>) {
+    /// One round of the loop.
+    async fn step(self: &Arc<Self>) {
         self.sync_ring().await;
         if self.joining.load(std::sync::atomic::Ordering::Acquire) {
             if self.t.ring().members().iter().any(|m| m == self.me()) {
@@ -241,9 +241,9 @@ impl Controller {
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
             p.streamed.retain(|part| incoming.contains(part));
         }
-        let newly: Vec<(Part, Vec<String>)> = Role::ALL
+        let newly: Vec<(Part, Vec<String>)> = ring
+            .owned_by(self.me())
             .into_iter()
-            .flat_map(|r| ring.partitions_of(r, self.me()).into_iter().map(move |p| Part::new(r, p)))
             .filter(|p| self.t.local.is_open(*p) && !self.t.local.is_ready(*p))
             .map(|p| {
                 let mut peers = previous.write_owners(p.role, p.partition);
@@ -661,10 +661,6 @@ impl Controller {
         }
         out.sort_by(|a, b| (&a.to, &a.role, a.partition).cmp(&(&b.to, &b.role, b.partition)));
         out
-    }
-
-    pub fn state_for(&self, node: &str) -> Option<MemberState> {
-        self.t.membership.member(node).map(|m| m.state)
     }
 }
 

@@ -214,6 +214,14 @@ impl Ring {
         self.owns(role, partition, node) || self.target_owners(role, partition).iter().any(|n| n == node)
     }
 
+    /// Partitions a node owns now (reads may go to it), both roles.
+    pub fn owned_by(&self, node: &str) -> Vec<Part> {
+        Role::ALL
+            .into_iter()
+            .flat_map(|role| self.partitions_of(role, node).into_iter().map(move |p| Part::new(role, p)))
+            .collect()
+    }
+
     /// Partitions a node must hold under this table: those it owns now and those it receives.
     pub fn held_by(&self, node: &str) -> Vec<Part> {
         Role::ALL

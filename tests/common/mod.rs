@@ -322,3 +322,39 @@ pub fn rss_mib(pid: u32) -> f64 {
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
+
+/// One batch of events for a ledger of acknowledged writes: 40 events with ids `{tag}-{batch}-{j}`
+/// (deterministic, so a re-sent batch is the same events).
+pub fn ledger_events(world: &recsys::world::World, tag: &str, batch: usize) -> Vec<recsys::api::pb::Event> {
+    use recsys::api::pb;
+    (0..40)
+        .map(|j| {
+            let i = (batch * 40 + j) * 7 % world.items.len();
+            pb::Event {
+                event_id: format!("{tag}-{batch}-{j}"),
+                user_id: world.users[(batch + j) % world.users.len()].id.clone(),
+                item_id: world.items[i].id.clone(),
+                action: if j % 4 == 0 { pb::Action::Like } else { pb::Action::Click } as i32,
+                event_time_ms: world.spec.now * 1000,
+                geo: "us".into(),
+                request_id: String::new(),
+            }
+        })
+        .collect()
+}
+
+/// Re-sends every acknowledged batch through `addr`: each event must already be logged on every
+/// live replica of its partition, so the batch comes back all duplicates.
+pub async fn check_ledger(addr: &str, ledger: &[Vec<recsys::api::pb::Event>], via: &str) {
+    use recsys::api::pb;
+    let ch = recsys::cli::connect(addr).await.unwrap();
+    let mut ing = pb::ingest_client::IngestClient::new(ch);
+    for (b, evs) in ledger.iter().enumerate() {
+        let r = ing.log_events(pb::LogEventsRequest { events: evs.clone() }).await.unwrap().into_inner();
+        assert_eq!(
+            (r.accepted, r.duplicates),
+            (0, evs.len() as u32),
+            "acknowledged batch {b} is missing on some replica (re-sent through {via})"
+        );
+    }
+}
