@@ -1,8 +1,11 @@
 //! Who may call what. Two credentials, both optional (a laptop cluster runs without them):
 //! - the **cluster secret** (`cluster.secret`, env `RECSYS_CLUSTER_SECRET`) guards the internal
 //!   service (`recsys.internal.v1.Internal`): a caller sends `x-recsys-auth: <unix seconds>.<hex
-//!   HMAC-SHA256(secret, "internal" ‖ from_node ‖ unix seconds)>.<from_node>`, never the secret
-//!   itself; a node accepts it within ±5 minutes of its own clock (checked in constant time).
+//!   HMAC-SHA256(secret, "internal" ‖ from_node ‖ to_node ‖ method ‖ unix seconds)>.<from_node>`,
+//!   never the secret itself; a node accepts it within ±5 minutes of its own clock (checked in
+//!   constant time), only for the method it was made for and only when addressed to this node, so
+//!   a captured header works neither for another method (a Read's header as an Apply or Stream)
+//!   nor on another node. Replies of the metadata protocol carry a MAC over their body.
 //! - the **operator token** (`cluster.operator_token`, env `RECSYS_OPERATOR_TOKEN`) guards
 //!   `recsys.v1.Ingest` and `recsys.v1.Admin`: `authorization: Bearer <token>`.
 //!
@@ -96,26 +99,70 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Clone)]
 pub struct ClusterKey(Arc<[u8]>);
 
+/// Never prints the secret.
+impl std::fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterKey(set)")
+    }
+}
+
 impl ClusterKey {
     pub fn new(secret: &str) -> Self {
         Self(Arc::from(secret.as_bytes()))
     }
 
-    fn mac(&self, from_node: &str, ts: i64) -> SimpleHmac<Sha256> {
-        let mut m = <SimpleHmac<Sha256> as Mac>::new_from_slice(&self.0).expect("hmac takes any key length");
-        m.update(b"internal");
-        m.update(from_node.as_bytes());
+    fn keyed(&self) -> SimpleHmac<Sha256> {
+        <SimpleHmac<Sha256> as Mac>::new_from_slice(&self.0).expect("hmac takes any key length")
+    }
+
+    /// Fields are separated by a 0 byte (no field holds one), so no two calls share an input.
+    fn mac(&self, from_node: &str, to_node: &str, method: &str, ts: i64) -> SimpleHmac<Sha256> {
+        let mut m = self.keyed();
+        m.update(b"internal\0");
+        for f in [from_node, to_node, method] {
+            m.update(f.as_bytes());
+            m.update(b"\0");
+        }
         m.update(ts.to_string().as_bytes());
         m
     }
 
-    /// The `x-recsys-auth` value a caller sends at `ts`.
-    pub fn header(&self, from_node: &str, ts: i64) -> String {
-        format!("{ts}.{}.{from_node}", hex(&self.mac(from_node, ts).finalize().into_bytes()))
+    /// The `x-recsys-auth` value `from_node` sends to `to_node` for `method` (the gRPC path,
+    /// `/recsys.internal.v1.Internal/Read`) at `ts`.
+    pub fn header(&self, from_node: &str, to_node: &str, method: &str, ts: i64) -> String {
+        format!("{ts}.{}.{from_node}", hex(&self.mac(from_node, to_node, method, ts).finalize().into_bytes()))
     }
 
-    /// Checks a received `x-recsys-auth` at our time `now`; returns the caller's node id.
-    pub fn verify(&self, value: Option<&str>, now: i64) -> Result<String, AuthError> {
+    /// A MAC over a reply body sent to `to_node` (metadata protocol replies).
+    pub fn sign_body(&self, to_node: &str, body: &[u8]) -> Vec<u8> {
+        let mut m = self.keyed();
+        m.update(b"reply\0");
+        m.update(to_node.as_bytes());
+        m.update(b"\0");
+        m.update(body);
+        m.finalize().into_bytes().to_vec()
+    }
+
+    /// The signature of one gossiped value (a node's key/value under its id and generation):
+    /// 16 bytes of HMAC, hex. A participant without the secret cannot publish a value peers
+    /// believe, nor move a signed value to another node id or generation.
+    pub fn sign_gossip(&self, node: &str, generation: u64, key: &str, value: &str) -> String {
+        let mut m = self.keyed();
+        m.update(b"gossip\0");
+        for f in [node, &generation.to_string(), key, value] {
+            m.update(f.as_bytes());
+            m.update(b"\0");
+        }
+        hex(&m.finalize().into_bytes()[..16])
+    }
+
+    pub fn verify_body(&self, to_node: &str, body: &[u8], tag: &[u8]) -> bool {
+        ct_eq(&self.sign_body(to_node, body), tag)
+    }
+
+    /// Checks a received `x-recsys-auth` for a call of `method` to this node (`me`) at our
+    /// time `now`; returns the caller's node id.
+    pub fn verify(&self, value: Option<&str>, me: &str, method: &str, now: i64) -> Result<String, AuthError> {
         let v = value.ok_or(AuthError::MissingInternal)?;
         let mut it = v.splitn(3, '.');
         let (Some(ts), Some(tag), Some(node)) = (it.next(), it.next(), it.next()) else {
@@ -131,7 +178,9 @@ impl ClusterKey {
             return Err(AuthError::Skew { node: node.to_string(), skew });
         }
         // verify_slice compares in constant time.
-        self.mac(node, ts).verify_slice(&tag).map_err(|_| AuthError::WrongSecret { node: node.to_string() })?;
+        self.mac(node, me, method, ts)
+            .verify_slice(&tag)
+            .map_err(|_| AuthError::WrongSecret { node: node.to_string() })?;
         Ok(node.to_string())
     }
 }
@@ -139,24 +188,37 @@ impl ClusterKey {
 /// Client side of internal calls: signs each call with the cluster secret (no-op without one).
 /// One pointer wide: it sits in every peer client.
 #[derive(Clone)]
-pub struct InternalAuth(Option<Arc<(ClusterKey, String)>>);
+pub struct InternalAuth(Option<Arc<(ClusterKey, String, String)>>);
 
 impl InternalAuth {
     pub fn new(key: Option<ClusterKey>, from_node: &str) -> Self {
-        Self(key.map(|k| Arc::new((k, from_node.to_string()))))
+        Self(key.map(|k| Arc::new((k, from_node.to_string(), String::new()))))
     }
 
     pub fn none() -> Self {
         Self(None)
+    }
+
+    /// The same credentials for calls to `to_node` (the receiver is covered by the MAC).
+    pub fn to(&self, to_node: &str) -> Self {
+        Self(self.0.as_ref().map(|a| Arc::new((a.0.clone(), a.1.clone(), to_node.to_string()))))
     }
 }
 
 impl tonic::service::Interceptor for InternalAuth {
     fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
         if let Some(a) = &self.0 {
-            let (k, from) = &**a;
-            let v: AsciiMetadataValue =
-                k.header(from, unix_now()).parse().map_err(|_| Status::internal("node id is not header-safe ASCII"))?;
+            let (k, from, to) = &**a;
+            // The generated client names the method in the request's extensions.
+            let method = r
+                .extensions()
+                .get::<tonic::GrpcMethod>()
+                .map(|m| format!("/{}/{}", m.service(), m.method()))
+                .ok_or_else(|| Status::internal("internal call without a method name"))?;
+            let v: AsciiMetadataValue = k
+                .header(from, to, &method, unix_now())
+                .parse()
+                .map_err(|_| Status::internal("node id is not header-safe ASCII"))?;
             r.metadata_mut().insert(INTERNAL_HEADER, v);
         }
         Ok(r)
@@ -202,8 +264,9 @@ impl tonic::service::Interceptor for OperatorToken {
 
 /// What a guarded service requires.
 pub enum Check {
-    /// The cluster secret's MAC (None: no secret configured, every call accepted).
-    Internal(Option<ClusterKey>),
+    /// The cluster secret's MAC on calls to this node `me` (None: no secret configured, every
+    /// call accepted).
+    Internal(Option<ClusterKey>, String),
     /// The operator token (None: no token configured, every call accepted).
     Operator(Option<Vec<u8>>),
 }
@@ -212,10 +275,10 @@ impl Check {
     /// `path` is the gRPC path (`/recsys.v1.Admin/ClusterStatus`).
     pub fn verify(&self, headers: &http::HeaderMap, path: &str) -> Result<(), AuthError> {
         match self {
-            Check::Internal(None) | Check::Operator(None) => Ok(()),
-            Check::Internal(Some(k)) => {
+            Check::Internal(None, _) | Check::Operator(None) => Ok(()),
+            Check::Internal(Some(k), me) => {
                 let v = headers.get(INTERNAL_HEADER).map(|v| v.to_str().unwrap_or(""));
-                k.verify(v, unix_now()).map(|_| ())
+                k.verify(v, me, path, unix_now()).map(|_| ())
             }
             Check::Operator(Some(token)) => {
                 let method = path.trim_start_matches('/').trim_start_matches("recsys.v1.").to_string();
@@ -235,7 +298,7 @@ impl Check {
 
     fn label(&self) -> &'static str {
         match self {
-            Check::Internal(_) => "internal",
+            Check::Internal(..) => "internal",
             Check::Operator(_) => "operator",
         }
     }
@@ -292,20 +355,30 @@ mod tests {
     fn internal_mac_round_trip_and_refusals() {
         let k = ClusterKey::new("s3cret");
         let now = 1_700_000_000;
-        let h = k.header("n1", now);
+        let read = "/recsys.internal.v1.Internal/Read";
+        let h = k.header("n1", "n2", read, now);
         assert!(!h.contains("s3cret"));
-        assert_eq!(k.verify(Some(&h), now + 10).unwrap(), "n1");
-        assert_eq!(k.verify(None, now), Err(AuthError::MissingInternal));
-        assert_eq!(k.verify(Some("garbage"), now), Err(AuthError::Malformed));
+        assert_eq!(k.verify(Some(&h), "n2", read, now + 10).unwrap(), "n1");
+        assert_eq!(k.verify(None, "n2", read, now), Err(AuthError::MissingInternal));
+        assert_eq!(k.verify(Some("garbage"), "n2", read, now), Err(AuthError::Malformed));
         let far = format!("{}.00.n1", i64::MIN);
-        assert!(matches!(k.verify(Some(&far), now), Err(AuthError::Skew { .. })));
-        assert!(matches!(k.verify(Some(&h), now + 301), Err(AuthError::Skew { .. })));
-        assert!(matches!(k.verify(Some(&h), now - 301), Err(AuthError::Skew { .. })));
-        let other = ClusterKey::new("other").header("n1", now);
-        assert!(matches!(k.verify(Some(&other), now), Err(AuthError::WrongSecret { .. })));
+        assert!(matches!(k.verify(Some(&far), "n2", read, now), Err(AuthError::Skew { .. })));
+        assert!(matches!(k.verify(Some(&h), "n2", read, now + 301), Err(AuthError::Skew { .. })));
+        assert!(matches!(k.verify(Some(&h), "n2", read, now - 301), Err(AuthError::Skew { .. })));
+        let other = ClusterKey::new("other").header("n1", "n2", read, now);
+        assert!(matches!(k.verify(Some(&other), "n2", read, now), Err(AuthError::WrongSecret { .. })));
         // The node id is covered by the MAC: a header replayed under another name fails.
         let forged = h.replace(".n1", ".n2");
-        assert!(matches!(k.verify(Some(&forged), now), Err(AuthError::WrongSecret { .. })));
+        assert!(matches!(k.verify(Some(&forged), "n2", read, now), Err(AuthError::WrongSecret { .. })));
+        // So are the method and the receiver: a captured Read header is no Apply or Stream,
+        // and it is refused by any other node.
+        for m in ["/recsys.internal.v1.Internal/Apply", "/recsys.internal.v1.Internal/Stream"] {
+            assert!(matches!(k.verify(Some(&h), "n2", m, now), Err(AuthError::WrongSecret { .. })));
+        }
+        assert!(matches!(k.verify(Some(&h), "n3", read, now), Err(AuthError::WrongSecret { .. })));
+        let tag = k.sign_body("n1", b"body");
+        assert!(k.verify_body("n1", b"body", &tag));
+        assert!(!k.verify_body("n1", b"bodY", &tag) && !k.verify_body("n3", b"body", &tag));
     }
 
     #[test]

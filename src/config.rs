@@ -79,6 +79,11 @@ pub struct ClusterConfig {
     pub move_bytes_per_sec: u64,
     /// Bytes of op log per streamed chunk.
     pub move_chunk_bytes: u32,
+    /// Cassandra's `consistent.rangemovement`: a partition's new copy is complete only when it
+    /// holds every op of every previous owner that was not removed, so a move waits for a down
+    /// previous owner. `false` lets moves complete without it (logged and counted in
+    /// `recsys_inconsistent_moves_total`): acknowledged writes only that owner holds can be lost.
+    pub consistent_range_movement: bool,
     /// When set, every Ingest and Admin call needs `authorization: Bearer <token>`. Empty: open.
     /// Env: RECSYS_OPERATOR_TOKEN.
     pub operator_token: String,
@@ -257,6 +262,7 @@ impl Default for ClusterConfig {
             move_concurrency: 2,
             move_bytes_per_sec: 32 * 1024 * 1024,
             move_chunk_bytes: 1024 * 1024,
+            consistent_range_movement: true,
             operator_token: String::new(),
         }
     }

@@ -213,6 +213,9 @@ mod tests {
     #[test]
     fn an_event_far_in_the_future_wipes_no_window() {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        // Mid-hour, so `now - 60` and `now` share an hour bucket whenever the test runs (run in
+        // the first minute of an hour it failed).
+        let now = now - now.rem_euclid(3600) + 1800;
         let mut c = vec![0u32; WIDTH];
         let mut r = HourRing::default();
         add(&mut c, now - 60, 3);

@@ -17,6 +17,7 @@ use crate::api::recommender::RecommenderService;
 use crate::auth::Guard;
 use crate::cluster::changes::{Controller, MoveSettings, PartitionCmd};
 use crate::cluster::membership::MembershipSettings;
+use crate::cluster::metalog::{Entry as MetaEntry, MetaLog};
 use crate::cluster::{replication, MemberState, Membership, Part, Ring, RingSpec, Role};
 use crate::config::Config;
 use crate::features::shard::{FeatureShard, FeatureShardArgs, FeatureShardState};
@@ -393,13 +394,28 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         .map_err(|e| err(e.to_string()))?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let max_msg = 64 * 1024 * 1024;
-    let internal = InternalService { transport: handles.transport.clone(), pipeline: handles.pipeline.clone() };
     // Internal calls need the cluster secret's MAC; Ingest and Admin the operator token (when
     // configured). Recommender, health and reflection stay open.
     let cluster_key = crate::auth::cluster_secret(&cfg).map(|s| crate::auth::ClusterKey::new(&s));
+    let meta_cell: Arc<OnceLock<Arc<MetaLog>>> = Arc::new(OnceLock::new());
+    let internal = InternalService {
+        transport: handles.transport.clone(),
+        pipeline: handles.pipeline.clone(),
+        meta: meta_cell.clone(),
+        key: cluster_key.clone(),
+    };
     let token = crate::auth::operator_token(&cfg);
     if token.as_deref().is_some_and(|t| !t.chars().all(|c| c.is_ascii_graphic())) {
         return Err(err("RECSYS_OPERATOR_TOKEN must be printable ASCII without spaces".into()));
+    }
+    if token.is_some() && cluster_key.is_none() {
+        // The token guards Ingest and Admin; without the secret the internal API (which can
+        // stream, write and page every partition) would stay open beside it.
+        return Err(err(
+            "refusing to start: an operator token is set but no cluster secret (cluster.secret or \
+             RECSYS_CLUSTER_SECRET): the internal API would be open to anyone who can reach the port"
+                .into(),
+        ));
     }
     if token.is_none() {
         tracing::info!("cluster.operator_token is empty: Ingest and Admin calls are not authenticated");
@@ -433,7 +449,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             ipb::internal_server::InternalServer::new(internal)
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(max_msg),
-            crate::auth::Check::Internal(cluster_key.clone()),
+            crate::auth::Check::Internal(cluster_key.clone(), me.clone()),
         )));
     let mut rx = shutdown_rx.clone();
     // Small replies on a persistent connection: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
@@ -457,6 +473,9 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         }
         None => local,
     };
+    for seed in &cfg.node.seeds {
+        check_seed(seed).await?;
+    }
     let membership = Membership::start(
         MembershipSettings {
             node_id: me.clone(),
@@ -467,71 +486,83 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             gossip_interval: Duration::from_millis(cfg.cluster.gossip_interval_ms),
             phi_threshold: cfg.cluster.phi_threshold,
             flap_debounce: Duration::from_millis(cfg.cluster.flap_debounce_ms),
+            key: cluster_key.clone(),
         },
         MemberState::Joining,
     )
     .await
     .map_err(|e| err(e.to_string()))?;
 
-    // The ring: the persisted joined set when this node has one, else the first ring over the
-    // initial nodes once they have all joined.
+    // The ring: the end of the metadata log (cluster/metalog.rs). A node with a persisted log
+    // first has a majority of the members confirm it (a node removed while it was away learns it
+    // here, whatever the time it takes); a joining node learns the log from its seeds; the first
+    // start of a cluster forms the genesis ring over the initial nodes.
     let table = cfg.node.data_dir.join("cluster.json");
-    let persisted = RingSpec::load(&table).map_err(|e| err(e.to_string()))?;
-    // A ring formed just now: its members have all joined already, so there is nobody to wait for
-    // (a member whose data dir was wiped still pulls its partitions from the others below).
-    let fresh = persisted.is_none() && !cfg.cluster.join;
+    let meta_path = cfg.node.data_dir.join("meta.json");
+    // A data dir from before the metadata log: its table becomes the genesis.
+    let legacy = if meta_path.exists() { None } else { RingSpec::load(&table).map_err(|e| err(e.to_string()))? };
+    let fresh = !meta_path.exists() && legacy.is_none() && !cfg.cluster.join;
     let mut joining = false;
-    let spec = match persisted {
-        Some(s) => {
-            tracing::info!(epoch = s.epoch, members = %s.members.join(","), "rejoining with the persisted ring");
-            let c = &cfg.cluster;
-            if s.partitions != c.partitions_per_role
-                || s.replication != c.replication_factor
-                || s.vnodes != c.virtual_nodes
-            {
-                tracing::warn!(
-                    persisted_partitions = s.partitions,
-                    persisted_replication = s.replication,
-                    persisted_vnodes = s.vnodes,
-                    "the config's cluster placement keys differ from the persisted ring; the persisted ring is used \
-                     (changing placement is a re-sharding, not a restart)"
-                );
-            }
-            // The cluster may have changed while this node was away: take a newer table first.
-            let s = match newer_from_peers(&membership, &s, Duration::from_millis(cfg.cluster.catch_up_wait_ms)).await {
-                Some(n) => {
-                    tracing::info!(epoch = n.epoch, members = %n.members.join(","), "the cluster moved on meanwhile: using its newer ring");
-                    n.save(&table).map_err(|e| err(e.to_string()))?;
-                    n
-                }
-                None => s,
-            };
-            joining = !s.members.contains(&me) && s.target.as_ref().is_some_and(|t| t.contains(&me));
-            if !s.members.contains(&me) && !joining {
-                return Err(err(format!(
-                    "this node `{me}` was removed from the cluster (ring epoch {}); to join again, start it with an \
-                     empty data dir and --join",
-                    s.epoch
-                )));
-            }
-            s
+    let meta = match MetaLog::open(&me, &meta_path, legacy, cluster_key.clone()).map_err(|e| err(e.to_string()))? {
+        Some(m) => {
+            let _ = meta_cell.set(m.clone());
+            let weak = Arc::downgrade(&membership);
+            m.set_gossip_addr(move |n| weak.upgrade().and_then(|g| g.addr_of(n)));
+            let s = m.ring();
+            tracing::info!(epoch = s.epoch, index = m.last(), members = %s.members.join(","), "rejoining with the persisted metadata log");
+            m.confirm_with_quorum().await;
+            m
         }
         None if cfg.cluster.join => {
             joining = true;
-            let s = ring_from_cluster(&membership).await;
-            s.save(&table).map_err(|e| err(e.to_string()))?;
-            tracing::info!(epoch = s.epoch, members = %s.members.join(","), "joining the running cluster");
-            s
+            let m = MetaLog::learn_from_seeds(&me, &meta_path, &cfg.node.seeds, cluster_key.clone())
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let _ = meta_cell.set(m.clone());
+            let weak = Arc::downgrade(&membership);
+            m.set_gossip_addr(move |n| weak.upgrade().and_then(|g| g.addr_of(n)));
+            tracing::info!(epoch = m.ring().epoch, "joining the running cluster");
+            m
         }
         None => {
-            let s = form_ring(&cfg, &membership).await;
-            s.save(&table).map_err(|e| err(e.to_string()))?;
-            tracing::info!(epoch = s.epoch, members = %s.members.join(","), digest = %s.digest(), "formed the first ring");
-            s
+            let g = form_ring(&cfg, &membership).await;
+            let m = MetaLog::open(&me, &meta_path, Some(g.clone()), cluster_key.clone())
+                .map_err(|e| err(e.to_string()))?
+                .ok_or_else(|| err("metadata log: no genesis".into()))?;
+            let _ = meta_cell.set(m.clone());
+            let weak = Arc::downgrade(&membership);
+            m.set_gossip_addr(move |n| weak.upgrade().and_then(|g| g.addr_of(n)));
+            tracing::info!(epoch = g.epoch, members = %g.members.join(","), digest = %g.digest(), "formed the first ring");
+            m
         }
     };
+    let spec = meta.ring();
+    {
+        let c = &cfg.cluster;
+        if spec.partitions != c.partitions_per_role || spec.replication != c.replication_factor || spec.vnodes != c.virtual_nodes
+        {
+            tracing::warn!(
+                persisted_partitions = spec.partitions,
+                persisted_replication = spec.replication,
+                persisted_vnodes = spec.vnodes,
+                "the config's cluster placement keys differ from the cluster's ring; the ring is used \
+                 (changing placement is a re-sharding, not a restart)"
+            );
+        }
+    }
+    if !joining {
+        joining = !spec.members.contains(&me) && spec.target.as_ref().is_some_and(|t| t.contains(&me));
+        if !spec.members.contains(&me) && !joining {
+            return Err(err(format!(
+                "this node `{me}` was removed from the cluster (ring epoch {}, decided in the metadata log); to join \
+                 again, start it with an empty data dir and --join",
+                spec.epoch
+            )));
+        }
+    }
+    spec.save(&table).map_err(|e| err(e.to_string()))?;
     let ring = Arc::new(Ring::from_spec(spec));
-    membership.set_ring(ring.epoch, &ring.digest, &serde_json::to_string(&ring.spec).unwrap_or_default()).await;
+    membership.set_ring(ring.epoch, &ring.digest, meta.last()).await;
     metrics::gauge!("recsys_ring_epoch").set(ring.epoch as f64);
 
     // Load: open sled, replay this node's partitions one at a time.
@@ -605,6 +636,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let transport = Arc::new(
         Transport::new(me.clone(), ring.clone(), local_parts.clone(), membership.clone())
             .with_cluster_key(cluster_key)
+            .with_meta(meta.clone())
             .with_hedging(cfg.serving.hedge_max_ratio, Duration::from_millis(cfg.serving.hedge_min_delay_ms)),
     );
     let _ = handles.transport.set(transport.clone());
@@ -622,16 +654,22 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     }
     let controller = Controller::new(
         transport.clone(),
+        meta.clone(),
         partition_cmds,
         table.clone(),
         MoveSettings {
             concurrency: cfg.cluster.move_concurrency,
             bytes_per_sec: cfg.cluster.move_bytes_per_sec,
             chunk_bytes: cfg.cluster.move_chunk_bytes,
+            consistent: cfg.cluster.consistent_range_movement,
         },
         joining,
     );
     let mut removed = controller.removed.subscribe();
+    if !cfg.cluster.consistent_range_movement {
+        tracing::warn!("cluster.consistent_range_movement = false: moves complete without down previous owners (acknowledged writes they alone hold can be lost)");
+    }
+    let addr_task = tokio::spawn(register_address(meta.clone(), me.clone(), advertise.to_string()));
     let controller_task = tokio::spawn(controller.clone().run());
 
     let pool = match &manifest {
@@ -697,6 +735,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     }
     anti_entropy.abort();
     controller_task.abort();
+    addr_task.abort();
     membership.set_state(MemberState::Leaving).await;
     for s in services {
         health.set_service_status(s, tonic_health::ServingStatus::NotServing).await;
@@ -718,34 +757,45 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// A restarted node: a table newer than its persisted one, from peers (waits a bounded time for
-/// some peer to publish one; none when this node is alone or the first up).
-async fn newer_from_peers(membership: &Membership, mine: &RingSpec, wait: Duration) -> Option<RingSpec> {
-    let end = Instant::now() + wait;
-    let mut changes = membership.subscribe();
+/// A seed must be `host:port` and resolve (a name may take a moment to appear in DNS): a node
+/// with a seed it cannot use refuses to start naming it, instead of serving as a cluster of one.
+async fn check_seed(seed: &str) -> Result<(), NodeError> {
+    let bad = |why: &str| NodeError::Startup(format!("refusing to start: seed `{seed}` {why}"));
+    let (host, port) = seed.rsplit_once(':').ok_or_else(|| bad("is not host:port"))?;
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| bad("has no valid port"))?;
+    let end = Instant::now() + Duration::from_secs(10);
     loop {
-        let any_peer =
-            membership.members().iter().any(|m| m.live && m.node_id != membership.node_id && !m.ring_spec.is_empty());
-        if any_peer || Instant::now() >= end {
-            return crate::cluster::changes::newest_in_gossip(membership, Some(mine));
+        match tokio::net::lookup_host(seed).await.map(|mut a| a.next()) {
+            Ok(Some(_)) => return Ok(()),
+            other if Instant::now() >= end => {
+                let why = other.err().map(|e| e.to_string()).unwrap_or_else(|| "no address".into());
+                return Err(bad(&format!("does not resolve: {why}")));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
         }
-        let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
     }
 }
 
-/// A joining node: the table the running cluster publishes (waits until a peer publishes one).
-async fn ring_from_cluster(membership: &Membership) -> RingSpec {
-    let mut changes = membership.subscribe();
-    let mut last_log = Instant::now();
-    loop {
-        if let Some(s) = crate::cluster::changes::newest_in_gossip(membership, None) {
-            return s;
+/// Records this node's internal address in the metadata log (once, and again when it changes),
+/// so peers reach a member at the address the log holds, never one a gossip entry claims.
+async fn register_address(meta: Arc<MetaLog>, me: String, addr: String) {
+    for attempt in 0..600u32 {
+        let ring = meta.ring();
+        let involved = ring.members.contains(&me) || ring.target.as_ref().is_some_and(|t| t.contains(&me));
+        if meta.logged_addr(&me).as_deref() == Some(addr.as_str()) {
+            return;
         }
-        if last_log.elapsed() > Duration::from_secs(5) {
-            tracing::info!("waiting for the seeds to publish the cluster's ring");
-            last_log = Instant::now();
+        if involved {
+            match meta.propose(MetaEntry::Addr { node: me.clone(), addr: addr.clone() }, &format!("address of {me}")).await
+            {
+                Ok(_) => continue,
+                Err(e) => tracing::debug!(attempt, error = %e, "address not recorded yet"),
+            }
         }
-        let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -58,6 +58,7 @@ async fn rig(name: &str, scorers: Option<Arc<ScorerPool>>) -> Rig {
         gossip_interval: Duration::from_millis(100),
         phi_threshold: 6.0,
         flap_debounce: Duration::from_millis(300),
+        key: None,
     };
     let membership = Membership::start(settings, MemberState::Serving).await.unwrap();
     let local = Arc::new(LocalPartitions::new("n1".into(), parts, store.clone()));

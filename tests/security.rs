@@ -95,7 +95,9 @@ async fn secret_and_operator_token_guard_a_three_node_cluster() {
     let e = internal.digests(with_header(digests_request(), None)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("cluster secret"), "{}", e.message());
-    let wrong = ClusterKey::new("not-the-secret").header("n2", unix_now());
+    const DIGESTS: &str = "/recsys.internal.v1.Internal/Digests";
+    const READ: &str = "/recsys.internal.v1.Internal/Read";
+    let wrong = ClusterKey::new("not-the-secret").header("n2", "n1", DIGESTS, unix_now());
     let e = internal.digests(with_header(digests_request(), Some(wrong))).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("another cluster secret"), "{}", e.message());
@@ -103,13 +105,20 @@ async fn secret_and_operator_token_guard_a_three_node_cluster() {
     let e = internal.read(with_header(read.clone(), None)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     // A header signed long ago (or by a clock far off) is refused too.
-    let stale = ClusterKey::new(SECRET).header("n2", unix_now() - 3600);
+    let stale = ClusterKey::new(SECRET).header("n2", "n1", READ, unix_now() - 3600);
     let e = internal.read(with_header(read.clone(), Some(stale))).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     // With the right secret the call gets past authentication and is answered.
-    let right = ClusterKey::new(SECRET).header("n2", unix_now());
-    let r = internal.digests(with_header(digests_request(), Some(right))).await;
+    let right = ClusterKey::new(SECRET).header("n2", "n1", DIGESTS, unix_now());
+    let r = internal.digests(with_header(digests_request(), Some(right.clone()))).await;
     assert!(r.is_ok(), "the right secret is accepted: {r:?}");
+    // The MAC binds the method and the receiver: a captured Digests header is refused as a
+    // Read (or Apply, Stream), and by another node.
+    let e = internal.read(with_header(read.clone(), Some(right.clone()))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "another method: {e:?}");
+    let mut internal2 = InternalClient::new(recsys::cli::connect(&cluster.addrs[1]).await.unwrap());
+    let e = internal2.digests(with_header(digests_request(), Some(right))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "another receiver: {e:?}");
 
     // (c) Admin and Ingest need the operator token.
     let ch1 = recsys::cli::connect(&cluster.addrs[0]).await.unwrap();
@@ -164,7 +173,8 @@ async fn secret_and_operator_token_guard_a_three_node_cluster() {
     // Every node has seen its peers' calls and refused none of them (only our probes above, on n1).
     for (i, m) in cluster.metrics.iter().enumerate() {
         let refused = metric(m, "recsys_auth_failures_total", "credential=\"internal\"");
-        let expected = if i == 0 { 4.0 } else { 0.0 };
+        // n1: the five probes above; n2: the Digests header made for n1.
+        let expected = [5.0, 1.0, 0.0][i];
         assert_eq!(refused, expected, "n{}: internal calls refused", i + 1);
     }
 

@@ -331,6 +331,8 @@ async fn change(st: &AdminState, c: Change) -> Result<Response<pb::MembershipCha
         ChangeError::Refused(_) => Status::failed_precondition(e.to_string()),
         ChangeError::Invalid(_) => Status::invalid_argument(e.to_string()),
         ChangeError::Internal(_) => Status::internal(e.to_string()),
+        ChangeError::Conflict(_) => Status::failed_precondition(e.to_string()),
+        ChangeError::NoQuorum(_) => Status::unavailable(e.to_string()),
     })?;
     let ring = crate::cluster::Ring::from_spec(spec.clone());
     let moving = ring.target_members().iter().map(|n| ring.incoming(n).len() as u32).sum();

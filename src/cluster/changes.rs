@@ -1,8 +1,9 @@
 //! Membership changes while traffic flows: join, drain, remove, and the partition moves they
 //! cause (Cassandra's bootstrap / decommission / removenode, Qdrant's shard transfer).
 //!
-//! Every node runs one `Controller`. A change is two ring steps, each spread by gossip (the
-//! newest spec wins everywhere; see `ring`):
+//! Every node runs one `Controller`. A change is two ring steps, each an entry of the cluster
+//! metadata log (`metalog`: decided once, in one order, by a majority of the members; gossip
+//! decides nothing here):
 //! 1. **begin** (epoch + 1): a target member set beside the current one. Reads keep going to the
 //!    current owners; writes go to current and new owners. Each new owner opens its incoming
 //!    partitions empty and, once every live node runs this table (so every coordinator sends it
@@ -10,10 +11,16 @@
 //!    most `move_concurrency` at once and `move_bytes_per_sec`), then runs one anti-entropy
 //!    round against the current owners for anything written around the stream. It then publishes
 //!    the partition as done.
-//! 2. **commit** (epoch + 1): when every new owner has published all its partitions done, the
-//!    lowest-id live node commits (any node computes the same spec, so two committers agree). The
-//!    new owners' partitions become readable; the old owners drop what they no longer own once
-//!    every live node runs the committed table. A drained node, owning nothing, then stops.
+//!    A stream is complete only when the new copy also holds every op of every previous owner
+//!    that was not removed (Cassandra's consistent range movement): a move whose previous owner
+//!    is down waits for it, unless the operator set `cluster.consistent_range_movement = false`
+//!    (logged and counted).
+//! 2. **commit** (epoch + 1): when every new owner answers (over the authenticated internal API,
+//!    not gossip) that it holds all its partitions, the lowest-id live node proposes the commit.
+//!    The new owners' partitions become readable. An old owner drops a copy only after every new
+//!    owner has confirmed it holds every op of that copy (ops it lacks are pushed to it first),
+//!    so a de-owned copy holding the only replica of an acknowledged write hands it over before
+//!    it goes. A drained node, owning nothing, then stops.
 //!
 //! Everything is derived from the persisted spec and the gossiped progress, so a crash of any
 //! node involved resumes: a restarted new owner streams again from the start (ops are
@@ -26,6 +33,7 @@ use std::time::{Duration, Instant};
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 
+use super::metalog::{Entry, MetaError, MetaLog, MetaMsg, MetaReply};
 use super::{replication, Part, Ring, RingSpec, Role};
 use crate::store::LoggedOp;
 use crate::transport::{decode, pb, Transport};
@@ -40,6 +48,22 @@ pub enum ChangeError {
     Invalid(String),
     #[error("{0}")]
     Internal(String),
+    /// Another change won the metadata log's slot.
+    #[error("{0}")]
+    Conflict(String),
+    /// No majority of the members answered: this side of a partition cannot change the ring.
+    #[error("{0}")]
+    NoQuorum(String),
+}
+
+impl From<MetaError> for ChangeError {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::Conflict { .. } => ChangeError::Conflict(e.to_string()),
+            MetaError::NoQuorum(_) => ChangeError::NoQuorum(e.to_string()),
+            other => ChangeError::Internal(other.to_string()),
+        }
+    }
 }
 
 /// Opens and closes partitions on this node (the partition supervisor).
@@ -56,6 +80,9 @@ pub struct MoveSettings {
     pub concurrency: usize,
     pub bytes_per_sec: u64,
     pub chunk_bytes: u32,
+    /// Cassandra's `consistent.rangemovement`: a new copy waits for every previous owner that
+    /// was not removed. Off only by an explicit operator setting (logged and counted).
+    pub consistent: bool,
 }
 
 /// One move in progress, as published by gossip and shown by status.
@@ -113,10 +140,15 @@ struct Progress {
     /// When a failed stream may be tried again, and how many times it failed (picks the next
     /// source in turn).
     retry_at: HashMap<Part, (Instant, usize)>,
+    /// The epoch `streamed` belongs to (what `MoveStatus` answers for).
+    epoch: u64,
+    /// When a copy whose hand-off failed may be tried again.
+    handoff_at: HashMap<Part, Instant>,
 }
 
 pub struct Controller {
     t: Arc<Transport>,
+    meta: Arc<MetaLog>,
     partitions: ActorRef<PartitionCmd>,
     table: PathBuf,
     settings: MoveSettings,
@@ -137,14 +169,16 @@ pub struct Controller {
 impl Controller {
     pub fn new(
         t: Arc<Transport>,
+        meta: Arc<MetaLog>,
         partitions: ActorRef<PartitionCmd>,
         table: PathBuf,
         settings: MoveSettings,
         joining: bool,
     ) -> Arc<Self> {
         let (removed, _) = tokio::sync::watch::channel(false);
-        Arc::new(Self {
+        let c = Arc::new(Self {
             throttle: Throttle::new(settings.bytes_per_sec),
+            meta: meta.clone(),
             t,
             partitions,
             table,
@@ -155,7 +189,15 @@ impl Controller {
             last_load: Mutex::new(Instant::now() - Duration::from_secs(60)),
             wake: tokio::sync::Notify::new(),
             adopting: tokio::sync::Mutex::new(()),
-        })
+        });
+        // A committer asks this node, over the authenticated API, what it holds complete.
+        let weak = Arc::downgrade(&c);
+        meta.set_move_status(move |epoch| {
+            let c = weak.upgrade()?;
+            let p = c.progress.lock().unwrap_or_else(|e| e.into_inner());
+            (p.epoch == epoch).then(|| p.streamed.iter().copied().collect())
+        });
+        c
     }
 
     fn me(&self) -> &str {
@@ -165,12 +207,14 @@ impl Controller {
     /// The loop: adopt newer tables, open and drop partitions, run moves, commit, publish.
     pub async fn run(self: Arc<Self>) {
         let mut changes = self.t.membership.subscribe();
+        let mut grown = self.meta.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = changes.changed() => {}
+                _ = grown.changed() => {}
                 _ = self.t.ring_changed.notified() => {}
                 _ = self.wake.notified() => {}
             }
@@ -183,6 +227,7 @@ impl Controller {
 
     /// One round of the loop.
     async fn step(self: &Arc<Self>) {
+        self.sync_log().await;
         self.sync_ring().await;
         if self.joining.load(std::sync::atomic::Ordering::Acquire) {
             if self.t.ring().members().iter().any(|m| m == self.me()) {
@@ -197,17 +242,33 @@ impl Controller {
         self.publish().await;
     }
 
-    /// The newest table any live node publishes, when newer than this node's.
-    pub fn newest_gossiped(&self) -> Option<RingSpec> {
-        newest_in_gossip(&self.t.membership, Some(&self.t.ring().spec))
-    }
-
+    /// Adopts the ring the metadata log ends with, when newer than the one in effect.
     async fn sync_ring(&self) {
-        if let Some(spec) = self.newest_gossiped() {
+        let spec = self.meta.ring();
+        if spec.epoch > self.t.ring().epoch {
             tracing::info!(epoch = spec.epoch, members = %spec.members.join(","),
-                target = %spec.target.as_ref().map(|t| t.join(",")).unwrap_or_default(), "adopting a newer ring");
+                target = %spec.target.as_ref().map(|t| t.join(",")).unwrap_or_default(), "adopting the ring decided in the metadata log");
             if let Err(e) = self.adopt(spec).await {
                 tracing::warn!(error = %e, "could not adopt the newer ring");
+            }
+        }
+    }
+
+    /// Reads the metadata log from members whose gossip hints at a longer one (the decision is
+    /// also pushed to every node when made; this catches up a node that missed it). Only ring
+    /// members and target members are asked, at the log's addresses: a gossip participant
+    /// outside the ring is never read from.
+    pub async fn sync_log(&self) {
+        let mine = self.meta.last();
+        let ring = self.t.ring();
+        let involved: BTreeSet<&String> = ring.members().iter().chain(ring.target_members()).collect();
+        for m in self.t.membership.members() {
+            if m.meta_index > mine && m.live && involved.contains(&m.node_id) && m.node_id != self.me() {
+                if let Err(e) = self.meta.read_from(&m.node_id, None).await {
+                    tracing::debug!(peer = %m.node_id, error = %e, "reading the metadata log failed");
+                } else {
+                    break;
+                }
             }
         }
     }
@@ -240,6 +301,7 @@ impl Controller {
         {
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
             p.streamed.retain(|part| incoming.contains(part));
+            p.epoch = ring.epoch;
         }
         let newly: Vec<(Part, Vec<String>)> = ring
             .owned_by(self.me())
@@ -263,18 +325,18 @@ impl Controller {
             }
         }
         metrics::gauge!("recsys_ring_epoch").set(ring.epoch as f64);
-        let json = serde_json::to_string(&ring.spec).unwrap_or_default();
-        self.t.membership.set_ring(ring.epoch, &ring.digest, &json).await;
+        self.t.membership.set_ring(ring.epoch, &ring.digest, self.meta.last()).await;
         Ok(())
     }
 
     /// Every live node runs at least this node's epoch: nobody routes by an older table.
     fn all_live_caught_up(&self, ring: &Ring) -> bool {
+        let involved: BTreeSet<&String> = ring.members().iter().chain(ring.target_members()).collect();
         self.t
             .membership
             .members()
             .iter()
-            .filter(|m| m.live)
+            .filter(|m| m.live && involved.contains(&m.node_id))
             .all(|m| m.ring_epoch > ring.epoch || (m.ring_epoch == ring.epoch && m.ring_digest == ring.digest))
     }
 
@@ -293,9 +355,15 @@ impl Controller {
         }
     }
 
-    /// Begins a membership change from this node's table (the Admin RPCs and joins).
+    /// Begins a membership change: decided in the metadata log by a majority of the members,
+    /// or refused naming the change that won the slot (the Admin RPCs and joins).
     pub async fn propose(&self, change: Change) -> Result<RingSpec, ChangeError> {
         let _one = self.adopting.lock().await;
+        // Build on the newest decided ring this node knows.
+        let logged = self.meta.ring();
+        if logged.epoch > self.t.ring().epoch {
+            self.adopt_locked(logged).await?;
+        }
         let ring = self.t.ring();
         let spec = &ring.spec;
         let members = &spec.members;
@@ -364,6 +432,17 @@ impl Controller {
                 next.removed.sort();
             }
         }
+        let what = match &change {
+            Change::Join(n) => format!("join {n}"),
+            Change::Drain(n) => format!("drain {n}"),
+            Change::Remove(n) => format!("remove {n}"),
+        };
+        let decided = self.meta.propose(Entry::Ring(next.clone()), &what).await;
+        if let Err(e) = &decided {
+            metrics::counter!("recsys_membership_changes_refused_total").increment(1);
+            tracing::warn!(change = %what, error = %e, "membership change not decided");
+        }
+        decided?;
         self.adopt_locked(next.clone()).await?;
         metrics::counter!("recsys_membership_changes_begun_total").increment(1);
         Ok(next)
@@ -402,10 +481,15 @@ impl Controller {
         }
         let safe = self.all_live_caught_up(&ring);
         let mut dropped = 0;
+        let mut kept = 0;
         for role in Role::ALL {
             for p in 0..ring.partitions {
                 let part = Part::new(role, p);
                 if held.contains(&part) || !self.t.local.is_open(part) || !safe {
+                    continue;
+                }
+                if !self.handed_off(&ring, part).await {
+                    kept += 1;
                     continue;
                 }
                 let r = self.partitions.call(|rp| PartitionCmd::Close(part, rp), Some(Duration::from_secs(60))).await;
@@ -418,6 +502,7 @@ impl Controller {
         if dropped > 0 {
             tracing::info!(dropped, epoch = ring.epoch, "dropped partitions this node no longer owns");
         }
+        metrics::gauge!("recsys_partitions_awaiting_handoff").set(kept as f64);
         let member =
             ring.members().iter().any(|m| m == self.me()) || ring.target_members().iter().any(|m| m == self.me());
         if !member && !self.joining.load(std::sync::atomic::Ordering::Acquire) && held.is_empty() && safe {
@@ -425,6 +510,38 @@ impl Controller {
             if !open {
                 tracing::info!(epoch = ring.epoch, "this node is no longer a member and holds nothing: stopping");
                 self.removed.send_replace(true);
+            }
+        }
+    }
+
+    /// Whether every owner of `part` under `ring` holds every op of this node's copy, pushing
+    /// what one lacks first: only then may the copy be dropped. A copy that cannot be handed off
+    /// now (an owner down or unreachable) is kept and tried again later.
+    async fn handed_off(&self, ring: &Ring, part: Part) -> bool {
+        {
+            let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            if p.handoff_at.get(&part).is_some_and(|at| *at > Instant::now()) {
+                return false;
+            }
+        }
+        let owners: Vec<String> =
+            ring.owners(part.role, part.partition).iter().filter(|o| *o != self.me()).cloned().collect();
+        let r = replication::hand_off(&self.t, part, &owners, Duration::from_secs(30)).await;
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        match r {
+            Ok(pushed) => {
+                p.handoff_at.remove(&part);
+                if pushed > 0 {
+                    tracing::info!(part = %part, pushed, "pushed ops the new owners lacked before dropping the copy");
+                    metrics::counter!("recsys_handoff_ops_pushed_total").increment(pushed);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::info!(part = %part, error = %e, "copy kept: not every owner confirmed holding its ops yet");
+                metrics::counter!("recsys_handoff_failures_total").increment(1);
+                p.handoff_at.insert(part, Instant::now() + Duration::from_secs(2));
+                false
             }
         }
     }
@@ -573,7 +690,27 @@ impl Controller {
         if !ended {
             return Err(format!("the stream from {from} did not end"));
         }
-        let c = replication::catch_up(&self.t, &[part], Duration::from_secs(30)).await;
+        // Consistent range movement: every previous owner that was not removed, alive or not.
+        let ring = self.t.ring();
+        let previous: Vec<String> = ring
+            .owners(part.role, part.partition)
+            .iter()
+            .filter(|o| *o != self.me() && !ring.spec.removed.contains(o))
+            .cloned()
+            .collect();
+        let down: Vec<&String> = previous.iter().filter(|o| !self.t.membership.takes_writes(o)).collect();
+        if !down.is_empty() {
+            if self.settings.consistent {
+                return Err(format!(
+                    "previous owner(s) {} down: the move waits for them (they may hold acknowledged writes)",
+                    down.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+                ));
+            }
+            tracing::warn!(part = %part, down = ?down, "consistent_range_movement is off: completing without a down previous owner");
+            metrics::counter!("recsys_inconsistent_moves_total").increment(1);
+        }
+        let c = replication::catch_up_from(&self.t, &[(part, previous)], Duration::from_secs(30), replication::Mode::Full)
+            .await;
         if c.peers_failed > 0 {
             return Err(format!("closing catch-up: {} replica(s) did not answer", c.peers_failed));
         }
@@ -598,21 +735,36 @@ impl Controller {
             }
             let done = if n == self.me() {
                 let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-                incoming.iter().all(|x| p.streamed.contains(x))
+                p.epoch == ring.epoch && incoming.iter().all(|x| p.streamed.contains(x))
             } else {
-                let Some(m) = self.t.membership.member(n) else { return };
-                let Some(set) = parse_done(&m.moves_done, ring.epoch, ring.partitions) else { return };
-                m.live && incoming.iter().all(|x| set.contains(x))
+                // Asked over the authenticated internal API: gossip's progress is for display.
+                match self.meta.call(n, None, MetaMsg::MoveStatus { epoch: ring.epoch }).await {
+                    Ok(MetaReply::MoveStatus { epoch, done }) if epoch == ring.epoch => {
+                        let set: BTreeSet<Part> = done.into_iter().collect();
+                        incoming.iter().all(|x| set.contains(x))
+                    }
+                    _ => false,
+                }
             };
             if !done {
                 return;
             }
         }
         let next = ring.spec.commit();
+        let _one = self.adopting.lock().await;
+        if self.t.ring().epoch != ring.epoch {
+            return; // the ring moved on meanwhile
+        }
         tracing::info!(epoch = next.epoch, members = %next.members.join(","), "every partition has reached its new owners: committing the ring");
-        metrics::counter!("recsys_membership_changes_committed_total").increment(1);
-        if let Err(e) = self.adopt(next).await {
-            tracing::warn!(error = %e, "commit failed");
+        let what = format!("commit epoch {} ({})", next.epoch, next.members.join(","));
+        match self.meta.propose(Entry::Ring(next.clone()), &what).await {
+            Ok(_) => {
+                metrics::counter!("recsys_membership_changes_committed_total").increment(1);
+                if let Err(e) = self.adopt_locked(next).await {
+                    tracing::warn!(error = %e, "commit failed");
+                }
+            }
+            Err(e) => tracing::info!(error = %e, "commit not decided here"),
         }
     }
 
@@ -664,39 +816,13 @@ impl Controller {
     }
 }
 
-/// The newest table a live peer publishes, when newer than `mine` (any, when None). Tables with
-/// other placement settings (partitions, replication, virtual nodes) are ignored with a warning.
-pub fn newest_in_gossip(membership: &super::Membership, mine: Option<&RingSpec>) -> Option<RingSpec> {
-    let mut best: Option<RingSpec> = None;
-    for m in membership.members() {
-        if !m.live || m.ring_spec.is_empty() || m.node_id == membership.node_id {
-            continue;
-        }
-        let Ok(spec) = serde_json::from_str::<RingSpec>(&m.ring_spec) else { continue };
-        if let Some(mine) = mine {
-            if (spec.partitions, spec.replication, spec.vnodes) != (mine.partitions, mine.replication, mine.vnodes) {
-                tracing::warn!(peer = %m.node_id, "peer publishes a ring with other placement settings; ignored");
-                continue;
-            }
-        }
-        let newer = match (&best, mine) {
-            (Some(b), _) => spec.newer_than(b),
-            (None, Some(mine)) => spec.newer_than(mine),
-            (None, None) => true,
-        };
-        if newer {
-            best = Some(spec);
-        }
-    }
-    best
-}
-
 /// `epoch:i,i,…` with i = the partition's dense index.
 fn format_done(epoch: u64, parts: impl Iterator<Item = Part>, partitions: u32) -> String {
     let idx: Vec<String> = parts.map(|p| p.index(partitions).to_string()).collect();
     format!("{epoch}:{}", idx.join(","))
 }
 
+#[cfg(test)]
 fn parse_done(s: &str, epoch: u64, partitions: u32) -> Option<BTreeSet<Part>> {
     let (e, rest) = s.split_once(':')?;
     if e.parse::<u64>().ok()? != epoch {

@@ -1,8 +1,16 @@
 //! Membership by gossip (chitchat, the scuttlebutt + phi-accrual library Quickwit uses). Each node
 //! publishes its id, generation (start time), gRPC address, state and ring epoch/digest; the
 //! failure detector says who is alive. Liveness decides only where requests are routed, never
-//! placement (see `ring`). A node that comes back is routed to again only after it has stayed
-//! alive for `flap_debounce`, so a resumed or flapping node does not bounce traffic around.
+//! placement: the ring and the members' addresses come from the metadata log (`metalog`), and
+//! nothing gossiped is adopted as placement. A node that comes back is routed to again only after
+//! it has stayed alive for `flap_debounce`, so a resumed or flapping node does not bounce traffic.
+//!
+//! With a cluster secret every value is signed (HMAC over node id, generation, key and value);
+//! a node entry with any value unsigned or wrongly signed is ignored whole and counted
+//! (`recsys_gossip_rejected_total`), so a process that speaks chitchat with the cluster's name but
+//! lacks the secret is invisible. Without a secret the node warns at start that it runs
+//! unprotected; even then a second entry under a live node's id (a higher generation from a
+//! forger) does not replace the entry already bound while that one stays alive.
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -18,8 +26,8 @@ const K_GRPC: &str = "grpc_addr";
 const K_STATE: &str = "state";
 const K_EPOCH: &str = "ring_epoch";
 const K_DIGEST: &str = "ring_digest";
-/// The whole ring spec (JSON, a few hundred bytes): a newer table spreads by gossip.
-const K_SPEC: &str = "ring_spec";
+/// The last index of this node's metadata log: a hint that a peer should read the log from it.
+const K_META: &str = "meta_index";
 /// Partitions this node has received complete in the change in progress: `epoch:i,i,…`.
 const K_DONE: &str = "moves_done";
 /// Moves in progress to this node (JSON list of `MoveReport`), for status.
@@ -45,6 +53,8 @@ pub struct MembershipSettings {
     pub gossip_interval: Duration,
     pub phi_threshold: f64,
     pub flap_debounce: Duration,
+    /// Signs and checks every gossiped value (None: unprotected).
+    pub key: Option<crate::auth::ClusterKey>,
 }
 
 /// What this node knows of one peer (or itself).
@@ -58,8 +68,8 @@ pub struct MemberInfo {
     pub ring_digest: String,
     /// Seen alive by the failure detector (and past the flap debounce).
     pub live: bool,
-    /// The ring spec it publishes (JSON).
-    pub ring_spec: String,
+    /// The last index of its metadata log.
+    pub meta_index: u64,
     pub moves_done: String,
     pub moves: String,
     pub resident_bytes: u64,
@@ -82,6 +92,7 @@ pub struct Membership {
     debounce: Duration,
     /// Bumped on every change of who is routable; waiters (startup, anti-entropy) watch it.
     changed: watch::Sender<u64>,
+    key: Option<crate::auth::ClusterKey>,
 }
 
 impl Membership {
@@ -110,14 +121,15 @@ impl Membership {
             extra_liveness_predicate: None,
             protocol_version: chitchat::ProtocolVersion::V0,
         };
+        let sign = |k: &str, v: String| (k.to_string(), signed(s.key.as_ref(), &s.node_id, generation, k, v));
         let kvs = vec![
-            (K_GRPC.to_string(), s.advertise.to_string()),
-            (K_STATE.to_string(), initial_state.as_str().to_string()),
-            (K_EPOCH.to_string(), "0".to_string()),
-            (K_DIGEST.to_string(), String::new()),
-            (K_SPEC.to_string(), String::new()),
-            (K_DONE.to_string(), String::new()),
-            (K_MOVES.to_string(), String::new()),
+            sign(K_GRPC, s.advertise.to_string()),
+            sign(K_STATE, initial_state.as_str().to_string()),
+            sign(K_EPOCH, "0".to_string()),
+            sign(K_DIGEST, String::new()),
+            sign(K_META, "0".to_string()),
+            sign(K_DONE, String::new()),
+            sign(K_MOVES, String::new()),
         ];
         let handle =
             spawn_chitchat(config, kvs, &UdpTransport).await.map_err(|e| MembershipError::Gossip(e.to_string()))?;
@@ -131,6 +143,7 @@ impl Membership {
             view: RwLock::new(View::default()),
             debounce: s.flap_debounce,
             changed,
+            key: s.key.clone(),
         });
         m.refresh().await;
         let weak = Arc::downgrade(&m);
@@ -149,36 +162,36 @@ impl Membership {
 
     /// Publishes this node's state (joining, serving, leaving).
     pub async fn set_state(&self, state: MemberState) {
-        self.chitchat.lock().await.self_node_state().set(K_STATE, state.as_str());
+        self.publish(&[(K_STATE, state.as_str().to_string())]).await;
         self.refresh().await;
     }
 
-    /// Publishes the ring this node runs (epoch, digest and the spec itself).
-    pub async fn set_ring(&self, epoch: u64, digest: &str, spec_json: &str) {
-        {
-            let mut c = self.chitchat.lock().await;
-            let me = c.self_node_state();
-            me.set(K_EPOCH, epoch.to_string());
-            me.set(K_DIGEST, digest);
-            me.set(K_SPEC, spec_json);
-        }
-        self.refresh().await;
-    }
-
-    /// Publishes the partitions received complete in the change at `epoch`, and the moves running.
-    pub async fn set_moves(&self, done: &str, moves: &str) {
+    /// Sets this node's values, signed.
+    async fn publish(&self, kvs: &[(&str, String)]) {
         let mut c = self.chitchat.lock().await;
         let me = c.self_node_state();
-        me.set(K_DONE, done);
-        me.set(K_MOVES, moves);
+        for (k, v) in kvs {
+            me.set(*k, signed(self.key.as_ref(), &self.node_id, self.generation, k, v.clone()));
+        }
+    }
+
+    /// Publishes the ring this node runs (epoch and digest: what peers compare before moving
+    /// data, never a table to adopt) and its metadata log's last index.
+    pub async fn set_ring(&self, epoch: u64, digest: &str, meta_index: u64) {
+        self.publish(&[(K_EPOCH, epoch.to_string()), (K_DIGEST, digest.to_string()), (K_META, meta_index.to_string())])
+            .await;
+        self.refresh().await;
+    }
+
+    /// Publishes the partitions received complete in the change at `epoch`, and the moves running
+    /// (for status; the commit asks each new owner directly).
+    pub async fn set_moves(&self, done: &str, moves: &str) {
+        self.publish(&[(K_DONE, done.to_string()), (K_MOVES, moves.to_string())]).await;
     }
 
     /// Publishes this process's resident memory and CPU time (status of the other nodes).
     pub async fn set_load(&self, resident_bytes: u64, cpu_seconds: f64) {
-        let mut c = self.chitchat.lock().await;
-        let me = c.self_node_state();
-        me.set(K_RSS, resident_bytes.to_string());
-        me.set(K_CPU, format!("{cpu_seconds:.2}"));
+        self.publish(&[(K_RSS, resident_bytes.to_string()), (K_CPU, format!("{cpu_seconds:.2}"))]).await;
     }
 
     /// Re-reads the gossip state into the routing view (also run every gossip tick).
@@ -186,28 +199,60 @@ impl Membership {
         let fresh: Vec<MemberInfo> = {
             let c = self.chitchat.lock().await;
             let live: std::collections::HashSet<ChitchatId> = c.live_nodes().cloned().collect();
+            let bound: HashMap<String, u64> = {
+                let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+                v.members.iter().map(|(k, m)| (k.clone(), m.generation)).collect()
+            };
             let mut best: BTreeMap<String, MemberInfo> = BTreeMap::new();
             for (cid, st) in c.node_states() {
-                let info = MemberInfo {
-                    node_id: cid.node_id.to_string(),
-                    generation: cid.generation_id,
-                    grpc_addr: st.get(K_GRPC).unwrap_or_default().to_string(),
-                    state: st.get(K_STATE).and_then(MemberState::parse).unwrap_or(MemberState::Joining),
-                    ring_epoch: st.get(K_EPOCH).and_then(|v| v.parse().ok()).unwrap_or(0),
-                    ring_digest: st.get(K_DIGEST).unwrap_or_default().to_string(),
-                    live: live.contains(cid),
-                    ring_spec: st.get(K_SPEC).unwrap_or_default().to_string(),
-                    moves_done: st.get(K_DONE).unwrap_or_default().to_string(),
-                    moves: st.get(K_MOVES).unwrap_or_default().to_string(),
-                    resident_bytes: st.get(K_RSS).and_then(|v| v.parse().ok()).unwrap_or(0),
-                    cpu_seconds: st.get(K_CPU).and_then(|v| v.parse().ok()).unwrap_or(0.0),
-                };
-                // A restarted node appears under a new generation: the newest one counts.
-                match best.get(&info.node_id) {
-                    Some(b) if b.generation > info.generation => {}
-                    _ => {
-                        best.insert(info.node_id.clone(), info);
+                let node: &str = &cid.node_id;
+                let gen = cid.generation_id;
+                // Every value this entry carries must be signed for this node id and generation.
+                let mut ok = true;
+                let mut get = |k: &str| -> String {
+                    match st.get(k) {
+                        None => String::new(),
+                        Some(raw) => match verified(self.key.as_ref(), node, gen, k, raw) {
+                            Some(v) => v.to_string(),
+                            None => {
+                                ok = false;
+                                String::new()
+                            }
+                        },
                     }
+                };
+                let info = MemberInfo {
+                    node_id: node.to_string(),
+                    generation: gen,
+                    grpc_addr: get(K_GRPC),
+                    state: MemberState::parse(&get(K_STATE)).unwrap_or(MemberState::Joining),
+                    ring_epoch: get(K_EPOCH).parse().unwrap_or(0),
+                    ring_digest: get(K_DIGEST),
+                    live: live.contains(cid),
+                    meta_index: get(K_META).parse().unwrap_or(0),
+                    moves_done: get(K_DONE),
+                    moves: get(K_MOVES),
+                    resident_bytes: get(K_RSS).parse().unwrap_or(0),
+                    cpu_seconds: get(K_CPU).parse().unwrap_or(0.0),
+                };
+                if !ok || (node == self.node_id && gen != self.generation) {
+                    // Unsigned or wrongly signed (a participant without the secret), or another
+                    // process claiming this node's own id: ignored whole.
+                    metrics::counter!("recsys_gossip_rejected_total").increment(1);
+                    continue;
+                }
+                let replace = match best.get(node) {
+                    None => true,
+                    // The entry bound already stays while it is alive: a second entry under a
+                    // live node's id (a forger's higher generation) does not take its place. A
+                    // restarted node's old entry dies within the failure detector's time.
+                    Some(b) if b.live != info.live => info.live,
+                    Some(b) if bound.get(node) == Some(&b.generation) && b.live => false,
+                    Some(_) if bound.get(node) == Some(&info.generation) && info.live => true,
+                    Some(b) => info.generation > b.generation,
+                };
+                if replace {
+                    best.insert(node.to_string(), info);
                 }
             }
             best.into_values().collect()
@@ -290,9 +335,58 @@ impl Membership {
         v.members.get(node).map(|m| m.grpc_addr.clone()).filter(|a| !a.is_empty())
     }
 
+    /// Whether a gossip key's value is signed as this cluster signs them (for tests and probes).
+    pub fn protected(&self) -> bool {
+        self.key.is_some()
+    }
+
     pub async fn shutdown(&self) {
         if let Some(h) = self.handle.lock().await.take() {
             let _ = h.shutdown().await;
         }
+    }
+}
+
+/// `value` as published: with a key, `value~<signature>` (the signature binds node, generation
+/// and key, so a value cannot be replayed under another).
+fn signed(key: Option<&crate::auth::ClusterKey>, node: &str, generation: u64, k: &str, value: String) -> String {
+    match key {
+        Some(key) => {
+            let sig = key.sign_gossip(node, generation, k, &value);
+            format!("{value}~{sig}")
+        }
+        None => value,
+    }
+}
+
+/// The value of a published `raw` when its signature holds (any value without a key).
+fn verified<'a>(
+    key: Option<&crate::auth::ClusterKey>,
+    node: &str,
+    generation: u64,
+    k: &str,
+    raw: &'a str,
+) -> Option<&'a str> {
+    let Some(key) = key else { return Some(raw) };
+    let (value, sig) = raw.rsplit_once('~')?;
+    crate::auth::ct_eq(key.sign_gossip(node, generation, k, value).as_bytes(), sig.as_bytes()).then_some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gossip_values_are_bound_to_node_generation_and_key() {
+        let k = crate::auth::ClusterKey::new("s");
+        let raw = signed(Some(&k), "n2", 7, K_GRPC, "127.0.0.1:1".into());
+        assert_eq!(verified(Some(&k), "n2", 7, K_GRPC, &raw), Some("127.0.0.1:1"));
+        assert_eq!(verified(Some(&k), "n2", 8, K_GRPC, &raw), None, "another generation");
+        assert_eq!(verified(Some(&k), "n3", 7, K_GRPC, &raw), None, "another node");
+        assert_eq!(verified(Some(&k), "n2", 7, K_STATE, &raw), None, "another key");
+        assert_eq!(verified(Some(&k), "n2", 7, K_GRPC, "127.0.0.1:1"), None, "unsigned");
+        let other = crate::auth::ClusterKey::new("t");
+        assert_eq!(verified(Some(&other), "n2", 7, K_GRPC, &raw), None, "another secret");
+        assert_eq!(verified(None, "n2", 7, K_GRPC, "x"), Some("x"));
     }
 }

@@ -3,6 +3,7 @@
 //! a partition's copies stay identical (replication: op log, anti-entropy).
 pub mod changes;
 pub mod membership;
+pub mod metalog;
 pub mod replication;
 pub mod ring;
 

@@ -243,6 +243,79 @@ async fn catch_up_with(
     Ok(stats)
 }
 
+/// Makes sure every node in `owners` holds every op this node's copy of `part` holds: compares
+/// digests, asks an owner (read-only) for its ids in the buckets that differ, pushes the ops it
+/// lacks, and checks again. `Ok(pushed)` only once each owner has confirmed; any owner that
+/// does not answer fails the hand-off (the copy must then stay).
+pub async fn hand_off(t: &Arc<Transport>, part: Part, owners: &[String], timeout: Duration) -> Result<u64, String> {
+    let end = Instant::now() + timeout;
+    let mut pushed = 0u64;
+    if owners.is_empty() {
+        return Err(format!("{part} has no other owner to hand off to"));
+    }
+    for owner in owners {
+        let client = t.peer(owner).ok_or_else(|| format!("no address for {owner}"))?;
+        let mut confirmed = false;
+        for _round in 0..16 {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("{owner}: hand-off ran out of time"));
+            }
+            let req = pb::DigestsRequest { envelope: Some(t.envelope(left)), asks: vec![ask(part, vec![])] };
+            let reply = client.clone().digests(t.request(req, left)).await.map_err(|s| format!("{owner}: {}", s.message()))?;
+            let r = reply.into_inner().results.into_iter().next().ok_or_else(|| format!("{owner}: no digest"))?;
+            if !r.error.is_empty() {
+                return Err(format!("{owner}: {}", r.error));
+            }
+            let theirs: Digest = decode(&r.body)?;
+            let mine = t.local.store.digest(part);
+            // Buckets where this copy has ops and the owner's differ.
+            let wanted: Vec<u32> =
+                differing(&mine, &theirs).into_iter().filter(|b| mine[*b].0 > 0).map(|b| b as u32).collect();
+            if wanted.is_empty() {
+                confirmed = true;
+                break;
+            }
+            let req = pb::DigestsRequest { envelope: Some(t.envelope(left)), asks: vec![ask(part, encode(&wanted))] };
+            let reply = client.clone().holds(t.request(req, left)).await.map_err(|s| format!("{owner}: {}", s.message()))?;
+            let r = reply.into_inner().results.into_iter().next().ok_or_else(|| format!("{owner}: no ids"))?;
+            if !r.error.is_empty() {
+                return Err(format!("{owner}: {}", r.error));
+            }
+            let held: Vec<(u32, Vec<u64>)> = decode(&r.body)?;
+            let have: HashMap<usize, Vec<u64>> = held
+                .into_iter()
+                .map(|(b, mut ids)| {
+                    ids.sort_unstable();
+                    (b as usize, ids)
+                })
+                .collect();
+            let store = t.local.store.clone();
+            let lacking = tokio::task::spawn_blocking(move || store.missing_ops(part, &have, PULL_LIMIT as usize))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            if lacking.is_empty() {
+                // Same ids in every bucket this copy uses (the owner has more elsewhere).
+                confirmed = true;
+                break;
+            }
+            let n = lacking.len() as u64;
+            let node = t.client(owner).ok_or_else(|| format!("no address for {owner}"))?;
+            let (results, _) =
+                node.apply(vec![(part, Arc::new(lacking))], left).await.map_err(|e| e.to_string())?;
+            for (_, r) in results {
+                r.map_err(|e| format!("{owner}: pushing ops: {e}"))?;
+            }
+            pushed += n;
+        }
+        if !confirmed {
+            return Err(format!("{owner}: still lacks ops after the hand-off rounds"));
+        }
+    }
+    Ok(pushed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,6 +36,8 @@ pub struct Transport {
     auth: InternalAuth,
     /// Hedged reads: recent latencies per peer and kind, and the hedge budget.
     pub hedge: super::hedge::Policy,
+    /// The metadata log: where each member runs (gossip's address only for nodes it lacks).
+    meta: std::sync::OnceLock<Arc<crate::cluster::metalog::MetaLog>>,
 }
 
 pub enum NodeClient<'a> {
@@ -64,6 +66,20 @@ impl Transport {
             ring_changed: tokio::sync::Notify::new(),
             auth: InternalAuth::none(),
             hedge: super::hedge::Policy::new(0.05, Duration::from_millis(2)),
+            meta: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn with_meta(self, meta: Arc<crate::cluster::metalog::MetaLog>) -> Self {
+        let _ = self.meta.set(meta);
+        self
+    }
+
+    /// Where `node` is reached: the metadata log's address, else gossip's.
+    pub fn addr_of(&self, node: &str) -> Option<String> {
+        match self.meta.get() {
+            Some(m) => m.addr_of(node),
+            None => self.membership.addr_of(node),
         }
     }
 
@@ -104,7 +120,7 @@ impl Transport {
             // Injected network partition (chaos tests): no peer is reachable from here.
             return None;
         }
-        let addr = self.membership.addr_of(node)?;
+        let addr = self.addr_of(node)?;
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((a, c)) = peers.get(node) {
             if *a == addr {
@@ -121,7 +137,7 @@ impl Transport {
             // Feature batches are large: bigger windows saved ~30 % per call in a loopback test.
             .initial_connection_window_size(Some(8 * 1024 * 1024))
             .initial_stream_window_size(Some(4 * 1024 * 1024));
-        let client = InternalClient::with_interceptor(ep.connect_lazy(), self.auth.clone())
+        let client = InternalClient::with_interceptor(ep.connect_lazy(), self.auth.to(node))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         peers.insert(node.to_string(), (addr, client.clone()));

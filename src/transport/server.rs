@@ -7,6 +7,8 @@ use tonic::{Request, Response, Status};
 
 use super::client::result_part;
 use super::{decode, encode, pb, ReadQuery, Transport};
+use crate::auth::ClusterKey;
+use crate::cluster::metalog::{MetaLog, MetaMsg};
 use crate::cluster::replication::{self, PullAsk};
 use crate::cluster::Part;
 use crate::pipeline::Pipeline;
@@ -15,6 +17,11 @@ use crate::store::LoggedOp;
 pub struct InternalService {
     pub transport: Arc<OnceLock<Arc<Transport>>>,
     pub pipeline: Arc<OnceLock<Arc<Pipeline>>>,
+    /// The metadata log: answered from the start (a restarting cluster confirms its ring
+    /// through it before any node has a transport).
+    pub meta: Arc<OnceLock<Arc<MetaLog>>>,
+    /// Signs metadata replies for their caller.
+    pub key: Option<ClusterKey>,
 }
 
 impl InternalService {
@@ -189,5 +196,54 @@ impl pb::internal_server::Internal for InternalService {
             done,
             ops_total: t.local.store.op_count(part),
         }))
+    }
+
+    async fn meta(&self, req: Request<pb::MetaRequest>) -> Result<Response<pb::MetaReply>, Status> {
+        let req = req.into_inner();
+        let log = self.meta.get().ok_or_else(|| Status::unavailable("node is starting: no metadata log yet"))?.clone();
+        let msg: MetaMsg = serde_json::from_slice(&req.body)
+            .map_err(|e| Status::invalid_argument(format!("body: not a metadata message ({e})")))?;
+        let reply = tokio::task::spawn_blocking(move || log.handle(msg))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let body = serde_json::to_vec(&reply).map_err(|e| Status::internal(e.to_string()))?;
+        let mac = self.key.as_ref().map(|k| k.sign_body(&req.from_node, &body)).unwrap_or_default();
+        Ok(Response::new(pb::MetaReply { body, mac }))
+    }
+
+    async fn holds(&self, req: Request<pb::DigestsRequest>) -> Result<Response<pb::DigestsReply>, Status> {
+        let req = req.into_inner();
+        let (t, _) = self.check(req.envelope.as_ref())?;
+        let parts = parts_of(&req.asks)?;
+        let mut jobs = Vec::new();
+        let mut results = Vec::new();
+        for (part, a) in parts.into_iter().zip(req.asks) {
+            if !t.local.is_open(part) {
+                results.push(failed(part, format!("{part} is not open on {}", t.node_id)));
+                continue;
+            }
+            match decode::<Vec<u32>>(&a.body) {
+                Ok(b) => jobs.push((part, b)),
+                Err(e) => results.push(failed(part, e)),
+            }
+        }
+        let store = t.local.store.clone();
+        // Bucket scans read sled: blocking work. Nothing is written.
+        let held = tokio::task::spawn_blocking(move || {
+            jobs.into_iter()
+                .map(|(part, buckets)| {
+                    let wanted: Vec<usize> =
+                        buckets.into_iter().map(|b| b as usize).filter(|b| *b < crate::store::BUCKETS).collect();
+                    let ids: Vec<(u32, Vec<u64>)> =
+                        store.bucket_ids_many(part, &wanted).into_iter().map(|(b, ids)| (b as u32, ids)).collect();
+                    (part, ids)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        results.extend(held.into_iter().map(|(part, ids)| done(part, encode(&ids))));
+        Ok(Response::new(pb::DigestsReply { results }))
     }
 }
