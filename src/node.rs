@@ -411,11 +411,9 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     if token.is_some() && cluster_key.is_none() {
         // The token guards Ingest and Admin; without the secret the internal API (which can
         // stream, write and page every partition) would stay open beside it.
-        return Err(err(
-            "refusing to start: an operator token is set but no cluster secret (cluster.secret or \
+        return Err(err("refusing to start: an operator token is set but no cluster secret (cluster.secret or \
              RECSYS_CLUSTER_SECRET): the internal API would be open to anyone who can reach the port"
-                .into(),
-        ));
+            .into()));
     }
     if token.is_none() {
         tracing::info!("cluster.operator_token is empty: Ingest and Admin calls are not authenticated");
@@ -539,7 +537,9 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let spec = meta.ring();
     {
         let c = &cfg.cluster;
-        if spec.partitions != c.partitions_per_role || spec.replication != c.replication_factor || spec.vnodes != c.virtual_nodes
+        if spec.partitions != c.partitions_per_role
+            || spec.replication != c.replication_factor
+            || spec.vnodes != c.virtual_nodes
         {
             tracing::warn!(
                 persisted_partitions = spec.partitions,
@@ -789,7 +789,9 @@ async fn register_address(meta: Arc<MetaLog>, me: String, addr: String) {
             return;
         }
         if involved {
-            match meta.propose(MetaEntry::Addr { node: me.clone(), addr: addr.clone() }, &format!("address of {me}")).await
+            match meta
+                .propose(MetaEntry::Addr { node: me.clone(), addr: addr.clone() }, &format!("address of {me}"))
+                .await
             {
                 Ok(_) => continue,
                 Err(e) => tracing::debug!(attempt, error = %e, "address not recorded yet"),

@@ -24,38 +24,10 @@ const OVERRIDES: &str =
     "[cluster]\nreplication_factor = 2\npartitions_per_role = 16\nanti_entropy_interval_ms = 2000\n\
      [scoring]\nscorers = 1\n[store]\ncache_capacity_mb = 16\n[ingest]\nreplica_timeout_ms = 2000\n";
 
-async fn status(addr: &str) -> pb::ClusterStatusResponse {
-    let ch = recsys::cli::connect(addr).await.unwrap();
-    AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner()
-}
+use common::status;
 
-/// Waits (bounded, polling status) until the ring, as `addr` sees it, has exactly `members`, no
-/// change in progress, every partition's replicas live, and every live node on the same epoch.
 async fn wait_settled(addr: &str, members: &[&str], limit: Duration) -> pb::ClusterStatusResponse {
-    let end = Instant::now() + limit;
-    loop {
-        let s = status(addr).await;
-        let holding: HashSet<&str> = s
-            .nodes
-            .iter()
-            .filter(|n| n.generator_partitions + n.feature_partitions > 0)
-            .map(|n| n.node_id.as_str())
-            .collect();
-        let want: HashSet<&str> = members.iter().copied().collect();
-        let live = s.partitions.iter().all(|p| p.live.iter().all(|l| *l) && p.replicas.len() == 2);
-        let agreed = s.nodes.iter().filter(|n| n.live).all(|n| n.ring_epoch == s.ring_epoch);
-        if s.target_members.is_empty() && holding == want && live && agreed {
-            return s;
-        }
-        assert!(
-            Instant::now() < end,
-            "not settled on {members:?} after {limit:?}: epoch {}, target {:?}, holding {holding:?}, {} moves",
-            s.ring_epoch,
-            s.target_members,
-            s.moves.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_settled(addr, members, 2, limit).await
 }
 
 #[derive(Default)]

@@ -74,14 +74,7 @@ fn recsys_cli(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-/// A metric's value (summed over the series whose labels contain `labels`) from /metrics.
-fn metric(metrics_addr: &str, name: &str, labels: &str) -> f64 {
-    let (_, _, body) = common::http_get(metrics_addr, "/metrics").unwrap();
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#') && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use common::metric;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_and_operator_token_guard_a_three_node_cluster() {

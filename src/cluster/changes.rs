@@ -340,6 +340,16 @@ impl Controller {
             .all(|m| m.ring_epoch > ring.epoch || (m.ring_epoch == ring.epoch && m.ring_digest == ring.digest))
     }
 
+    /// Names the change in progress for a refused proposal (the log says which one won).
+    fn in_progress(&self, ring: &Ring) -> String {
+        let what = self.meta.last_ring_change().map(|(i, c)| format!("`{c}`, log entry {i}")).unwrap_or_default();
+        format!(
+            "a membership change is in progress ({what}: {} → {}); try again when it completes",
+            ring.members().join(","),
+            ring.target_members().join(",")
+        )
+    }
+
     /// A node started with `--join` proposes itself once no other change is in progress.
     async fn ask_to_join(&self) {
         let ring = self.t.ring();
@@ -373,11 +383,7 @@ impl Controller {
                     return Ok(spec.clone());
                 }
                 if ring.in_transition() {
-                    return Err(ChangeError::Refused(format!(
-                        "a membership change is in progress ({} → {}); try again when it completes",
-                        members.join(","),
-                        ring.target_members().join(",")
-                    )));
+                    return Err(ChangeError::Refused(self.in_progress(&ring)));
                 }
                 members.iter().cloned().chain([n.clone()]).collect()
             }
@@ -392,11 +398,7 @@ impl Controller {
                     if !ring.target_members().contains(n) {
                         return Ok(spec.clone()); // already draining: idempotent
                     }
-                    return Err(ChangeError::Refused(format!(
-                        "a membership change is in progress ({} → {}); try again when it completes",
-                        members.join(","),
-                        ring.target_members().join(",")
-                    )));
+                    return Err(ChangeError::Refused(self.in_progress(&ring)));
                 }
                 if !self.t.membership.is_live(n) {
                     return Err(ChangeError::Refused(format!(
@@ -709,8 +711,9 @@ impl Controller {
             tracing::warn!(part = %part, down = ?down, "consistent_range_movement is off: completing without a down previous owner");
             metrics::counter!("recsys_inconsistent_moves_total").increment(1);
         }
-        let c = replication::catch_up_from(&self.t, &[(part, previous)], Duration::from_secs(30), replication::Mode::Full)
-            .await;
+        let c =
+            replication::catch_up_from(&self.t, &[(part, previous)], Duration::from_secs(30), replication::Mode::Full)
+                .await;
         if c.peers_failed > 0 {
             return Err(format!("closing catch-up: {} replica(s) did not answer", c.peers_failed));
         }

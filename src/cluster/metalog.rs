@@ -51,7 +51,10 @@ pub enum MetaError {
 pub enum Entry {
     Ring(RingSpec),
     /// The internal address a member serves at (proposed by that member itself).
-    Addr { node: String, addr: String },
+    Addr {
+        node: String,
+        addr: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,14 +96,28 @@ struct Persisted {
 /// A message of the metadata protocol (the body of `Internal.Meta`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum MetaMsg {
-    Prepare { index: u64, ballot: Ballot },
-    Accept { index: u64, ballot: Ballot, proposal: Proposal },
+    Prepare {
+        index: u64,
+        ballot: Ballot,
+    },
+    Accept {
+        index: u64,
+        ballot: Ballot,
+        proposal: Proposal,
+    },
     /// Decided entries (a proposer tells everyone; also answers to `Read`).
-    Learn { genesis: RingSpec, entries: Vec<Decided> },
+    Learn {
+        genesis: RingSpec,
+        entries: Vec<Decided>,
+    },
     /// The log after `after`, and the genesis.
-    Read { after: u64 },
+    Read {
+        after: u64,
+    },
     /// The partitions this node holds complete for the change at `epoch` (the commit's check).
-    MoveStatus { epoch: u64 },
+    MoveStatus {
+        epoch: u64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -249,6 +266,15 @@ impl MetaLog {
             }
         }
         out
+    }
+
+    /// The change that produced the ring in effect ("drain n3"), with its log index.
+    pub fn last_ring_change(&self) -> Option<(u64, String)> {
+        let s = self.lock();
+        s.p.log.iter().rev().find_map(|d| match &d.proposal.entry {
+            Entry::Ring(_) => Some((d.index, d.proposal.change.clone())),
+            _ => None,
+        })
     }
 
     /// The address the log records for `node`.
@@ -489,9 +515,8 @@ impl MetaLog {
             }
             let value = highest.map(|(_, v)| v).unwrap_or_else(|| proposal.clone());
             // Phase 2.
-            let replies = self
-                .ask_all(&voters, MetaMsg::Accept { index, ballot: ballot.clone(), proposal: value.clone() })
-                .await;
+            let replies =
+                self.ask_all(&voters, MetaMsg::Accept { index, ballot: ballot.clone(), proposal: value.clone() }).await;
             let mut accepted = 0;
             for r in &replies {
                 match r {
@@ -615,8 +640,13 @@ impl MetaLog {
                 }
             }
             if answered >= need && !newer && (!pending || round > 20) {
-                tracing::info!(index = self.last(), epoch = self.ring().epoch, answered, of = voters.len(),
-                    "metadata log confirmed by a quorum");
+                tracing::info!(
+                    index = self.last(),
+                    epoch = self.ring().epoch,
+                    answered,
+                    of = voters.len(),
+                    "metadata log confirmed by a quorum"
+                );
                 return;
             }
             if last_log.elapsed() > Duration::from_secs(5) {
@@ -704,13 +734,19 @@ mod tests {
         let path = d.join("meta.json");
         let log = MetaLog::open("a", &path, Some(genesis()), None).unwrap().unwrap();
         let b = |r: u64, n: &str| Ballot { round: r, node: n.into() };
-        assert!(matches!(log.handle(MetaMsg::Prepare { index: 1, ballot: b(2, "b") }).unwrap(), MetaReply::Promise { ok: true, .. }));
+        assert!(matches!(
+            log.handle(MetaMsg::Prepare { index: 1, ballot: b(2, "b") }).unwrap(),
+            MetaReply::Promise { ok: true, .. }
+        ));
         let r = log.handle(MetaMsg::Accept { index: 1, ballot: b(2, "b"), proposal: prop("drain c", 2) }).unwrap();
         assert!(matches!(r, MetaReply::Accepted { ok: true, .. }));
         drop(log);
         // Restarted: a lower ballot is refused, and a higher one is told what was accepted.
         let log = MetaLog::open("a", &path, None, None).unwrap().unwrap();
-        assert!(matches!(log.handle(MetaMsg::Prepare { index: 1, ballot: b(1, "z") }).unwrap(), MetaReply::Promise { ok: false, .. }));
+        assert!(matches!(
+            log.handle(MetaMsg::Prepare { index: 1, ballot: b(1, "z") }).unwrap(),
+            MetaReply::Promise { ok: false, .. }
+        ));
         match log.handle(MetaMsg::Prepare { index: 1, ballot: b(3, "c") }).unwrap() {
             MetaReply::Promise { ok: true, accepted: Some((_, p)), .. } => assert_eq!(p.change, "drain c"),
             other => panic!("{other:?}"),

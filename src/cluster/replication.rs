@@ -262,7 +262,8 @@ pub async fn hand_off(t: &Arc<Transport>, part: Part, owners: &[String], timeout
                 return Err(format!("{owner}: hand-off ran out of time"));
             }
             let req = pb::DigestsRequest { envelope: Some(t.envelope(left)), asks: vec![ask(part, vec![])] };
-            let reply = client.clone().digests(t.request(req, left)).await.map_err(|s| format!("{owner}: {}", s.message()))?;
+            let reply =
+                client.clone().digests(t.request(req, left)).await.map_err(|s| format!("{owner}: {}", s.message()))?;
             let r = reply.into_inner().results.into_iter().next().ok_or_else(|| format!("{owner}: no digest"))?;
             if !r.error.is_empty() {
                 return Err(format!("{owner}: {}", r.error));
@@ -277,7 +278,8 @@ pub async fn hand_off(t: &Arc<Transport>, part: Part, owners: &[String], timeout
                 break;
             }
             let req = pb::DigestsRequest { envelope: Some(t.envelope(left)), asks: vec![ask(part, encode(&wanted))] };
-            let reply = client.clone().holds(t.request(req, left)).await.map_err(|s| format!("{owner}: {}", s.message()))?;
+            let reply =
+                client.clone().holds(t.request(req, left)).await.map_err(|s| format!("{owner}: {}", s.message()))?;
             let r = reply.into_inner().results.into_iter().next().ok_or_else(|| format!("{owner}: no ids"))?;
             if !r.error.is_empty() {
                 return Err(format!("{owner}: {}", r.error));
@@ -302,8 +304,7 @@ pub async fn hand_off(t: &Arc<Transport>, part: Part, owners: &[String], timeout
             }
             let n = lacking.len() as u64;
             let node = t.client(owner).ok_or_else(|| format!("no address for {owner}"))?;
-            let (results, _) =
-                node.apply(vec![(part, Arc::new(lacking))], left).await.map_err(|e| e.to_string())?;
+            let (results, _) = node.apply(vec![(part, Arc::new(lacking))], left).await.map_err(|e| e.to_string())?;
             for (_, r) in results {
                 r.map_err(|e| format!("{owner}: pushing ops: {e}"))?;
             }

@@ -58,8 +58,9 @@ fn global_shard_salt(shard: u64) -> Key {
     }
 }
 
-/// Id of an op derived from an event: the same event always yields the same ids.
-fn event_op_id(event_id: &str, what: &str, n: u64) -> u64 {
+/// Id of an op derived from an event: the same event always yields the same ids. Public for
+/// read-only checks that ask a replica whether it holds an event's ops.
+pub fn event_op_id(event_id: &str, what: &str, n: u64) -> u64 {
     let mut h = key_of(event_id) ^ key_of(what).rotate_left(17);
     h ^= n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     h ^= h >> 31;

@@ -358,3 +358,124 @@ pub async fn check_ledger(addr: &str, ledger: &[Vec<recsys::api::pb::Event>], vi
         );
     }
 }
+
+/// The cluster as `addr` sees it (Admin.ClusterStatus, no token).
+pub async fn status(addr: &str) -> recsys::api::pb::ClusterStatusResponse {
+    use recsys::api::pb;
+    let ch = recsys::cli::connect(addr).await.unwrap();
+    pb::admin_client::AdminClient::new(ch).cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner()
+}
+
+/// Waits (bounded, polling status) until the ring, as `addr` sees it, has exactly `members`, no
+/// change in progress, every partition's `replication` replicas live, and every live node on the
+/// same epoch.
+pub async fn wait_settled(
+    addr: &str,
+    members: &[&str],
+    replication: usize,
+    limit: Duration,
+) -> recsys::api::pb::ClusterStatusResponse {
+    use std::collections::HashSet;
+    let end = std::time::Instant::now() + limit;
+    loop {
+        let s = status(addr).await;
+        let holding: HashSet<&str> = s
+            .nodes
+            .iter()
+            .filter(|n| n.generator_partitions + n.feature_partitions > 0)
+            .map(|n| n.node_id.as_str())
+            .collect();
+        let want: HashSet<&str> = members.iter().copied().collect();
+        let live = s.partitions.iter().all(|p| p.live.iter().all(|l| *l) && p.replicas.len() == replication);
+        let agreed = s.nodes.iter().filter(|n| n.live).all(|n| n.ring_epoch == s.ring_epoch);
+        if s.target_members.is_empty() && holding == want && live && agreed {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "not settled on {members:?} after {limit:?}: epoch {}, target {:?}, holding {holding:?}, {} moves",
+            s.ring_epoch,
+            s.target_members,
+            s.moves.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A metric's value (summed over the series whose labels contain `labels`) from /metrics.
+pub fn metric(metrics_addr: &str, name: &str, labels: &str) -> f64 {
+    let Ok((_, _, body)) = http_get(metrics_addr, "/metrics") else { return 0.0 };
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#') && l.contains(labels))
+        .filter(|l| l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Read-only ledger check: asks every running node which op ids each copy it holds of the
+/// acknowledged events' item partitions contains (`Internal.Holds`, nothing is written or
+/// re-sent), and returns what is wrong: a partition held on other than `replication` nodes, or
+/// an acknowledged event's op missing from a copy. Run it before anything re-sends the ledger.
+pub async fn ledger_missing(
+    nodes: &[(String, String)],
+    ledger: &[Vec<recsys::api::pb::Event>],
+    partitions: u32,
+    replication: usize,
+    secret: Option<&str>,
+) -> Vec<String> {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use recsys::cluster::{Part, Role};
+    use recsys::ids::{key_of, partition_of, ITEM};
+    use recsys::transport::pb as ipb;
+    // The op each acknowledged event logs in its item's feature partition.
+    let mut want: BTreeMap<Part, BTreeSet<u64>> = BTreeMap::new();
+    for e in ledger.iter().flatten() {
+        let part = Part::new(Role::Feature, partition_of(ITEM, key_of(&e.item_id), partitions));
+        want.entry(part).or_default().insert(recsys::ingest::ops::event_op_id(&e.event_id, "item", 0));
+    }
+    let mut holders: BTreeMap<Part, Vec<(String, BTreeSet<u64>)>> = BTreeMap::new();
+    for (node, addr) in nodes {
+        let ch = recsys::cli::connect(addr).await.unwrap();
+        let auth = recsys::auth::InternalAuth::new(secret.map(recsys::auth::ClusterKey::new), "ledger-check").to(node);
+        let mut c = ipb::internal_client::InternalClient::with_interceptor(ch, auth)
+            .max_decoding_message_size(256 * 1024 * 1024);
+        let buckets: Vec<u32> = (0..recsys::store::BUCKETS as u32).collect();
+        let asks = want
+            .keys()
+            .map(|p| ipb::PartitionAsk {
+                role: p.role as u32,
+                partition: p.partition,
+                body: recsys::transport::encode(&buckets),
+            })
+            .collect();
+        let env =
+            ipb::Envelope { from_node: "ledger-check".into(), epoch: 0, digest: String::new(), deadline_ms: 10_000 };
+        let mut r = tonic::Request::new(ipb::DigestsRequest { envelope: Some(env), asks });
+        r.set_timeout(Duration::from_secs(10));
+        let reply = c.holds(r).await.unwrap_or_else(|e| panic!("{node}: Holds: {e:?}")).into_inner();
+        for res in reply.results {
+            if !res.error.is_empty() {
+                continue; // no copy of this partition on this node
+            }
+            let part = Part::new(Role::from_u32(res.role).unwrap(), res.partition);
+            let ids: Vec<(u32, Vec<u64>)> = recsys::transport::decode(&res.body).unwrap();
+            holders.entry(part).or_default().push((node.clone(), ids.into_iter().flat_map(|(_, v)| v).collect()));
+        }
+    }
+    let mut problems = Vec::new();
+    for (part, ops) in &want {
+        let copies = holders.get(part).map(Vec::as_slice).unwrap_or_default();
+        if copies.len() != replication {
+            let on: Vec<&str> = copies.iter().map(|(n, _)| n.as_str()).collect();
+            problems.push(format!("{part}: held on {on:?}, not on {replication} nodes"));
+        }
+        for (node, ids) in copies {
+            let missing = ops.iter().filter(|id| !ids.contains(id)).count();
+            if missing > 0 {
+                problems.push(format!("{part} on {node}: {missing} of {} acknowledged events missing", ops.len()));
+            }
+        }
+    }
+    problems
+}
