@@ -78,18 +78,16 @@ pub async fn run(spec: DemoSpec) -> anyhow::Result<()> {
     }
     // If a node exits while the demo drives the cluster (bad config, port taken), stop at once.
     let exited = futures::future::select_all(children.iter_mut().map(|c| Box::pin(c.wait())));
-    let mut stopped = false;
     let result = tokio::select! {
         r = drive(&spec, &addrs) => r,
         (status, i, _) = exited => Err(anyhow::anyhow!("node n{} exited early ({}); see its output above", i + 1, status?)),
         sig = stop_signal(&mut term, &mut hup, &mut int) => {
-            stopped = true;
             Err(anyhow::anyhow!("{sig} before the demo finished: the nodes were stopped"))
         }
     };
     let last = addrs.last().cloned().unwrap_or_default();
     // A failure is reported once, by main, after the nodes have stopped.
-    if result.is_ok() && !spec.exit_after && !stopped {
+    if result.is_ok() && !spec.exit_after {
         // The binary as the user would type it from here (target/release/recsys from the repo).
         let cwd = std::env::current_dir().unwrap_or_default();
         let bin = exe.strip_prefix(&cwd).unwrap_or(&exe).display();
