@@ -39,6 +39,7 @@ IMAGE="recsys:deploy-test-$$"
 FWD_BEFORE=""
 IPFWD_BEFORE=""
 COMPOSE=()
+SKIPPED=""
 
 # --- cleanup: runs on every exit, success or failure ----------------------------------------------
 iptables_forward() {  # the FORWARD chain of every iptables backend present, one rule a line
@@ -77,7 +78,7 @@ cleanup() {
     done
   fi
   # Anything still mounted under the temp dir (overlay layers, netns) goes before the dir does.
-  grep -o " $WORK[^ ]*" /proc/mounts 2>/dev/null | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
+  grep -o " ${WORK}[^ ]*" /proc/mounts 2>/dev/null | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
   if [ -n "$FWD_BEFORE" ]; then
     now=$(iptables_forward)
     if [ "$now" != "$FWD_BEFORE" ]; then
@@ -99,7 +100,7 @@ cleanup() {
     rc=1
   fi
   if [ "${DEPLOY_TEST_KEEP:-0}" = 1 ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
-  if [ "$rc" = 0 ]; then say "passed in $(elapsed)"; else echo "$ME: failed (exit $rc) after $(elapsed)" >&2; fi
+  if [ "$rc" = 0 ]; then say "passed in $(elapsed)${SKIPPED:+ (Docker part skipped: $SKIPPED)}"; else echo "$ME: failed (exit $rc) after $(elapsed)" >&2; fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -249,7 +250,7 @@ PY
 say "Kubernetes part done ($(elapsed))"
 
 # --- 2. Docker: image, 3-node compose cluster, a load and a recommendation -------------------------
-skip_docker() { say "SKIPPED the Docker part: $*"; exit 0; }
+skip_docker() { SKIPPED=$*; say "SKIPPED the Docker part: $*"; exit 0; }
 [ "${DEPLOY_TEST_SKIP_DOCKER:-0}" != 1 ] || skip_docker "DEPLOY_TEST_SKIP_DOCKER=1"
 [ "$(id -u)" = 0 ] || skip_docker "not root: this test starts its own Docker daemon, which needs root"
 if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null; then
