@@ -251,5 +251,5 @@ case "$CMD" in
     if [ "${2:-}" = -f ]; then exec tail -n 100 -f "$DIR/$1.log"; else tail -n 100 "$DIR/$1.log"; fi ;;
   -h | --help | help) usage ;;
   "") usage >&2; exit 2 ;;
-  *) die "unknown command '$CMD' (commands: up down status stop kill pause resume restart logs; '$ME help')" ;;
+  *) die "unknown command '$CMD' (commands: up join down status stop kill pause resume restart logs; '$ME help')" ;;
 esac

@@ -37,7 +37,7 @@ if ! command -v promtool > /dev/null; then
   fi
 fi
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  # cargo's own progress stays visible: a first build takes ~5 minutes on 2 cores.
-  echo "setup: cargo build --release (first build: ~5 min on 2 cores; later ones: seconds)"
+  # cargo's own progress stays visible: a first build takes ~7 minutes on 2 cores.
+  echo "setup: cargo build --release (first build: ~7 min on 2 cores; later ones: seconds)"
   cargo build --release --locked
 fi

@@ -9,6 +9,7 @@ use recsys::api::pb;
 use recsys::cli;
 use recsys::cli::output::{self, LogFormat};
 use recsys::config::Config;
+use recsys::{out, outln};
 
 #[derive(Parser)]
 #[command(name = "recsys", version, about = "A recommendation serving cluster")]
@@ -82,7 +83,8 @@ enum Cmd {
     },
     /// Load a synthetic world (or JSON-lines files) through the Ingest API.
     Load {
-        #[arg(long, default_value = "127.0.0.1:7400")]
+        /// The node to ask (gRPC address).
+        #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -108,28 +110,49 @@ enum Cmd {
         #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
-    /// Ask a node for recommendations.
+    /// Ask a node for recommendations (any node answers; the reply lists the ranked items, what
+    /// each stage covered, fallbacks and per-stage timings).
     Recommend {
-        #[arg(long, default_value = "127.0.0.1:7400")]
+        /// The node to ask (gRPC address).
+        #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
+        /// The user to recommend for (an unknown user gets a cold-start answer from trending).
         #[arg(long)]
         user: String,
+        /// How many items per page (1 to the node's serving.max_k, 100 by default).
         #[arg(long, default_value_t = 10)]
         k: u32,
+        /// The surface asking (one of the node's serving.surfaces: home, related).
         #[arg(long, default_value = "home")]
         surface: String,
+        /// The user's region, to rank trending items of that region first (empty: global only).
         #[arg(long, default_value = "")]
         geo: String,
+        /// The next page: the `next_page_token` printed with the previous page (any node serves it).
         #[arg(long, default_value = "")]
         page_token: String,
+        /// Print each item's stage-1 score, per-head scores, scorer and defaulted features.
         #[arg(long)]
         explain: bool,
+        /// The call's deadline (grpc-timeout) in ms; without it the node uses
+        /// serving.default_deadline_ms (250).
         #[arg(long)]
         deadline_ms: Option<u64>,
     },
+    /// Exit 0 when the node's gRPC health check says SERVING, else 1 with the status on stderr
+    /// (for container health checks and scripts; needs no token).
+    Health {
+        /// The node to ask (gRPC address).
+        #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
+        addr: String,
+        /// Keep asking until SERVING, for up to this many seconds (0: ask once).
+        #[arg(long, default_value_t = 0)]
+        wait_secs: u64,
+    },
     /// Cluster status: nodes, partitions, ring epoch, data counts.
     Status {
-        #[arg(long, default_value = "127.0.0.1:7400")]
+        /// The node to ask (gRPC address).
+        #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
         /// Operator token for Ingest/Admin calls (a cluster with cluster.operator_token set).
         #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
@@ -137,7 +160,8 @@ enum Cmd {
     },
     /// Move every partition of a live node to the other members; the node then leaves and stops.
     Drain {
-        #[arg(long, default_value = "127.0.0.1:7400")]
+        /// The node to ask (gRPC address).
+        #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
         /// The node to drain (its id).
         #[arg(long)]
@@ -153,7 +177,8 @@ enum Cmd {
     },
     /// Take a dead node out of the ring and re-replicate its partitions from surviving replicas.
     Remove {
-        #[arg(long, default_value = "127.0.0.1:7400")]
+        /// The node to ask (gRPC address).
+        #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
         #[arg(long)]
         node: String,
@@ -167,7 +192,8 @@ enum Cmd {
     },
     /// Deploy the model version in a directory without a restart (checked, canaried, then swapped).
     Reload {
-        #[arg(long, default_value = "127.0.0.1:7400")]
+        /// The node to ask (gRPC address).
+        #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
         /// Directory with manifest.json and the ONNX files, as the node sees it; empty: the node's
         /// configured scoring.models_dir.
@@ -179,7 +205,8 @@ enum Cmd {
     },
     /// Chaos testing: inject a fault on one node (refused unless its config has `[chaos] enabled = true`).
     Fault {
-        #[arg(long, default_value = "127.0.0.1:7400")]
+        /// The node to ask (gRPC address).
+        #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
         /// Operator token for Admin calls (a cluster with cluster.operator_token set).
         #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
@@ -189,7 +216,8 @@ enum Cmd {
     },
     /// Load generator: closed loop at a concurrency, or open loop at a fixed rate.
     Bench {
-        #[arg(long, default_value = "127.0.0.1:7400")]
+        /// The node to ask (gRPC address).
+        #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
@@ -214,7 +242,8 @@ enum Cmd {
     },
     /// Simulated users consume recommendations and emit events (for training data).
     Simulate {
-        #[arg(long, default_value = "127.0.0.1:7400")]
+        /// The node to ask (gRPC address).
+        #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -287,12 +316,9 @@ fn main() -> ExitCode {
     // A node logs what it does; client commands print their results and log only warnings.
     let filter = if serves { "info,ort=warn,sled=warn,h2=warn,tower=warn" } else { "warn,ort=warn,sled=warn,h2=warn" };
     output::init_logging(cli.log_format, filter);
-    if !serves {
-        // `recsys recommend ... | head -3`: stop quietly when the reader goes away, as other
-        // command-line tools do, instead of failing a write (Rust ignores SIGPIPE by default).
-        // SAFETY: restoring a signal's default disposition before any thread is started.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    }
+    // SIGPIPE stays ignored (Rust's default): results go through `outln!`, which stops quietly when
+    // stdout's reader has gone away (`recsys recommend ... | head -3`), and a socket closed under a
+    // write is a transport error with its message, not a silent death with code 141.
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -384,9 +410,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Arc::new(recsys::world::World::generate(cli::load::synthetic_spec(seed, items, users, events)));
                 cli::load::load_world_with(ch, &token, world, batch, quiet).await?
             };
-            println!(
+            outln!(
                 "loaded {} items, {} users, {} events ({} duplicates, {} rejected) in {:.1}s",
-                s.items, s.users, s.events, s.duplicates, s.rejected, s.seconds
+                s.items,
+                s.users,
+                s.events,
+                s.duplicates,
+                s.rejected,
+                s.seconds
             );
         }
         Cmd::Recommend { addr, user, k, surface, geo, page_token, explain, deadline_ms } => {
@@ -407,6 +438,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(r) => cli::print_recommendation(&r.into_inner()),
                 Err(s) => return Err(output::status_error(s)),
             }
+        }
+        Cmd::Health { addr, wait_secs } => {
+            let status = cli::health(&addr, Duration::from_secs(wait_secs)).await?;
+            outln!("{addr}: {status}");
         }
         Cmd::Status { addr, token } => {
             let token = cli::token(token.as_deref())?;
@@ -431,7 +466,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(r) => {
                     let r = r.into_inner();
                     let from = if r.previous_version.is_empty() { "heuristic" } else { &r.previous_version };
-                    println!("deployed {} (was {from})", r.version);
+                    outln!("deployed {} (was {from})", r.version);
                 }
                 Err(s) => return Err(output::status_error(s)),
             }
@@ -444,9 +479,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match cli::admin_client(ch, &token).inject_fault(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
-                    println!("{}", r.fault);
+                    outln!("{}", r.fault);
                     for f in r.active_faults {
-                        println!("  active: {f}");
+                        outln!("  active: {f}");
                     }
                 }
                 Err(s) => return Err(output::status_error(s)),
@@ -468,14 +503,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 token,
             })
             .await?;
-            print!("{}", r.text);
+            out!("{}", r.text);
         }
         Cmd::Simulate { addr, seed, items, users, requests, k } => {
             cli::wait_serving(&addr, Duration::from_secs(120)).await?;
             let r = cli::demo::simulate(cli::demo::SimSpec { addr, seed, items, users, requests, k })
                 .await
                 .context("simulate")?;
-            println!(
+            outln!(
                 "simulated {} requests: {} impressions, {} clicks (CTR {:.4}), {} likes",
                 r.requests,
                 r.impressions,
@@ -510,9 +545,9 @@ async fn membership_change(
     if wait {
         cli::wait_change(addr, &token, node, Duration::from_secs(wait_seconds)).await?;
         if drain {
-            println!("{node} drained: its partitions live on the other members");
+            outln!("{node} drained: its partitions live on the other members");
         } else {
-            println!("{node} removed: every partition has its replicas again");
+            outln!("{node} removed: every partition has its replicas again");
         }
     }
     Ok(())
@@ -520,9 +555,9 @@ async fn membership_change(
 
 fn print_change(what: &str, node: &str, r: &pb::MembershipChangeResponse) {
     if r.target_members.is_empty() {
-        println!("{node}: nothing to do (ring epoch {}, members {})", r.epoch, r.members.join(", "));
+        outln!("{node}: nothing to do (ring epoch {}, members {})", r.epoch, r.members.join(", "));
     } else {
-        println!(
+        outln!(
             "{what} {node}: ring epoch {}, {} → {}, {} partitions get a new owner",
             r.epoch,
             r.members.join(", "),

@@ -8,12 +8,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::bench::{self, BenchSpec};
 use super::load;
 use crate::api::pb;
 use crate::api::pb::recommender_client::RecommenderClient;
 use crate::world::World;
+use crate::{out, outln};
 
 pub struct DemoSpec {
     /// Nodes to start (n1..nN); 1 runs a one-node cluster.
@@ -42,11 +44,16 @@ pub async fn run(spec: DemoSpec) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let ids: Vec<String> = (1..=spec.nodes).map(|i| format!("n{i}")).collect();
     let addrs: Vec<String> = (0..spec.nodes).map(|i| spec.addr(i)).collect();
+    check_ports_free(&spec)?;
+    // SIGTERM (and SIGHUP, a closed terminal) stops the nodes as Ctrl-C does, at any point.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut children = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let dir = spec.data_dir.join(id);
         let metrics = format!("{}:{}", spec.host, spec.metrics_base_port as usize + i);
-        println!("== starting node {id} on {} (metrics {metrics}, data in {})", addrs[i], dir.display());
+        outln!("== starting node {id} on {} (metrics {metrics}, data in {})", addrs[i], dir.display());
         let seeds: Vec<&str> = addrs.iter().filter(|a| **a != addrs[i]).map(|a| a.as_str()).collect();
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args(["node", "--node-id", id, "--listen", &addrs[i], "--data-dir"])
@@ -55,6 +62,15 @@ pub async fn run(spec: DemoSpec) -> anyhow::Result<()> {
             .arg(&spec.config)
             .args(["--metrics-listen", &metrics, "--initial-nodes", &ids.join(",")])
             .kill_on_drop(true);
+        // A node also gets SIGTERM when the demo dies without stopping it (SIGKILL). This runs on
+        // the thread that called block_on, the main thread, which lives as long as the process.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         if !seeds.is_empty() {
             cmd.args(["--seeds", &seeds.join(",")]);
         }
@@ -65,6 +81,9 @@ pub async fn run(spec: DemoSpec) -> anyhow::Result<()> {
     let result = tokio::select! {
         r = drive(&spec, &addrs) => r,
         (status, i, _) = exited => Err(anyhow::anyhow!("node n{} exited early ({}); see its output above", i + 1, status?)),
+        sig = stop_signal(&mut term, &mut hup, &mut int) => {
+            Err(anyhow::anyhow!("{sig} before the demo finished: the nodes were stopped"))
+        }
     };
     let last = addrs.last().cloned().unwrap_or_default();
     // A failure is reported once, by main, after the nodes have stopped.
@@ -72,14 +91,14 @@ pub async fn run(spec: DemoSpec) -> anyhow::Result<()> {
         // The binary as the user would type it from here (target/release/recsys from the repo).
         let cwd = std::env::current_dir().unwrap_or_default();
         let bin = exe.strip_prefix(&cwd).unwrap_or(&exe).display();
-        println!("\nServing until interrupted (Ctrl-C). Try:");
-        println!("  {bin} status --addr {}", addrs[0]);
-        println!("  {bin} recommend --addr {last} --user u42 --k 10 --explain");
-        println!("  {bin} bench --addr {last} --concurrency 4 --requests 2000");
-        println!("  status page: http://{}:{}/status   (metrics: /metrics)", spec.host, spec.metrics_base_port);
+        outln!("\nServing until interrupted (Ctrl-C or SIGTERM to pid {}). Try:", std::process::id());
+        outln!("  {bin} status --addr {}", addrs[0]);
+        outln!("  {bin} recommend --addr {last} --user u42 --k 10 --explain");
+        outln!("  {bin} bench --addr {last} --concurrency 4 --requests 2000");
+        outln!("  status page: http://{}:{}/status   (metrics: /metrics)", spec.host, spec.metrics_base_port);
         let exited = futures::future::select_all(children.iter_mut().map(|c| Box::pin(c.wait())));
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
+            sig = stop_signal(&mut term, &mut hup, &mut int) => eprintln!("{sig}: stopping the nodes"),
             _ = exited => {},
         }
     }
@@ -93,6 +112,97 @@ pub async fn run(spec: DemoSpec) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
     }
     result
+}
+
+/// The first of SIGTERM, SIGHUP or SIGINT, by name.
+async fn stop_signal(term: &mut Signal, hup: &mut Signal, int: &mut Signal) -> &'static str {
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Refuses to start when a port a node needs is taken (another cluster, an earlier demo): its
+/// nodes would fail to bind only after the demo had asked the other cluster for status and data.
+/// Names the port, its use and, where /proc tells, the process holding it.
+fn check_ports_free(spec: &DemoSpec) -> anyhow::Result<()> {
+    for i in 0..spec.nodes {
+        let grpc = spec.base_port as usize + i;
+        let metrics = spec.metrics_base_port as usize + i;
+        for (port, what, udp) in [(grpc, "gRPC", false), (grpc, "gossip (UDP)", true), (metrics, "metrics", false)] {
+            let addr = format!("{}:{port}", spec.host);
+            let bound = if udp {
+                std::net::UdpSocket::bind(&addr).map(drop)
+            } else {
+                std::net::TcpListener::bind(&addr).map(drop)
+            };
+            match bound {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    let by = port_holder(port as u16, udp).map(|p| format!(" by {p}")).unwrap_or_default();
+                    anyhow::bail!(
+                        "{addr} (n{}'s {what} port) is already in use{by}: stop that process (another \
+                         cluster? `cluster/local.sh down`) or pick free ports with --base-port and \
+                         --metrics-base-port",
+                        i + 1
+                    );
+                }
+                Err(e) => anyhow::bail!("{addr} (n{}'s {what} port): {e}", i + 1),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `pid 4242 (recsys node --node-id n1 …)`: the process with a socket bound to `port` (listening,
+/// for TCP), found through /proc/net and /proc/PID/fd. None where /proc does not tell (another
+/// user's process without root, another network namespace).
+fn port_holder(port: u16, udp: bool) -> Option<String> {
+    let tables: &[&str] = if udp { &["/proc/net/udp", "/proc/net/udp6"] } else { &["/proc/net/tcp", "/proc/net/tcp6"] };
+    let inodes: Vec<String> = tables
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(t).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+                    // TCP: only the listening socket (state 0A); UDP: any bound socket.
+                    let state_ok = udp || f.get(3) == Some(&"0A");
+                    (local_port == port && state_ok).then(|| f.get(9).map(|s| s.to_string())).flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|inode| inode != "0")
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        let holds = fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| wanted.iter().any(|w| l.as_os_str() == w.as_str())));
+        if holds {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let mut cmd: String = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(String::from_utf8_lossy)
+                .collect::<Vec<_>>()
+                .join(" ");
+            if cmd.chars().count() > 80 {
+                cmd = cmd.chars().take(80).collect::<String>() + "…";
+            }
+            return Some(format!("pid {pid} ({cmd})"));
+        }
+    }
+    None
 }
 
 async fn drive(spec: &DemoSpec, addrs: &[String]) -> anyhow::Result<()> {
@@ -109,32 +219,39 @@ async fn drive(spec: &DemoSpec, addrs: &[String]) -> anyhow::Result<()> {
         .await
         .map_err(super::output::status_error)?
         .into_inner();
-    println!("\n== cluster status (from n1)");
+    outln!("\n== cluster status (from n1)");
     super::print_status(&status);
     let world = Arc::new(World::generate(load::synthetic_spec(spec.seed, spec.items, spec.users, spec.events)));
     let marker = spec.data_dir.join(format!("loaded-{}-{}-{}-{}", spec.seed, spec.items, spec.users, spec.events));
     if marker.exists() {
-        println!("== data already loaded (seed {}): the restart kept it", spec.seed);
+        outln!("== data already loaded (seed {}): the restart kept it", spec.seed);
     } else {
-        println!(
+        outln!(
             "\n== loading synthetic world through n1: {} items, {} users, {} events (seed {})",
-            spec.items, spec.users, spec.events, spec.seed
+            spec.items,
+            spec.users,
+            spec.events,
+            spec.seed
         );
         let s = load::load_world_with(ch.clone(), &token, world.clone(), 5000, false).await?;
-        println!(
+        outln!(
             "   loaded {} items, {} users, {} events ({} duplicates) in {:.1}s",
-            s.items, s.users, s.events, s.duplicates, s.seconds
+            s.items,
+            s.users,
+            s.events,
+            s.duplicates,
+            s.seconds
         );
         std::fs::write(&marker, b"")?;
     }
-    println!(
+    outln!(
         "\n== recommendations asked of {}, the last node",
         if addrs.len() > 1 { "n".to_string() + &addrs.len().to_string() } else { "n1".into() }
     );
     let ch = super::connect(last).await?;
     let mut rec = RecommenderClient::new(ch.clone());
     for user in ["u1", "u42", "u977", "new-user-without-history"] {
-        println!("\n== Recommend user={user} k=8 explain=true");
+        outln!("\n== Recommend user={user} k=8 explain=true");
         let r = rec
             .recommend(pb::RecommendRequest {
                 user_id: user.into(),
@@ -164,10 +281,10 @@ async fn drive(spec: &DemoSpec, addrs: &[String]) -> anyhow::Result<()> {
                 .map_err(super::output::status_error)?
                 .into_inner();
             let ids: Vec<_> = p2.items.iter().map(|i| format!("{}(#{})", i.item_id, i.rank)).collect();
-            println!("  page 2 (asked of {other}): {}", ids.join(" "));
+            outln!("  page 2 (asked of {other}): {}", ids.join(" "));
         }
     }
-    println!("\n== latency summary (400 requests, concurrency 4, through {last})");
+    outln!("\n== latency summary (400 requests, concurrency 4, through {last})");
     let report = bench::run(BenchSpec {
         addr: last.clone(),
         concurrency: 4,
@@ -181,7 +298,7 @@ async fn drive(spec: &DemoSpec, addrs: &[String]) -> anyhow::Result<()> {
         token: token.clone(),
     })
     .await?;
-    print!("{}", report.text);
+    out!("{}", report.text);
     Ok(())
 }
 

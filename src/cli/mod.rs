@@ -12,6 +12,11 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::api::pb;
 pub use crate::auth::OperatorToken;
+use crate::outln;
+
+/// Where client commands go without `--addr` (or `RECSYS_ADDR`): n1 of `scripts/demo.sh` and of
+/// `cluster/local.sh`, the clusters a newcomer starts first.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:7401";
 
 /// A channel whose calls carry the operator token (Ingest and Admin need it when one is set).
 pub type Authed = InterceptedService<Channel, OperatorToken>;
@@ -64,12 +69,35 @@ pub async fn wait_serving(addr: &str, limit: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// `recsys health`: the node's overall gRPC health (`SERVING`), asked once or, with a non-zero
+/// `wait`, until it serves or `wait` has passed. Anything else is an error naming the status.
+pub async fn health(addr: &str, wait: Duration) -> anyhow::Result<&'static str> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    if !wait.is_zero() {
+        wait_serving(addr, wait).await?;
+        return Ok("SERVING");
+    }
+    let ch = connect(addr).await?;
+    let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: String::new() });
+    req.set_timeout(Duration::from_secs(3));
+    let r = tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(req)
+        .await
+        .map_err(output::status_error)?
+        .into_inner();
+    match ServingStatus::try_from(r.status) {
+        Ok(ServingStatus::Serving) => Ok("SERVING"),
+        Ok(other) => anyhow::bail!("{addr}: {}", other.as_str_name()),
+        Err(_) => anyhow::bail!("{addr}: unknown health status {}", r.status),
+    }
+}
+
 pub fn print_recommendation(r: &pb::RecommendResponse) {
     let models = match &r.models {
         Some(m) if !m.stage1.is_empty() => format!("models {}, {}", m.stage1, m.stage2),
         _ => "heuristic scores (no model)".to_string(),
     };
-    println!("request {}  {models}", r.request_id);
+    outln!("request {}  {models}", r.request_id);
     let mut spaced = false;
     for (i, it) in r.items.iter().enumerate() {
         let ex = it
@@ -89,7 +117,7 @@ pub fn print_recommendation(r: &pb::RecommendResponse) {
             .unwrap_or_default();
         let why = spacing_note(&r.items, i);
         spaced |= !why.is_empty();
-        println!(
+        outln!(
             "  #{:<3} {:<8} author={:<7} score={:>8.4} sources={}{}{}",
             it.rank,
             it.item_id,
@@ -101,25 +129,25 @@ pub fn print_recommendation(r: &pb::RecommendResponse) {
         );
     }
     if spaced {
-        println!("  (^ author spacing: no two items in a row share an author, so a higher score can sit lower)");
+        outln!("  (^ author spacing: no two items in a row share an author, so a higher score can sit lower)");
     }
     if let Some(c) = &r.coverage {
         let mut gens: Vec<_> = c.generator_candidates.iter().map(|(k, v)| format!("{k}={v}")).collect();
         gens.sort();
         let mut filt: Vec<_> = c.filter_removed.iter().map(|(k, v)| format!("{k}={v}")).collect();
         filt.sort();
-        println!("  candidates: {}  removed: {}", gens.join(" "), filt.join(" "));
+        outln!("  candidates: {}  removed: {}", gens.join(" "), filt.join(" "));
         let fallbacks = if c.fallbacks.is_empty() { "none".to_string() } else { c.fallbacks.join(", ") };
-        println!(
+        outln!(
             "  degraded: {}  fallbacks: {fallbacks}{}",
             if c.degraded { "yes" } else { "no" },
             if r.diversity_relaxed { "  (author spacing relaxed: only one author left)" } else { "" }
         );
     }
     let t: Vec<_> = r.timings.iter().map(|t| format!("{}={:.2}ms", t.stage, t.micros as f64 / 1000.0)).collect();
-    println!("  timings: {}", t.join(" "));
+    outln!("  timings: {}", t.join(" "));
     if !r.next_page_token.is_empty() {
-        println!("  next_page_token: {}", r.next_page_token);
+        outln!("  next_page_token: {}", r.next_page_token);
     }
 }
 
@@ -143,16 +171,29 @@ fn spacing_note(items: &[pb::RankedItem], i: usize) -> String {
 /// `recsys status`: nodes, their states and ring views, then each partition's replicas (`*` marks
 /// a replica that is alive and serving the partition, as the answering node sees it).
 pub fn print_status(s: &pb::ClusterStatusResponse) {
-    println!(
+    outln!(
         "cluster seen from {}: ring epoch {} digest {}, {} partitions per role, replication {}",
-        s.self_node_id, s.ring_epoch, s.ring_digest, s.partitions_per_role, s.replication_factor
+        s.self_node_id,
+        s.ring_epoch,
+        s.ring_digest,
+        s.partitions_per_role,
+        s.replication_factor
     );
     if !s.target_members.is_empty() {
-        println!("membership change in progress: moving to {}", s.target_members.join(", "));
+        outln!("membership change in progress: moving to {}", s.target_members.join(", "));
     }
-    println!(
+    outln!(
         "  {:<12} {:<22} {:<8} {:>13} {:>6} {:>6} {:>5} {:>8} {:>9} {:>8}  RING",
-        "NODE", "ADDRESS", "STATE", "GENERATION", "GEN", "FEAT", "IN", "SCORERS", "MEM", "CPU"
+        "NODE",
+        "ADDRESS",
+        "STATE",
+        "GENERATION",
+        "GEN",
+        "FEAT",
+        "IN",
+        "SCORERS",
+        "MEM",
+        "CPU"
     );
     for n in &s.nodes {
         let agrees = if n.ring_epoch == s.ring_epoch && n.ring_digest == s.ring_digest {
@@ -162,7 +203,7 @@ pub fn print_status(s: &pb::ClusterStatusResponse) {
         } else {
             format!("DIFFERS: epoch {} digest {}", n.ring_epoch, n.ring_digest)
         };
-        println!(
+        outln!(
             "  {:<12} {:<22} {:<8} {:>13} {:>6} {:>6} {:>5} {:>8} {:>9} {:>8}  {}",
             n.node_id,
             if n.address.is_empty() { "-" } else { &n.address },
@@ -178,10 +219,10 @@ pub fn print_status(s: &pb::ClusterStatusResponse) {
         );
     }
     if !s.moves.is_empty() {
-        println!("  moves in progress:");
-        println!("    {:<16} {:<10} {:<10} {:>12} {:>8}", "PARTITION", "FROM", "TO", "BYTES", "ETA");
+        outln!("  moves in progress:");
+        outln!("    {:<16} {:<10} {:<10} {:>12} {:>8}", "PARTITION", "FROM", "TO", "BYTES", "ETA");
         for m in &s.moves {
-            println!(
+            outln!(
                 "    {:<16} {:<10} {:<10} {:>12} {:>7.1}s",
                 format!("{}/{}", m.role, m.partition),
                 m.from,
@@ -194,9 +235,9 @@ pub fn print_status(s: &pb::ClusterStatusResponse) {
     let models = s.models.as_ref().map(|m| format!("{}, {}", m.stage1, m.stage2)).unwrap_or("none (heuristic)".into());
     if s.chaos_enabled {
         let faults = if s.active_faults.is_empty() { "none".to_string() } else { s.active_faults.join("; ") };
-        println!("chaos enabled on {}: active faults: {faults}", s.self_node_id);
+        outln!("chaos enabled on {}: active faults: {faults}", s.self_node_id);
     }
-    println!(
+    outln!(
         "held here: {} items, {} users, {} events; resident memory {:.0} MiB; models: {models}",
         s.items,
         s.users,
@@ -215,7 +256,7 @@ pub fn print_status(s: &pb::ClusterStatusResponse) {
         .filter(|p| !p.live.iter().any(|l| *l))
         .map(|p| format!("{}/{}", p.role, p.partition))
         .collect();
-    println!(
+    outln!(
         "partitions: {} total, {} with a replica down, {} with no live replica{}",
         s.partitions.len(),
         under.len(),
@@ -223,7 +264,7 @@ pub fn print_status(s: &pb::ClusterStatusResponse) {
         if none.is_empty() { String::new() } else { format!(": {}", none.join(" ")) }
     );
     for role in ["generator", "feature"] {
-        println!("  {role} partitions (replicas in ring order, * = live):");
+        outln!("  {role} partitions (replicas in ring order, * = live):");
         let line: Vec<String> = s
             .partitions
             .iter()
@@ -235,7 +276,7 @@ pub fn print_status(s: &pb::ClusterStatusResponse) {
             })
             .collect();
         for chunk in line.chunks(6) {
-            println!("    {}", chunk.join("  "));
+            outln!("    {}", chunk.join("  "));
         }
     }
 }
@@ -282,7 +323,7 @@ pub async fn wait_change(
             )
         };
         if line != last {
-            println!("{line}");
+            outln!("{line}");
             last = line;
         }
         if s.target_members.is_empty() && !member && full && agreed && gone {

@@ -11,8 +11,53 @@ use tracing_subscriber::registry::LookupSpan;
 
 pub use crate::metrics::code_name;
 
+/// Writes a command's results to stdout. When the reader has gone away (`recsys status | head -3`)
+/// the command stops there, quietly and with exit code 0, as other command-line tools do; any other
+/// write error is one line on stderr and exit code 1. SIGPIPE stays ignored (Rust's default): set
+/// back to the default it would also kill the process, silently and with code 141, when a *socket*
+/// closes under a write (a client pointed at the metrics port, say), where a transport error with
+/// its message is the right answer. Use through [`outln!`](crate::outln) and [`out!`](crate::out).
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` for a command's results: stops quietly when stdout's reader has gone away.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::cli::output::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for a command's results: stops quietly when stdout's reader has gone away.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::output::write_stdout(format_args!($($arg)*))
+    };
+}
+
 /// A gRPC error as people read it: `INVALID_ARGUMENT: k: must be at least 1`.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    if s.code() == tonic::Code::Unknown && s.message() == "transport error" {
+        // What a client sees when the server closes the connection under it, e.g. at the metrics
+        // port, which speaks HTTP/1.
+        return anyhow::anyhow!(
+            "UNKNOWN: transport error: the server closed the connection (is that a node's gRPC address? \
+             the metrics port speaks plain HTTP)"
+        );
+    }
     anyhow::anyhow!("{}: {}", code_name(s.code()), s.message())
 }
 
