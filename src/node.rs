@@ -790,7 +790,7 @@ async fn register_address(meta: Arc<MetaLog>, me: String, addr: String) {
         }
         if involved {
             match meta
-                .propose(MetaEntry::Addr { node: me.clone(), addr: addr.clone() }, &format!("address of {me}"))
+                .propose(MetaEntry::Addr { node: me.clone(), addr: addr.clone() }, &format!("address of {me}"), None)
                 .await
             {
                 Ok(_) => continue,

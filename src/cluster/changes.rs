@@ -439,7 +439,7 @@ impl Controller {
             Change::Drain(n) => format!("drain {n}"),
             Change::Remove(n) => format!("remove {n}"),
         };
-        let decided = self.meta.propose(Entry::Ring(next.clone()), &what).await;
+        let decided = self.meta.propose(Entry::Ring(next.clone()), &what, Some(spec.epoch)).await;
         if let Err(e) = &decided {
             metrics::counter!("recsys_membership_changes_refused_total").increment(1);
             tracing::warn!(change = %what, error = %e, "membership change not decided");
@@ -760,7 +760,7 @@ impl Controller {
         }
         tracing::info!(epoch = next.epoch, members = %next.members.join(","), "every partition has reached its new owners: committing the ring");
         let what = format!("commit epoch {} ({})", next.epoch, next.members.join(","));
-        match self.meta.propose(Entry::Ring(next.clone()), &what).await {
+        match self.meta.propose(Entry::Ring(next.clone()), &what, Some(ring.epoch)).await {
             Ok(_) => {
                 metrics::counter!("recsys_membership_changes_committed_total").increment(1);
                 if let Err(e) = self.adopt_locked(next).await {

@@ -465,8 +465,15 @@ impl MetaLog {
     }
 
     /// Decides `entry` in the next slot. Returns the decided entry when it is this proposal;
-    /// `Conflict` naming the change decided instead when another won the slot.
-    pub async fn propose(self: &Arc<Self>, entry: Entry, change: &str) -> Result<Decided, MetaError> {
+    /// `Conflict` naming the change decided instead when another won the slot. A ring entry is
+    /// built on the ring of epoch `base_epoch`: once the log holds a newer ring, the proposal is
+    /// refused (it would undo or repeat that change) naming the change that got there first.
+    pub async fn propose(
+        self: &Arc<Self>,
+        entry: Entry,
+        change: &str,
+        base_epoch: Option<u64>,
+    ) -> Result<Decided, MetaError> {
         let proposal = Proposal { entry, change: change.to_string(), by: self.me.clone() };
         let started = Instant::now();
         let mut last_err = String::new();
@@ -483,6 +490,11 @@ impl MetaLog {
             let (index, voters, round) = {
                 let s = self.lock();
                 let ring = ring_of(&s.p);
+                if base_epoch.is_some_and(|b| b != ring.epoch) {
+                    drop(s);
+                    let (index, change) = self.last_ring_change().unwrap_or((0, "the genesis".into()));
+                    return Err(MetaError::Conflict { index, change });
+                }
                 (s.p.log.len() as u64 + 1, ring.members.clone(), s.max_round + 1)
             };
             let ballot = Ballot { round, node: self.me.clone() };
@@ -784,10 +796,13 @@ mod tests {
         let log = MetaLog::open("a", &d.join("meta.json"), Some(g.clone()), None).unwrap().unwrap();
         let mut next = g.clone();
         next.epoch = 2;
-        let won = log.propose(Entry::Ring(next), "join b").await.unwrap();
+        let won = log.propose(Entry::Ring(next.clone()), "join b", Some(1)).await.unwrap();
         assert_eq!(won.index, 1);
         assert_eq!(log.ring().epoch, 2);
-        let addr = log.propose(Entry::Addr { node: "a".into(), addr: "127.0.0.1:1".into() }, "address of a").await;
+        // A change built on the ring before that one is refused, naming the one that won.
+        let stale = log.propose(Entry::Ring(next), "drain a", Some(1)).await;
+        assert_eq!(stale, Err(MetaError::Conflict { index: 1, change: "join b".into() }));
+        let addr = log.propose(Entry::Addr { node: "a".into(), addr: "127.0.0.1:1".into() }, "address of a", None).await;
         assert_eq!(addr.unwrap().index, 2);
         assert_eq!(log.logged_addr("a").as_deref(), Some("127.0.0.1:1"));
         let _ = std::fs::remove_dir_all(&d);

@@ -1,0 +1,264 @@
+//! The control plane against real node processes: what gossip cannot do (a forged participant
+//! changes nothing), what the metadata log decides (two changes at once: one wins, the other is
+//! told which), and what a ring change cannot lose (a join while a replica is down waits for it;
+//! acknowledged writes are on every owner afterwards, checked read-only before anything is
+//! re-sent).
+//!
+//! On 7741852 (gossip-decided rings) each of these fails: the forged ring spec is adopted (every
+//! node drops its partitions and exits), both concurrent changes return OK, and the join commits
+//! without the down replica, which then drops the only copies of the writes it acknowledged.
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chitchat::transport::UdpTransport;
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatId, FailureDetectorConfig};
+use common::{status, Cluster};
+use recsys::api::pb;
+use recsys::api::pb::admin_client::AdminClient;
+use recsys::api::pb::ingest_client::IngestClient;
+use recsys::api::pb::recommender_client::RecommenderClient;
+use recsys::cli::load::{load_world, synthetic_spec};
+use recsys::world::World;
+
+const PARTITIONS: u32 = 16;
+
+fn overrides(secret: Option<&str>) -> String {
+    let secret = secret.map(|s| format!("secret = \"{s}\"\n")).unwrap_or_default();
+    format!(
+        "[cluster]\nreplication_factor = 2\npartitions_per_role = {PARTITIONS}\nanti_entropy_interval_ms = 2000\n{secret}\
+         [scoring]\nscorers = 1\n[store]\ncache_capacity_mb = 16\n[ingest]\nreplica_timeout_ms = 2000\n"
+    )
+}
+
+/// A gossip participant outside the cluster: chitchat with the cluster's name.
+async fn forger(id: ChitchatId, seeds: Vec<String>, kvs: Vec<(String, String)>) -> chitchat::ChitchatHandle {
+    let listen = id.gossip_advertise_addr;
+    let config = ChitchatConfig {
+        chitchat_id: id,
+        cluster_id: "recsys".into(),
+        gossip_interval: Duration::from_millis(100),
+        listen_addr: listen,
+        seed_nodes: seeds,
+        failure_detector_config: FailureDetectorConfig {
+            phi_threshold: 8.0,
+            sampling_window_size: 1000,
+            max_interval: Duration::from_secs(2),
+            initial_interval: Duration::from_millis(100),
+            dead_node_grace_period: Duration::from_secs(3600),
+        },
+        marked_for_deletion_grace_period: Duration::from_secs(3600),
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: chitchat::ProtocolVersion::V0,
+    };
+    spawn_chitchat(config, kvs, &UdpTransport).await.expect("forger gossips")
+}
+
+/// Counts TCP connections to `listener` until dropped: where a re-targeted channel would go.
+fn count_connections(listener: std::net::TcpListener) -> Arc<AtomicUsize> {
+    let n = Arc::new(AtomicUsize::new(0));
+    let seen = n.clone();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        // Bounded: two minutes at most (the test takes well under one).
+        let end = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < end && Arc::strong_count(&seen) > 1 {
+            match listener.accept() {
+                Ok(_) => {
+                    seen.fetch_add(1, Ordering::AcqRel);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    n
+}
+
+async fn forged_gossip_changes_nothing(secret: Option<&str>, name: &str) {
+    let cluster = Cluster::start(name, 3, &overrides(secret));
+    cluster.wait_serving().await;
+    let world = Arc::new(World::generate(synthetic_spec(31, 1500, 150, 6000)));
+    load_world(recsys::cli::connect(&cluster.addrs[0]).await.unwrap(), world.clone(), 2000, true).await.unwrap();
+    let before = status(&cluster.addrs[0]).await;
+    let held_before: Vec<u32> = {
+        let mut v = Vec::new();
+        for a in &cluster.addrs {
+            let s = status(a).await;
+            v.push(s.partitions.iter().filter(|p| !p.fingerprint_here.is_empty()).count() as u32);
+        }
+        v
+    };
+
+    // Where a re-targeted channel for n2 would connect.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let trap_addr = trap.local_addr().unwrap().to_string();
+    let connections = count_connections(trap);
+    let seeds: Vec<String> = cluster.addrs.clone();
+    let evil_spec = serde_json::json!({
+        "epoch": 1000, "members": ["evil"], "partitions": PARTITIONS, "replication": 2, "vnodes": 64,
+        "scorer_nodes": [], "removed": ["n1", "n2", "n3"]
+    })
+    .to_string();
+    let forged = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let kvs = vec![
+        forged("grpc_addr", &trap_addr),
+        forged("state", "serving"),
+        forged("ring_epoch", "1000"),
+        forged("ring_digest", "forged"),
+        forged("ring_spec", &evil_spec),
+        forged("meta_index", "1000000"),
+        forged("moves_done", "1000:0,1,2,3,4,5,6,7"),
+    ];
+    let p1 = common::free_port();
+    let p2 = common::free_port();
+    let evil = forger(ChitchatId::new("evil", 1, format!("127.0.0.1:{p1}").parse().unwrap()), seeds.clone(), kvs.clone()).await;
+    // "n2" again, under a generation far above the real one, at the trap's address.
+    let fake_n2 =
+        forger(ChitchatId::new("n2", u64::MAX / 2, format!("127.0.0.1:{p2}").parse().unwrap()), seeds, kvs).await;
+
+    // Evidence the nodes heard the forgers: with a secret they reject their entries (counted);
+    // without one they see "evil" as a gossip participant.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut heard = 0;
+        for (i, a) in cluster.addrs.iter().enumerate() {
+            let seen = match secret {
+                Some(_) => common::metric(&cluster.metrics[i], "recsys_gossip_rejected_total", "") > 0.0,
+                None => status(a).await.nodes.iter().any(|n| n.node_id == "evil"),
+            };
+            heard += usize::from(seen);
+        }
+        if heard == 3 {
+            break;
+        }
+        assert!(Instant::now() < end, "the nodes never heard the forged gossip ({heard} of 3)");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Traffic that fans out to every node's partitions (n2's included), through every node.
+    let mut errors = Vec::new();
+    for n in 0..90usize {
+        let mut c = RecommenderClient::new(recsys::cli::connect(&cluster.addrs[n % 3]).await.unwrap());
+        let mut r = tonic::Request::new(pb::RecommendRequest {
+            user_id: world.users[(n * 13) % world.users.len()].id.clone(),
+            surface: "home".into(),
+            k: 10,
+            ..Default::default()
+        });
+        r.set_timeout(Duration::from_millis(500));
+        match c.recommend(r).await {
+            Ok(r) if r.get_ref().coverage.as_ref().is_some_and(|c| c.degraded) => errors.push("degraded".to_string()),
+            Ok(_) => {}
+            Err(e) => errors.push(format!("{:?}: {}", e.code(), e.message())),
+        }
+    }
+    assert!(errors.is_empty(), "calls failed or degraded beside the forgers: {errors:?}");
+    assert_eq!(connections.load(Ordering::Acquire), 0, "a node connected to the forged address of n2");
+    for (i, a) in cluster.addrs.iter().enumerate() {
+        let s = status(a).await;
+        assert_eq!((s.ring_epoch, &s.ring_digest), (before.ring_epoch, &before.ring_digest), "n{}'s ring changed", i + 1);
+        let held = s.partitions.iter().filter(|p| !p.fingerprint_here.is_empty()).count() as u32;
+        assert_eq!(held, held_before[i], "n{} holds other partitions", i + 1);
+        assert_eq!(common::metric(&cluster.metrics[i], "recsys_partitions_dropped_total", ""), 0.0);
+        let n2 = s.nodes.iter().find(|n| n.node_id == "n2").expect("n2 listed");
+        assert_ne!(n2.address, trap_addr, "n{} routes n2 to the forger", i + 1);
+    }
+    let _ = evil.shutdown().await;
+    let _ = fake_n2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_gossip_participant_changes_nothing_with_a_secret() {
+    forged_gossip_changes_nothing(Some("cp-secret"), "cp-forged-secret").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_gossip_participant_changes_nothing_without_a_secret() {
+    forged_gossip_changes_nothing(None, "cp-forged-open").await;
+}
+
+/// `drain n3` through n1 and `drain n2` through n2 at the same moment: the metadata log decides
+/// one; the other caller gets FAILED_PRECONDITION naming the change that won.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_changes_at_once_one_wins_and_the_other_is_told_which() {
+    let mut cluster = Cluster::start("cp-concurrent", 3, &overrides(None));
+    cluster.wait_serving().await;
+    let mut a1 = AdminClient::new(recsys::cli::connect(&cluster.addrs[0]).await.unwrap());
+    let mut a2 = AdminClient::new(recsys::cli::connect(&cluster.addrs[1]).await.unwrap());
+    let (r1, r2) = tokio::join!(
+        a1.drain(pb::DrainRequest { node_id: "n3".into() }),
+        a2.drain(pb::DrainRequest { node_id: "n2".into() })
+    );
+    let (won, lost, winner, loser_name) = match (&r1, &r2) {
+        (Ok(_), Err(e)) => ("n3", e, 2usize, "n2"),
+        (Err(e), Ok(_)) => ("n2", e, 1usize, "n3"),
+        other => panic!("exactly one change must win: {other:?}"),
+    };
+    assert_eq!(lost.code(), tonic::Code::FailedPrecondition, "{lost:?}");
+    assert!(lost.message().contains(&format!("drain {won}")), "the loser is told which change won: {}", lost.message());
+    // The winner's drain runs to its end; the loser is still a member.
+    let st = cluster.wait_exit(winner, Duration::from_secs(120)).await;
+    assert!(st.success(), "{won} stopped after its drain: {st:?}");
+    let remaining: Vec<&str> = ["n1", "n2", "n3"].into_iter().filter(|n| *n != won).collect();
+    let s = common::wait_settled(&cluster.addrs[0], &remaining, 2, Duration::from_secs(60)).await;
+    assert!(s.nodes.iter().any(|n| n.node_id == loser_name && n.live));
+}
+
+/// Finding 1 of the control-plane review: partition p on [n1, n2]; n1 frozen; writes to p acked
+/// by n2 alone; n2 killed; n1 resumed; n4 joins. The join must wait for n2 (a previous owner
+/// that was not removed) before it commits, and once n2 is back every acknowledged write is on
+/// every owner, checked read-only before anything is re-sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_while_a_replica_is_down_loses_no_acknowledged_write() {
+    let mut cluster = Cluster::start("cp-join-down", 3, &overrides(None));
+    cluster.wait_serving().await;
+    let world = Arc::new(World::generate(synthetic_spec(37, 1500, 150, 6000)));
+    load_world(recsys::cli::connect(&cluster.addrs[2]).await.unwrap(), world.clone(), 2000, true).await.unwrap();
+    let via = cluster.addrs[2].clone();
+    let sees = |node: &'static str, live: bool| {
+        let via = via.clone();
+        async move {
+            let end = Instant::now() + Duration::from_secs(30);
+            loop {
+                let s = status(&via).await;
+                if s.nodes.iter().any(|n| n.node_id == node && n.live == live) {
+                    return;
+                }
+                assert!(Instant::now() < end, "n3 never saw {node} live={live}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    cluster.signal(0, "STOP");
+    sees("n1", false).await;
+    let mut ing = IngestClient::new(recsys::cli::connect(&via).await.unwrap());
+    let mut ledger = Vec::new();
+    for batch in 0..15 {
+        let evs = common::ledger_events(&world, "cp-join", batch);
+        let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
+        r.set_timeout(Duration::from_secs(10));
+        ing.log_events(r).await.unwrap_or_else(|e| panic!("batch {batch}: {e:?}"));
+        ledger.push(evs);
+    }
+    cluster.kill9(1);
+    sees("n2", false).await;
+    cluster.signal(0, "CONT");
+    sees("n1", true).await;
+    let n4 = cluster.join();
+    // The join's moves of partitions n2 held wait for n2: evidence, then n2 comes back.
+    let end = Instant::now() + Duration::from_secs(60);
+    while common::metric(&cluster.metrics[n4], "recsys_move_failures_total", "") == 0.0 {
+        assert!(Instant::now() < end, "no move waited for the down previous owner n2");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = status(&cluster.addrs[0]).await;
+    assert!(!s.target_members.is_empty(), "the join committed while n2, a previous owner, was down");
+    cluster.restart(1);
+    common::wait_settled(&cluster.addrs[0], &["n1", "n2", "n3", "n4"], 2, Duration::from_secs(120)).await;
+    common::wait_health(&cluster.addrs[n4], Duration::from_secs(30)).await;
+    let nodes: Vec<(String, String)> = (0..4).map(|i| (cluster.ids[i].clone(), cluster.addrs[i].clone())).collect();
+    let missing = common::ledger_missing(&nodes, &ledger, PARTITIONS, 2, None).await;
+    assert!(missing.is_empty(), "acknowledged writes missing after the join: {missing:#?}");
+}
