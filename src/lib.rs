@@ -19,4 +19,5 @@ pub mod scoring;
 pub mod status;
 pub mod store;
 pub mod transport;
+pub mod verify;
 pub mod world;

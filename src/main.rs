@@ -364,6 +364,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(v) = listen {
                 cfg.node.listen = v;
             }
+            // `--seeds ""` (a cluster of one started by a script) names no seed.
+            let seeds: Vec<String> =
+                seeds.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
             if !seeds.is_empty() {
                 cfg.node.seeds = seeds;
             }

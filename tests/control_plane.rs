@@ -114,7 +114,9 @@ async fn forged_gossip_changes_nothing(secret: Option<&str>, name: &str) {
     ];
     let p1 = common::free_port();
     let p2 = common::free_port();
-    let evil = forger(ChitchatId::new("evil", 1, format!("127.0.0.1:{p1}").parse().unwrap()), seeds.clone(), kvs.clone()).await;
+    let evil =
+        forger(ChitchatId::new("evil", 1, format!("127.0.0.1:{p1}").parse().unwrap()), seeds.clone(), kvs.clone())
+            .await;
     // "n2" again, under a generation far above the real one, at the trap's address.
     let fake_n2 =
         forger(ChitchatId::new("n2", u64::MAX / 2, format!("127.0.0.1:{p2}").parse().unwrap()), seeds, kvs).await;
@@ -158,7 +160,12 @@ async fn forged_gossip_changes_nothing(secret: Option<&str>, name: &str) {
     assert_eq!(connections.load(Ordering::Acquire), 0, "a node connected to the forged address of n2");
     for (i, a) in cluster.addrs.iter().enumerate() {
         let s = status(a).await;
-        assert_eq!((s.ring_epoch, &s.ring_digest), (before.ring_epoch, &before.ring_digest), "n{}'s ring changed", i + 1);
+        assert_eq!(
+            (s.ring_epoch, &s.ring_digest),
+            (before.ring_epoch, &before.ring_digest),
+            "n{}'s ring changed",
+            i + 1
+        );
         let held = s.partitions.iter().filter(|p| !p.fingerprint_here.is_empty()).count() as u32;
         assert_eq!(held, held_before[i], "n{} holds other partitions", i + 1);
         assert_eq!(common::metric(&cluster.metrics[i], "recsys_partitions_dropped_total", ""), 0.0);

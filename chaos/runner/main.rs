@@ -4,6 +4,7 @@
 //! time until full coverage. Exits non-zero when a scenario misses its bar (≥ 99.9 % of Recommend
 //! calls answered within their deadline — degraded answers count, errors do not — and no
 //! acknowledged write lost).
+mod balancer;
 mod cluster;
 mod scenario;
 
@@ -200,34 +201,20 @@ async fn full_coverage(c: &Mutex<Cluster>, r: u32) -> bool {
     true
 }
 
-/// Waits (bounded, polling status) until every partition shows one fingerprint on all the
-/// answering nodes holding it.
-async fn converged(c: &Mutex<Cluster>, limit: Duration) -> bool {
+/// Waits (bounded) until every partition's copies on `nodes` hold identical op sets, compared
+/// whole and read-only (`recsys::verify::divergent`); the last difference when they do not.
+async fn converged(nodes: &[(String, String)], partitions: u32, limit: Duration) -> Result<(), String> {
     let end = Instant::now() + limit;
     loop {
-        let addrs: Vec<String> = {
-            let c = c.lock().unwrap_or_else(|e| e.into_inner());
-            (0..c.nodes.len()).filter(|i| c.answering(*i)).map(|i| c.nodes[i].addr.clone()).collect()
+        let last = match recsys::verify::divergent(nodes, partitions, None).await {
+            Ok(d) if d.is_empty() => return Ok(()),
+            Ok(d) => format!("{} partitions differ, e.g. {}", d.len(), d[0]),
+            Err(e) => e.to_string(),
         };
-        let mut seen: std::collections::HashMap<(String, u32), std::collections::HashSet<String>> = Default::default();
-        let mut ok = true;
-        for a in &addrs {
-            match status(a).await {
-                Ok(s) => {
-                    for p in s.partitions.iter().filter(|p| !p.fingerprint_here.is_empty()) {
-                        seen.entry((p.role.clone(), p.partition)).or_default().insert(p.fingerprint_here.clone());
-                    }
-                }
-                Err(_) => ok = false,
-            }
-        }
-        if ok && seen.values().all(|f| f.len() == 1) {
-            return true;
-        }
         if Instant::now() >= end {
-            return false;
+            return Err(last);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -557,14 +544,12 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
         s.load_nodes.join(","),
         s.duration_secs
     );
-    let mut recs = Vec::new();
-    let mut ings = Vec::new();
-    for a in &load_addrs {
-        let ch: Channel = recsys::cli::connect(a).await?;
-        recs.push(RecommenderClient::new(ch.clone()));
-        ings.push(IngestClient::new(ch));
-    }
+    let lb = balancer::Balancer::new(&load_addrs)?;
+    let recs: Vec<RecommenderClient<Channel>> = lb.channels.iter().map(|c| RecommenderClient::new(c.clone())).collect();
+    let ings: Vec<IngestClient<Channel>> = lb.channels.iter().map(|c| IngestClient::new(c.clone())).collect();
     let duration = Duration::from_secs_f64(s.duration_secs);
+    let _ = &load_idx;
+    let prober = lb.probe(Instant::now() + duration + Duration::from_secs(5));
     let deadline = Duration::from_millis(s.deadline_ms);
     let start = Instant::now();
     let calls = Arc::new(Mutex::new(Calls::default()));
@@ -573,7 +558,7 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
     // Writer: one batch in flight at a time, at event_batch_rate; acknowledged batches go in the ledger.
     let writer = (s.event_batch_rate > 0.0).then(|| {
         let (w, world, ings, tag) = (writes.clone(), world.clone(), ings.clone(), s.name.clone());
-        let (cl, load_idx) = (cluster.clone(), load_idx.clone());
+        let lb = lb.clone();
         let every = Duration::from_secs_f64(1.0 / s.event_batch_rate);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -582,17 +567,29 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
             while start.elapsed() < duration {
                 tick.tick().await;
                 let evs = events(&world, &tag, batch);
-                // The same balancer as the Recommend calls: nodes known up and serving.
-                let up: Vec<usize> = {
-                    let c = cl.lock().unwrap_or_else(|e| e.into_inner());
-                    let ok = |i: usize| c.answering(i) && c.nodes[i].serving && !c.nodes[i].gone;
-                    (0..load_idx.len()).filter(|k| ok(load_idx[*k])).collect()
-                };
-                let k = up.get(batch % up.len().max(1)).copied().unwrap_or(batch % ings.len());
-                let mut c = ings[k].clone();
-                let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
-                r.set_timeout(Duration::from_secs(5));
-                let res = tokio::time::timeout(Duration::from_secs(6), c.log_events(r)).await;
+                // The same balancer as the Recommend calls. A batch whose call never reached a
+                // server is sent once more through another node (events are idempotent by id).
+                let mut res = None;
+                for _try in 0..2 {
+                    let k = lb.pick();
+                    let mut c = ings[k].clone();
+                    let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
+                    r.set_timeout(Duration::from_secs(5));
+                    let got = tokio::time::timeout(Duration::from_secs(6), c.log_events(r)).await;
+                    let retry = match &got {
+                        Ok(Err(e)) => balancer::transport_failure(e),
+                        Err(_) => true,
+                        Ok(Ok(_)) => false,
+                    };
+                    if retry {
+                        lb.failed(k);
+                    }
+                    res = Some(got);
+                    if !retry {
+                        break;
+                    }
+                }
+                let Some(res) = res else { continue };
                 let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
                 match res {
                     Ok(Ok(_)) => w.ledger.push(evs),
@@ -676,32 +673,45 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
             c.errors.push("client: too many calls in flight".into());
             continue;
         };
-        // The client's balancer skips load nodes it knows are down (killed, frozen, drained).
-        let up: Vec<usize> = {
-            let c = cluster.lock().unwrap_or_else(|e| e.into_inner());
-            let ok = |i: usize| c.answering(i) && c.nodes[i].serving && !c.nodes[i].gone;
-            (0..load_idx.len()).filter(|k| ok(load_idx[*k])).collect()
-        };
-        let Some(&k) = up.get(n % up.len().max(1)) else {
-            let mut c = calls.lock().unwrap_or_else(|e| e.into_inner());
-            c.done.push((sent, Duration::ZERO, Outcome::Error));
-            c.errors.push("client: no load node is up".into());
-            continue;
-        };
-        let mut client = recs[k].clone();
+        // The client's balancer: only what a client observes (health, its own errors).
         let user = world.users[(n * 37) % world.users.len()].id.clone();
         let calls = calls.clone();
+        let (lb, recs) = (lb.clone(), recs.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
-            let mut r = tonic::Request::new(pb::RecommendRequest {
-                user_id: user,
-                surface: "home".into(),
-                k: 10,
-                ..Default::default()
-            });
-            r.set_timeout(deadline);
             let t = Instant::now();
-            let res = tokio::time::timeout(deadline * 3, client.recommend(r)).await;
+            let mut res = None;
+            // A call that never reached a server (refused, reset) is tried once more on another
+            // node within the same deadline, as gRPC clients do for transparent retries.
+            for _try in 0..2 {
+                let left = deadline.saturating_sub(t.elapsed());
+                if left.is_zero() && res.is_some() {
+                    break;
+                }
+                let k = lb.pick();
+                let mut client = recs[k].clone();
+                let mut r = tonic::Request::new(pb::RecommendRequest {
+                    user_id: user.clone(),
+                    surface: "home".into(),
+                    k: 10,
+                    ..Default::default()
+                });
+                r.set_timeout(left.max(Duration::from_millis(1)));
+                let got = tokio::time::timeout(deadline * 3, client.recommend(r)).await;
+                let retry = match &got {
+                    Ok(Err(e)) => balancer::transport_failure(e),
+                    Err(_) => true,
+                    Ok(Ok(_)) => false,
+                };
+                if retry {
+                    lb.failed(k);
+                }
+                res = Some(got);
+                if !retry {
+                    break;
+                }
+            }
+            let Some(res) = res else { return };
             let lat = t.elapsed();
             let mut c = calls.lock().unwrap_or_else(|e| e.into_inner());
             let outcome = match res {
@@ -747,28 +757,41 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
     }
     let coverage = cov.await?;
 
-    // The ledger: after replicas converge (bounded), every acknowledged event re-sent through a
-    // load node must come back a duplicate from every replica of its partition.
+    prober.abort();
+    // The ledger, read-only (`recsys::verify`): every acknowledged event must be on every one of
+    // R copies, asked of each copy; nothing is re-sent, so a loss cannot be repaired away. Then
+    // the copies must hold identical op sets (compared whole, not by the digest anti-entropy
+    // equalises). A node still down, copies that never converge, or missing coverage fail.
     let mut notes = Vec::new();
+    let mut fail = Vec::new();
     let all_up = {
         let c = cluster.lock().unwrap_or_else(|e| e.into_inner());
         c.nodes.iter().enumerate().all(|(i, n)| n.gone || c.answering(i))
     };
     if !all_up {
-        notes.push("a node is still down: the ledger was checked on the live replicas only".to_string());
+        fail.push("a node is still down at the end: its copies cannot be checked".to_string());
     }
-    if !converged(cluster, Duration::from_secs(30)).await {
-        notes.push("replicas had not converged 30 s after the load".to_string());
-    }
+    let nodes: Vec<(String, String)> = {
+        let c = cluster.lock().unwrap_or_else(|e| e.into_inner());
+        (0..c.nodes.len())
+            .filter(|i| c.answering(*i) && !c.nodes[*i].gone)
+            .map(|i| (c.nodes[i].id.clone(), c.nodes[i].addr.clone()))
+            .collect()
+    };
+    let partitions = status(&nodes.first().map(|n| n.1.clone()).unwrap_or_default()).await?.partitions_per_role;
     let w = std::mem::take(&mut *writes.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut ing = IngestClient::new(recsys::cli::connect(&load_addrs[0]).await?);
-    let mut lost = 0usize;
-    for evs in &w.ledger {
-        let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
-        r.set_timeout(Duration::from_secs(10));
-        let r =
-            ing.log_events(r).await.map_err(|e| anyhow::anyhow!("ledger re-send: {:?}: {}", e.code(), e.message()))?;
-        lost += evs.len() - (r.into_inner().duplicates as usize).min(evs.len());
+    let events = w.ledger.iter().flatten().map(|e| (e.event_id.clone(), e.item_id.clone()));
+    let check = recsys::verify::ledger(&nodes, events, partitions, s.replication as usize, None).await?;
+    let lost = check.missing;
+    if !check.problems.is_empty() {
+        notes.push(format!("ledger: {}", check.problems.iter().take(3).cloned().collect::<Vec<_>>().join("; ")));
+    }
+    match converged(&nodes, partitions, Duration::from_secs(30)).await {
+        Ok(()) => {}
+        Err(d) => fail.push(format!("copies had not converged 30 s after the load: {d}")),
+    }
+    if coverage.is_none() && first_at.is_some() {
+        fail.push("full coverage was not reached again after the last action".to_string());
     }
     if w.errors > 0 {
         notes.push(format!(
@@ -824,7 +847,8 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
         notes.push(format!("actor restarts (recsys_actor_restarts_total, live nodes): {}", restarted.join(", ")));
     }
     let answered_pct = 100.0 * answered as f64 / requests.max(1) as f64;
-    let pass = requests > 0 && answered_pct >= 99.9 && lost == 0;
+    let pass = requests > 0 && answered_pct >= 99.9 && lost == 0 && fail.is_empty();
+    notes.extend(fail);
     let _ = actions;
     Ok(Row {
         name: s.name.clone(),
@@ -852,7 +876,7 @@ fn pending(s: &Scenario, why: &str) -> Row {
         acked: 0,
         lost: None,
         coverage_s: None,
-        pass: true,
+        pass: false,
         notes: vec![],
     }
 }
@@ -979,7 +1003,7 @@ async fn real_main() -> anyhow::Result<bool> {
         let needs_membership = s.requires.iter().any(|r| r == "membership");
         if needs_membership && !membership {
             println!("   pending: this build has no `recsys drain` (node join/drain/remove not merged yet)");
-            rows.push(pending(s, "needs join/drain/remove"));
+            rows.push(pending(s, "needs join/drain/remove")); // `pass` is false: pending fails
             continue;
         }
         let t = Instant::now();

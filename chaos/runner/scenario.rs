@@ -132,18 +132,6 @@ pub enum Action {
 }
 
 impl Action {
-    /// The node a node-level action takes out (the load is not sent there).
-    pub fn node_level_target(&self) -> Option<&str> {
-        match self {
-            Action::Sigkill { node }
-            | Action::Sigstop { node }
-            | Action::Isolate { node }
-            | Action::Drain { node }
-            | Action::Remove { node } => Some(node),
-            _ => None,
-        }
-    }
-
     pub fn describe(&self) -> String {
         match self {
             Action::Sigkill { node } => format!("SIGKILL {node}"),
@@ -198,8 +186,8 @@ impl Scenario {
             return Err(bad("schedule: steps must be in time order".into()));
         }
         if s.load_nodes.is_empty() {
-            let out: Vec<&str> = s.schedule.iter().filter_map(|st| st.action.node_level_target()).collect();
-            s.load_nodes = (1..=s.nodes).map(|i| format!("n{i}")).filter(|n| !out.contains(&n.as_str())).collect();
+            // Every node, the faulted ones included: the client finds out what a client can.
+            s.load_nodes = (1..=s.nodes).map(|i| format!("n{i}")).collect();
         }
         if s.load_nodes.is_empty() {
             return Err(bad("load_nodes: no node left to send the load to".into()));

@@ -477,7 +477,7 @@ impl MetaLog {
         let proposal = Proposal { entry, change: change.to_string(), by: self.me.clone() };
         let started = Instant::now();
         let mut last_err = String::new();
-        for attempt in 0..30u32 {
+        'attempt: for attempt in 0..30u32 {
             if attempt > 0 {
                 // Two proposers outbidding each other back off by a random amount (Paxos's
                 // liveness needs one of them to pause).
@@ -505,7 +505,10 @@ impl MetaLog {
             let mut highest: Option<(Ballot, Proposal)> = None;
             for r in &replies {
                 match r {
-                    Ok(MetaReply::AlreadyDecided(d)) => return self.lost_to(d.clone(), &proposal),
+                    Ok(MetaReply::AlreadyDecided(d)) => match self.lost_to(d.clone(), &proposal) {
+                        Retry::Next => continue 'attempt,
+                        Retry::Done(r) => return r,
+                    },
                     Ok(MetaReply::Promise { ok, promised: p, accepted }) => {
                         self.saw_round(p.round);
                         if *ok {
@@ -532,7 +535,10 @@ impl MetaLog {
             let mut accepted = 0;
             for r in &replies {
                 match r {
-                    Ok(MetaReply::AlreadyDecided(d)) => return self.lost_to(d.clone(), &proposal),
+                    Ok(MetaReply::AlreadyDecided(d)) => match self.lost_to(d.clone(), &proposal) {
+                        Retry::Next => continue 'attempt,
+                        Retry::Done(r) => return r,
+                    },
                     Ok(MetaReply::Accepted { ok, promised: p }) => {
                         self.saw_round(p.round);
                         if *ok {
@@ -552,11 +558,10 @@ impl MetaLog {
             metrics::counter!("recsys_meta_decided_total").increment(1);
             tracing::info!(index, change = %d.proposal.change, by = %d.proposal.by, "metadata log: decided");
             self.spread(voters);
-            if d.proposal == proposal {
-                return Ok(d);
+            match self.lost_to(d, &proposal) {
+                Retry::Next => continue 'attempt,
+                Retry::Done(r) => return r,
             }
-            // The slot went to a value another proposer had begun: this proposal was not decided.
-            return Err(MetaError::Conflict { index, change: d.proposal.change });
         }
         Err(MetaError::NoQuorum(format!(
             "could not decide `{change}` in {:.1} s: {last_err}",
@@ -569,12 +574,18 @@ impl MetaLog {
         s.max_round = s.max_round.max(round);
     }
 
-    fn lost_to(&self, d: Decided, mine: &Proposal) -> Result<Decided, MetaError> {
+    /// What a proposer does once slot `d.index` is decided: done when it is this proposal; a
+    /// ring change that won the slot refuses this one (it was built on the ring before); an
+    /// address entry that won it leaves the next slot to try.
+    fn lost_to(&self, d: Decided, mine: &Proposal) -> Retry {
         let _ = self.learn(vec![d.clone()]);
         if d.proposal == *mine {
-            return Ok(d);
+            return Retry::Done(Ok(d));
         }
-        Err(MetaError::Conflict { index: d.index, change: d.proposal.change })
+        match d.proposal.entry {
+            Entry::Ring(_) => Retry::Done(Err(MetaError::Conflict { index: d.index, change: d.proposal.change })),
+            Entry::Addr { .. } => Retry::Next,
+        }
     }
 
     async fn ask_all(self: &Arc<Self>, nodes: &[String], msg: MetaMsg) -> Vec<Result<MetaReply, String>> {
@@ -708,6 +719,11 @@ impl MetaLog {
     }
 }
 
+enum Retry {
+    Next,
+    Done(Result<Decided, MetaError>),
+}
+
 fn ring_of(p: &Persisted) -> RingSpec {
     p.log
         .iter()
@@ -802,7 +818,8 @@ mod tests {
         // A change built on the ring before that one is refused, naming the one that won.
         let stale = log.propose(Entry::Ring(next), "drain a", Some(1)).await;
         assert_eq!(stale, Err(MetaError::Conflict { index: 1, change: "join b".into() }));
-        let addr = log.propose(Entry::Addr { node: "a".into(), addr: "127.0.0.1:1".into() }, "address of a", None).await;
+        let addr =
+            log.propose(Entry::Addr { node: "a".into(), addr: "127.0.0.1:1".into() }, "address of a", None).await;
         assert_eq!(addr.unwrap().index, 2);
         assert_eq!(log.logged_addr("a").as_deref(), Some("127.0.0.1:1"));
         let _ = std::fs::remove_dir_all(&d);

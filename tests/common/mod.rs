@@ -412,10 +412,8 @@ pub fn metric(metrics_addr: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
-/// Read-only ledger check: asks every running node which op ids each copy it holds of the
-/// acknowledged events' item partitions contains (`Internal.Holds`, nothing is written or
-/// re-sent), and returns what is wrong: a partition held on other than `replication` nodes, or
-/// an acknowledged event's op missing from a copy. Run it before anything re-sends the ledger.
+/// Read-only ledger check (`recsys::verify`): every acknowledged event's op on every owner,
+/// asked of each copy before anything is re-sent. Returns what is wrong (empty: nothing lost).
 pub async fn ledger_missing(
     nodes: &[(String, String)],
     ledger: &[Vec<recsys::api::pb::Event>],
@@ -423,59 +421,6 @@ pub async fn ledger_missing(
     replication: usize,
     secret: Option<&str>,
 ) -> Vec<String> {
-    use std::collections::{BTreeMap, BTreeSet};
-
-    use recsys::cluster::{Part, Role};
-    use recsys::ids::{key_of, partition_of, ITEM};
-    use recsys::transport::pb as ipb;
-    // The op each acknowledged event logs in its item's feature partition.
-    let mut want: BTreeMap<Part, BTreeSet<u64>> = BTreeMap::new();
-    for e in ledger.iter().flatten() {
-        let part = Part::new(Role::Feature, partition_of(ITEM, key_of(&e.item_id), partitions));
-        want.entry(part).or_default().insert(recsys::ingest::ops::event_op_id(&e.event_id, "item", 0));
-    }
-    let mut holders: BTreeMap<Part, Vec<(String, BTreeSet<u64>)>> = BTreeMap::new();
-    for (node, addr) in nodes {
-        let ch = recsys::cli::connect(addr).await.unwrap();
-        let auth = recsys::auth::InternalAuth::new(secret.map(recsys::auth::ClusterKey::new), "ledger-check").to(node);
-        let mut c = ipb::internal_client::InternalClient::with_interceptor(ch, auth)
-            .max_decoding_message_size(256 * 1024 * 1024);
-        let buckets: Vec<u32> = (0..recsys::store::BUCKETS as u32).collect();
-        let asks = want
-            .keys()
-            .map(|p| ipb::PartitionAsk {
-                role: p.role as u32,
-                partition: p.partition,
-                body: recsys::transport::encode(&buckets),
-            })
-            .collect();
-        let env =
-            ipb::Envelope { from_node: "ledger-check".into(), epoch: 0, digest: String::new(), deadline_ms: 10_000 };
-        let mut r = tonic::Request::new(ipb::DigestsRequest { envelope: Some(env), asks });
-        r.set_timeout(Duration::from_secs(10));
-        let reply = c.holds(r).await.unwrap_or_else(|e| panic!("{node}: Holds: {e:?}")).into_inner();
-        for res in reply.results {
-            if !res.error.is_empty() {
-                continue; // no copy of this partition on this node
-            }
-            let part = Part::new(Role::from_u32(res.role).unwrap(), res.partition);
-            let ids: Vec<(u32, Vec<u64>)> = recsys::transport::decode(&res.body).unwrap();
-            holders.entry(part).or_default().push((node.clone(), ids.into_iter().flat_map(|(_, v)| v).collect()));
-        }
-    }
-    let mut problems = Vec::new();
-    for (part, ops) in &want {
-        let copies = holders.get(part).map(Vec::as_slice).unwrap_or_default();
-        if copies.len() != replication {
-            let on: Vec<&str> = copies.iter().map(|(n, _)| n.as_str()).collect();
-            problems.push(format!("{part}: held on {on:?}, not on {replication} nodes"));
-        }
-        for (node, ids) in copies {
-            let missing = ops.iter().filter(|id| !ids.contains(id)).count();
-            if missing > 0 {
-                problems.push(format!("{part} on {node}: {missing} of {} acknowledged events missing", ops.len()));
-            }
-        }
-    }
-    problems
+    let events = ledger.iter().flatten().map(|e| (e.event_id.clone(), e.item_id.clone()));
+    recsys::verify::ledger(nodes, events, partitions, replication, secret).await.unwrap().problems
 }

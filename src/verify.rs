@@ -1,0 +1,140 @@
+//! Checks that must not change what they check (the chaos runner's and the tests' "nothing
+//! lost"): each copy of a partition is asked, read-only (`Internal.Holds`), which op ids it holds.
+//! Nothing is written or re-sent, so a check can fail: a repair (anti-entropy, a re-sent ledger)
+//! would make the copies agree and hide a loss. Op ids are content-addressed by the write path,
+//! so two copies holding the same ids hold the same ops.
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::cluster::{Part, Role};
+use crate::ids::{key_of, partition_of, ITEM};
+use crate::transport::pb;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{node}: {message}")]
+    Node { node: String, message: String },
+}
+
+/// The op an event logs in its item's feature partition (present on every owner once acked).
+pub fn event_item_op(event_id: &str, item_id: &str, partitions: u32) -> (Part, u64) {
+    let part = Part::new(Role::Feature, partition_of(ITEM, key_of(item_id), partitions));
+    (part, crate::ingest::ops::event_op_id(event_id, "item", 0))
+}
+
+/// The copies of `parts` that each node holds, with every op id in each (all buckets). A node
+/// without a copy of a partition answers "not open" for it and is left out.
+pub async fn copies(
+    nodes: &[(String, String)],
+    parts: &[Part],
+    secret: Option<&str>,
+) -> Result<BTreeMap<Part, Vec<(String, BTreeSet<u64>)>>, VerifyError> {
+    let mut out: BTreeMap<Part, Vec<(String, BTreeSet<u64>)>> = BTreeMap::new();
+    let buckets: Vec<u32> = (0..crate::store::BUCKETS as u32).collect();
+    for (node, addr) in nodes {
+        let err = |m: String| VerifyError::Node { node: node.clone(), message: m };
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| err(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let auth = crate::auth::InternalAuth::new(secret.map(crate::auth::ClusterKey::new), "verify").to(node);
+        let mut c = pb::internal_client::InternalClient::with_interceptor(ch, auth)
+            .max_decoding_message_size(512 * 1024 * 1024);
+        let asks = parts
+            .iter()
+            .map(|p| pb::PartitionAsk {
+                role: p.role as u32,
+                partition: p.partition,
+                body: crate::transport::encode(&buckets),
+            })
+            .collect();
+        let env = pb::Envelope { from_node: "verify".into(), epoch: 0, digest: String::new(), deadline_ms: 20_000 };
+        let mut r = tonic::Request::new(pb::DigestsRequest { envelope: Some(env), asks });
+        r.set_timeout(Duration::from_secs(20));
+        let reply = c.holds(r).await.map_err(|s| err(format!("Holds: {:?}: {}", s.code(), s.message())))?;
+        for res in reply.into_inner().results {
+            if !res.error.is_empty() {
+                continue;
+            }
+            let Some(role) = Role::from_u32(res.role) else { continue };
+            let ids: Vec<(u32, Vec<u64>)> = crate::transport::decode(&res.body).map_err(err)?;
+            let set = ids.into_iter().flat_map(|(_, v)| v).collect();
+            out.entry(Part::new(role, res.partition)).or_default().push((node.clone(), set));
+        }
+    }
+    Ok(out)
+}
+
+/// A read-only ledger check's result.
+#[derive(Debug, Default)]
+pub struct LedgerCheck {
+    pub acked: usize,
+    /// Acknowledged events not on every one of `replication` copies.
+    pub missing: usize,
+    pub problems: Vec<String>,
+}
+
+/// Checks a ledger of acknowledged events (`(event id, item id)`): each event's op must be on
+/// exactly `replication` copies among `nodes`. Nothing is written.
+pub async fn ledger(
+    nodes: &[(String, String)],
+    events: impl IntoIterator<Item = (String, String)>,
+    partitions: u32,
+    replication: usize,
+    secret: Option<&str>,
+) -> Result<LedgerCheck, VerifyError> {
+    let mut want: BTreeMap<Part, BTreeSet<u64>> = BTreeMap::new();
+    for (event, item) in events {
+        let (part, id) = event_item_op(&event, &item, partitions);
+        want.entry(part).or_default().insert(id);
+    }
+    let parts: Vec<Part> = want.keys().copied().collect();
+    let held = copies(nodes, &parts, secret).await?;
+    let mut out = LedgerCheck { acked: want.values().map(BTreeSet::len).sum(), ..Default::default() };
+    for (part, ops) in &want {
+        let on = held.get(part).map(Vec::as_slice).unwrap_or_default();
+        if on.len() != replication {
+            let names: Vec<&str> = on.iter().map(|(n, _)| n.as_str()).collect();
+            out.problems.push(format!("{part}: held on {names:?}, not on {replication} nodes"));
+        }
+        let mut short = 0;
+        for id in ops {
+            let copies = on.iter().filter(|(_, ids)| ids.contains(id)).count();
+            if copies < replication {
+                short += 1;
+            }
+        }
+        for (node, ids) in on {
+            let missing = ops.iter().filter(|id| !ids.contains(id)).count();
+            if missing > 0 {
+                out.problems.push(format!("{part} on {node}: {missing} of {} acknowledged events missing", ops.len()));
+            }
+        }
+        out.missing += short;
+    }
+    Ok(out)
+}
+
+/// Partitions whose copies hold different op sets (compared whole, read-only). Empty: converged.
+pub async fn divergent(
+    nodes: &[(String, String)],
+    partitions: u32,
+    secret: Option<&str>,
+) -> Result<Vec<String>, VerifyError> {
+    let parts: Vec<Part> = Role::ALL.iter().flat_map(|r| (0..partitions).map(move |p| Part::new(*r, p))).collect();
+    let held = copies(nodes, &parts, secret).await?;
+    let mut out = Vec::new();
+    for (part, copies) in held {
+        if let Some((first, ids)) = copies.first() {
+            for (node, other) in &copies[1..] {
+                if other != ids {
+                    let (a, b) = (ids.difference(other).count(), other.difference(ids).count());
+                    out.push(format!("{part}: {first} has {a} ops {node} lacks, {node} has {b} {first} lacks"));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
