@@ -114,6 +114,40 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ("recsys_move_bytes_total", Kind::Counter, None, "Op-log bytes streamed to this node by partition moves"),
     ("recsys_partitions_dropped_total", Kind::Counter, None, "Partitions dropped here after moving to other owners"),
     (
+        "recsys_partitions_awaiting_handoff",
+        Kind::Gauge,
+        None,
+        "Copies no longer owned here, kept until every owner confirms holding their ops",
+    ),
+    ("recsys_handoff_ops_pushed_total", Kind::Counter, None, "Ops pushed to new owners before dropping a copy"),
+    ("recsys_handoff_failures_total", Kind::Counter, None, "Hand-offs not confirmed (the copy was kept)"),
+    (
+        "recsys_inconsistent_moves_total",
+        Kind::Counter,
+        None,
+        "Moves completed without a down previous owner (consistent_range_movement = false)",
+    ),
+    ("recsys_meta_log_index", Kind::Gauge, None, "Last entry of this node's cluster metadata log"),
+    ("recsys_meta_decided_total", Kind::Counter, None, "Metadata log entries this node got decided as proposer"),
+    (
+        "recsys_meta_divergence_total",
+        Kind::Counter,
+        None,
+        "A peer offered another entry for a decided metadata slot (refused; never expected)",
+    ),
+    (
+        "recsys_membership_changes_refused_total",
+        Kind::Counter,
+        None,
+        "Membership changes proposed here and not decided (another won, or no quorum)",
+    ),
+    (
+        "recsys_gossip_rejected_total",
+        Kind::Counter,
+        None,
+        "Gossip entries ignored: unsigned or wrongly signed values, or this node's id from another process",
+    ),
+    (
         "recsys_partitions_lost_total",
         Kind::Counter,
         None,
@@ -280,6 +314,13 @@ fn register_zeros() {
         "recsys_move_bytes_total",
         "recsys_partitions_dropped_total",
         "recsys_partitions_lost_total",
+        "recsys_handoff_ops_pushed_total",
+        "recsys_handoff_failures_total",
+        "recsys_inconsistent_moves_total",
+        "recsys_meta_decided_total",
+        "recsys_meta_divergence_total",
+        "recsys_membership_changes_refused_total",
+        "recsys_gossip_rejected_total",
     ] {
         counter!(c).absolute(0);
     }
@@ -296,6 +337,8 @@ fn register_zeros() {
         counter!("recsys_model_reloads_total", "outcome" => o).absolute(0);
     }
     for g in [
+        "recsys_partitions_awaiting_handoff",
+        "recsys_meta_log_index",
         "recsys_hints_pending_ops",
         "recsys_catch_up_partitions_behind",
         "recsys_scoring_queue_chunks",

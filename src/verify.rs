@@ -138,3 +138,59 @@ pub async fn divergent(
     }
     Ok(out)
 }
+
+/// What the nodes' metadata logs say.
+#[derive(Debug, Default)]
+pub struct MetadataCheck {
+    /// Entries in the longest log.
+    pub entries: usize,
+    /// Ring epochs decided in it.
+    pub epochs: usize,
+    /// Two logs that disagree on an entry, or a ring epoch decided twice or out of order.
+    pub problems: Vec<String>,
+}
+
+/// Reads every node's metadata log (`Internal.Meta`, read-only) and checks that they are one
+/// history (each log a prefix of the longest) in which every ring epoch was decided once.
+pub async fn metadata(nodes: &[(String, String)], secret: Option<&str>) -> Result<MetadataCheck, VerifyError> {
+    use crate::cluster::metalog::{Decided, Entry, MetaMsg, MetaReply};
+    let mut logs: Vec<(String, Vec<Decided>)> = Vec::new();
+    for (node, addr) in nodes {
+        let err = |m: String| VerifyError::Node { node: node.clone(), message: m };
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| err(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let auth = crate::auth::InternalAuth::new(secret.map(crate::auth::ClusterKey::new), "verify").to(node);
+        let mut c = pb::internal_client::InternalClient::with_interceptor(ch, auth);
+        let body = serde_json::to_vec(&MetaMsg::Read { after: 0 }).map_err(|e| err(e.to_string()))?;
+        let mut r = tonic::Request::new(pb::MetaRequest { from_node: "verify".into(), body });
+        r.set_timeout(Duration::from_secs(5));
+        let reply = c.meta(r).await.map_err(|s| err(format!("Meta: {:?}: {}", s.code(), s.message())))?;
+        match serde_json::from_slice::<MetaReply>(&reply.into_inner().body).map_err(|e| err(e.to_string()))? {
+            MetaReply::Log { entries, .. } => logs.push((node.clone(), entries)),
+            other => return Err(err(format!("unexpected reply {other:?}"))),
+        }
+    }
+    let mut out = MetadataCheck::default();
+    let Some((_, longest)) = logs.iter().max_by_key(|(_, l)| l.len()) else { return Ok(out) };
+    out.entries = longest.len();
+    for (node, log) in &logs {
+        if let Some(d) = log.iter().zip(longest).find(|(a, b)| a != b) {
+            out.problems.push(format!("{node}'s metadata log differs at entry {}", d.0.index));
+        }
+    }
+    let mut last = 0u64;
+    for d in longest {
+        if let Entry::Ring(r) = &d.proposal.entry {
+            if r.epoch <= last {
+                out.problems.push(format!("ring epoch {} decided again or out of order at entry {}", r.epoch, d.index));
+            }
+            last = r.epoch;
+            out.epochs += 1;
+        }
+    }
+    Ok(out)
+}

@@ -45,6 +45,10 @@ pub struct Scenario {
     /// Extra TOML laid over the runner's node overrides.
     #[serde(default)]
     pub config: String,
+    /// Judged on safety alone (no acknowledged write missing, copies converged, every ring epoch
+    /// decided once); availability is reported, not a bar (the nemesis).
+    #[serde(default)]
+    pub safety_only: bool,
     pub schedule: Vec<Step>,
 }
 
@@ -193,5 +197,97 @@ impl Scenario {
             return Err(bad("load_nodes: no node left to send the load to".into()));
         }
         Ok(s)
+    }
+}
+
+/// A randomized fault schedule (Jepsen's nemesis) drawn from `seed`: one episode at a time, each a
+/// kill and restart, a freeze and resume, a network isolation and heal (netns), failed internal
+/// RPCs, or a membership change (a node joins; a joined node is drained, or killed and removed),
+/// under load through every node. Membership changes are at least 20 s apart.
+pub fn nemesis(seed: u64, seconds: f64, netns: bool) -> Scenario {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut schedule = Vec::new();
+    let mut step = |at: f64, action: Action| schedule.push(Step { at_secs: (at * 10.0).round() / 10.0, action });
+    let mut members: Vec<String> = (1..=3).map(|i| format!("n{i}")).collect();
+    let mut joined: Vec<String> = Vec::new();
+    let mut next_id = 4;
+    let mut last_change = f64::NEG_INFINITY;
+    let mut t = 4.0;
+    // The last 12 s are quiet: every fault has ended before the checks.
+    while t < seconds - 12.0 {
+        let kinds = if netns { 7 } else { 6 };
+        let kind = rng.random_range(0..kinds);
+        let target = members[rng.random_range(0..members.len())].clone();
+        let membership_ok = t - last_change >= 20.0;
+        let end = match kind {
+            0 => {
+                let d = rng.random_range(2.0..7.0);
+                step(t, Action::Sigkill { node: target.clone() });
+                step(t + d, Action::Restart { node: target });
+                t + d
+            }
+            1 => {
+                let d = rng.random_range(0.5..3.0);
+                step(t, Action::Sigstop { node: target.clone() });
+                step(t + d, Action::Sigcont { node: target });
+                t + d
+            }
+            2 => {
+                let d = rng.random_range(1000..5000u32);
+                step(t, Action::FailRpcs { node: target, for_ms: d, outbound: rng.random_bool(0.5) });
+                t + f64::from(d) / 1000.0
+            }
+            3 if membership_ok && next_id <= 6 => {
+                let node = format!("n{next_id}");
+                next_id += 1;
+                step(t, Action::Join { node: node.clone() });
+                members.push(node.clone());
+                joined.push(node);
+                last_change = t;
+                t + 3.0
+            }
+            4 if membership_ok && !joined.is_empty() => {
+                let node = joined.remove(rng.random_range(0..joined.len()));
+                members.retain(|m| *m != node);
+                step(t, Action::Drain { node });
+                last_change = t;
+                t + 3.0
+            }
+            5 if membership_ok && !joined.is_empty() => {
+                let node = joined.remove(rng.random_range(0..joined.len()));
+                members.retain(|m| *m != node);
+                step(t, Action::Sigkill { node: node.clone() });
+                step(t + 2.0, Action::Remove { node });
+                last_change = t;
+                t + 3.0
+            }
+            6 => {
+                let d = rng.random_range(1.0..5.0);
+                step(t, Action::Isolate { node: target.clone() });
+                step(t + d, Action::Heal { node: target });
+                t + d
+            }
+            _ => t,
+        };
+        t = end + rng.random_range(1.5..4.0);
+    }
+    Scenario {
+        name: format!("nemesis-{seed}"),
+        description: format!("randomized nemesis, seed {seed}, {seconds} s{}", if netns { ", netns" } else { "" }),
+        short: false,
+        nodes: 3,
+        replication: 2,
+        network: if netns { "netns" } else { "loopback" }.into(),
+        recommend_rate: 20.0,
+        event_batch_rate: 4.0,
+        duration_secs: seconds,
+        deadline_ms: 300,
+        load_nodes: (1..=3).map(|i| format!("n{i}")).collect(),
+        world: world_default(),
+        requires: vec!["membership".into()],
+        config: String::new(),
+        safety_only: true,
+        schedule,
     }
 }
