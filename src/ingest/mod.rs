@@ -3,6 +3,8 @@
 //! acknowledge once they are durable (sled, one flush per batch on each replica) and applied.
 //! Also the replay of one partition from its op log at start or after a crash.
 pub mod ops;
+#[cfg(test)]
+mod permutations;
 pub mod validate;
 
 use std::sync::Arc;
@@ -76,13 +78,11 @@ pub fn generator_settings(cfg: &Config) -> GeneratorSettings {
     }
 }
 
-/// Rebuilds one feature partition from its op log. Blocking: call from a blocking thread.
+/// Rebuilds one feature partition from its op log: the state of the logged op set (see
+/// `FeatureShardState::from_ops`). Blocking: call from a blocking thread.
 pub fn replay_feature(store: &Store, cfg: &Config, partition: u32) -> Result<FeatureShardState, StoreError> {
-    let mut st = FeatureShardState::new(shard_settings(cfg));
-    for o in store.scan(Part::new(Role::Feature, partition))? {
-        st.apply(&o);
-    }
-    Ok(st)
+    let ops = store.scan(Part::new(Role::Feature, partition))?;
+    Ok(FeatureShardState::from_ops(shard_settings(cfg), ops.iter()))
 }
 
 /// Rebuilds one generator partition from its op log. Blocking: call from a blocking thread.
@@ -140,12 +140,14 @@ impl Writer {
         self.check_size("items", items.len())?;
         let mut out = WriteOutcome::default();
         let mut planner = self.planner();
-        let at = now_ms();
-        let lim = validate::Limits::new(&self.cfg, at);
+        let wall = now_ms();
+        // One version per record, in batch order: of two records for one item the later wins.
+        let (at, seq0) = ops::CLOCK.tick(wall, items.len() as u32);
+        let lim = validate::Limits::new(&self.cfg, wall);
         for (i, it) in items.into_iter().enumerate() {
             match validate::item(i, &it, &lim) {
                 Ok(()) => {
-                    planner.item(&it, at);
+                    planner.item(&it, at, seq0 + i as u32);
                     out.accepted += 1;
                 }
                 Err(e) => out.reject(e.to_string()),
@@ -163,12 +165,13 @@ impl Writer {
         self.check_size("users", users.len())?;
         let mut out = WriteOutcome::default();
         let mut planner = self.planner();
-        let at = now_ms();
-        let lim = validate::Limits::new(&self.cfg, at);
+        let wall = now_ms();
+        let (at, seq0) = ops::CLOCK.tick(wall, users.len() as u32);
+        let lim = validate::Limits::new(&self.cfg, wall);
         for (i, u) in users.into_iter().enumerate() {
             match validate::user(i, &u, &lim) {
                 Ok(()) => {
-                    planner.user(&u, at);
+                    planner.user(&u, at, seq0 + i as u32);
                     out.accepted += 1;
                 }
                 Err(e) => out.reject(e.to_string()),
@@ -188,12 +191,12 @@ impl Writer {
         let keys: Vec<Key> = ids_in.iter().map(|id| key_of(id)).collect();
         let known = self.briefs(&keys, BriefWants::default()).await?;
         let mut planner = self.planner();
-        let at = now_ms();
+        let (at, seq0) = ops::CLOCK.tick(now_ms(), ids_in.len() as u32);
         for (i, (id, k)) in ids_in.iter().zip(&keys).enumerate() {
             if let Err(e) = validate::item_id(i, id) {
                 out.reject(e.to_string());
             } else if known.contains_key(k) {
-                planner.delete(*k, at);
+                planner.delete(*k, at, seq0 + i as u32);
                 out.accepted += 1;
             } else {
                 out.reject(format!("item_ids[{i}]: unknown item `{id}`"));
@@ -290,13 +293,22 @@ impl Writer {
             }
         }
         let mut planner = self.planner();
-        let homes: Vec<(Part, usize)> = ok.iter().map(|e| planner.event(e, &briefs[&key_of(&e.item)])).collect();
+        let placed: Vec<Vec<(Part, usize)>> =
+            ok.iter().map(|e| planner.event(e, &briefs[&key_of(&e.item)])).collect();
         let w = self.transport.write(planner.plan, self.timeout()).await?;
         out.flush_micros = w.flush_micros;
-        // Idempotency: an event whose item op every replica had already logged is a duplicate.
+        // Idempotency: an event is a duplicate only when every op it planned had already been
+        // logged by every replica. Op ids cover content (`ops`), so a retry that derived other
+        // partners or item facts has new ops: it is not called a duplicate while some partition
+        // counts it again; such re-derived retries are counted apart.
+        let is_new = |(part, i): &(Part, usize)| w.new.get(part).and_then(|f| f.get(*i)).copied().unwrap_or(false);
         let mut fresh = Vec::with_capacity(ok.len());
-        for (e, (part, i)) in ok.into_iter().zip(homes) {
-            if w.new.get(&part).and_then(|f| f.get(i)).copied().unwrap_or(false) {
+        for (e, at) in ok.into_iter().zip(placed) {
+            let home_new = at.first().is_some_and(is_new);
+            if home_new {
+                fresh.push(e);
+            } else if at.iter().any(is_new) {
+                metrics::counter!("recsys_ingest_rederived_total").increment(1);
                 fresh.push(e);
             } else {
                 out.duplicates += 1;
