@@ -760,6 +760,14 @@ impl FeatureShardState {
         *a = a.saturating_add(weight);
     }
 
+    /// The recent likes as `[item, ts as u64, ...]`, newest first (see `FeatureMsg::RecentLikes`).
+    pub fn timed_likes(&self, user: Key) -> Vec<Key> {
+        self.users
+            .get(&user)
+            .map(|u| u.recent_likes.iter().flat_map(|(t, k)| [*k, *t as u64]).collect())
+            .unwrap_or_default()
+    }
+
     pub fn recent_likes(&self, user: Key) -> Vec<Key> {
         self.users.get(&user).map(|u| u.recent_likes.iter().map(|(_, k)| *k).collect()).unwrap_or_default()
     }
@@ -909,6 +917,9 @@ pub enum FeatureMsg {
     Apply(Arc<Vec<LoggedOp>>, RpcReplyPort<Result<Vec<bool>, String>>),
     /// Item state per key, with the optional parts asked for.
     Briefs(Vec<Key>, BriefWants, RpcReplyPort<Vec<Option<ItemBrief>>>),
+    /// Per user, the recent likes with their event times, flattened as
+    /// `[item, ts as u64, item, ts, ...]` newest first (`timed_likes`): the write path derives an
+    /// event's partners from the likes *older* than it, which a retry derives again.
     RecentLikes(Vec<Key>, RpcReplyPort<Vec<Vec<Key>>>),
     Profile(Key, RpcReplyPort<UserSnapshot>),
     /// Item state (for the filters) and item feature rows (for the survivors) of the same keys in
@@ -1045,7 +1056,7 @@ impl Actor for FeatureShard {
                 let _ = reply.send(keys.iter().map(|k| st.brief(*k, wants)).collect());
             }
             FeatureMsg::RecentLikes(users, reply) => {
-                let _ = reply.send(users.iter().map(|u| st.recent_likes(*u)).collect());
+                let _ = reply.send(users.iter().map(|u| st.timed_likes(*u)).collect());
             }
             FeatureMsg::Profile(user, reply) => {
                 let _ = reply.send(st.snapshot(user));

@@ -104,6 +104,28 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// An event's co-engagement partners: the user's likes *older* than it in (event time, item)
+/// order, newest first, at most `cap`. Derived from the event's own time, not from when it is
+/// written, so a retry after the user liked other items derives the same partners, plans the
+/// same ops (ids cover content, `ops`) and is a duplicate. (Likes older than the event that
+/// arrive only between two attempts still change them; see `ops` on re-derived retries.)
+fn partners(likes: &[(i64, Key)], ts: i64, item: Key, cap: usize) -> Vec<Key> {
+    likes.iter().filter(|&&(t, k)| (t, k) < (ts, item) && k != item).take(cap).map(|(_, k)| *k).collect()
+}
+
+/// Records a like in a newest-first list (newest like per item), as the user's partition does.
+fn add_like(list: &mut Vec<(i64, Key)>, ts: i64, item: Key, keep: usize) {
+    if let Some(i) = list.iter().position(|(_, k)| *k == item) {
+        if list[i].0 >= ts {
+            return;
+        }
+        list.remove(i);
+    }
+    let pos = list.partition_point(|e| *e > (ts, item));
+    list.insert(pos, (ts, item));
+    list.truncate(keep);
+}
+
 /// The node's write coordinator.
 pub struct Writer {
     pub cfg: Arc<Config>,
@@ -221,14 +243,16 @@ impl Writer {
         Ok(found)
     }
 
-    async fn recent_likes(&self, users: Vec<Key>) -> Result<KeyMap<Vec<Key>>, IngestError> {
+    /// Per user, the recent likes as (event time s, item), newest first.
+    async fn recent_likes(&self, users: Vec<Key>) -> Result<KeyMap<Vec<(i64, Key)>>, IngestError> {
         let deadline = Instant::now() + self.timeout();
         let (replies, _) =
             self.transport.read_keyed("ingest", ids::USER, users, deadline, ReadQuery::RecentLikes).await;
         let mut recent = KeyMap::default();
         for (us, reply) in replies {
             if let ReadReply::RecentLikes(lists) = reply {
-                recent.extend(us.into_iter().zip(lists));
+                let timed = lists.into_iter().map(|flat| flat.chunks_exact(2).map(|c| (c[1] as i64, c[0])).collect());
+                recent.extend(us.into_iter().zip(timed));
             }
         }
         // A user whose partition did not answer gets no co-engagement pairs from this batch.
@@ -284,12 +308,9 @@ impl Writer {
             let mut recent = self.recent_likes(likers).await?;
             ok.sort_by_key(|e| e.ts_ms);
             for e in ok.iter_mut().filter(|e| e.action == Action::Like) {
-                let item = key_of(&e.item);
                 let list = recent.entry(key_of(&e.user)).or_default();
-                e.pairs = list.iter().filter(|k| **k != item).take(cap).copied().collect();
-                list.retain(|k| *k != item);
-                list.insert(0, item);
-                list.truncate(self.cfg.retrieval.recent_likes);
+                e.pairs = partners(list, e.ts_ms.div_euclid(1000), key_of(&e.item), cap);
+                add_like(list, e.ts_ms.div_euclid(1000), key_of(&e.item), self.cfg.retrieval.recent_likes);
             }
         }
         let mut planner = self.planner();
@@ -320,5 +341,28 @@ impl Writer {
         }
         metrics::counter!("recsys_ingest_records_total", "kind" => "event").increment(u64::from(out.accepted));
         Ok((out, fresh))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finding 1 of issue 15, the coordinator's half: partners came from the user's likes at
+    /// write time, so a retry after the user liked another item derived others (and logged
+    /// other content under the same op id). They now come from the likes older than the event.
+    #[test]
+    fn a_retry_after_a_later_like_derives_the_same_partners() {
+        let mut likes = vec![];
+        add_like(&mut likes, 100, 1, 20);
+        add_like(&mut likes, 200, 2, 20);
+        let first = partners(&likes, 300, 3, 10);
+        assert_eq!(first, vec![2, 1]);
+        add_like(&mut likes, 300, 3, 20); // the first attempt's like is applied
+        add_like(&mut likes, 400, 4, 20); // the user likes another item
+        assert_eq!(partners(&likes, 300, 3, 10), first, "the retry derives the same partners");
+        assert_eq!(partners(&likes, 300, 3, 1), vec![2], "capped, newest first");
+        add_like(&mut likes, 50, 2, 20);
+        assert_eq!(likes[..2], [(400, 4), (300, 3)], "an older like of an item does not move it");
     }
 }

@@ -14,9 +14,12 @@
 //! the partition that applies the op (it holds neither the user's likes nor the item), so the
 //! derived content stays, and the id names it.
 //!
-//! What that leaves (and how it is kept honest): a retry after the derivation changed (the user
-//! liked another item, the item was re-upserted in between) logs the changed ops as new ops, so
-//! those partitions count the event again. The coordinator then does not answer "duplicate": an
+//! The derivation is made repeatable where it can be: partners are the user's likes *older* than
+//! the event (by event time, `Writer::log_events`), so a retry after the user liked another item
+//! derives the same partners, plans the same ops and is a duplicate everywhere. What that leaves
+//! (and how it is kept honest): a retry after the derivation changed otherwise (the item was
+//! re-upserted with another topic or embedding, an older like arrived late) logs the changed ops
+//! as new ops, so those partitions count the event again. The coordinator then does not answer "duplicate": an
 //! event is a duplicate only when *every* op it planned was already logged (see
 //! `Writer::log_events`), and such partial re-counts are counted in
 //! `recsys_ingest_rederived_total`. Removing them needs the coordinator to reuse the first
