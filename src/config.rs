@@ -503,7 +503,12 @@ impl Config {
         at_least("ingest.topics", u64::from(i.topics), 1, "no item could be accepted")?;
         at_least("scoring.queue_per_scorer", sc.queue_per_scorer as u64, 1, "no request could be scored")?;
         at_least("scoring.stage2_top_n", sc.stage2_top_n as u64, 1, "no request could be ranked")?;
-        at_least("filters.seen_bloom_capacity", self.filters.seen_bloom_capacity as u64, 1, "no filter could be built")?;
+        at_least(
+            "filters.seen_bloom_capacity",
+            self.filters.seen_bloom_capacity as u64,
+            1,
+            "no filter could be built",
+        )?;
         let fp = self.filters.seen_bloom_fp_rate;
         if !(fp > 0.0 && fp < 1.0) {
             return Err(ConfigError::Invalid {

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ItemFeat, UserFeat};
 use crate::counters::{self, Window};
-use crate::ids::{key_of, Key, KeyMap};
 use crate::generators::mix;
+use crate::ids::{key_of, Key, KeyMap};
 use crate::ingest::ops::{Op, Version};
 use crate::store::{Action, ItemRecord, LoggedOp, UserRecord};
 
@@ -361,7 +361,8 @@ impl FeatureShardState {
                 _ => {}
             }
         }
-        let mut unknown: Vec<(u64, Key)> = eventful.iter().filter(|k| !upserted.contains(*k)).map(|k| rank(*k)).collect();
+        let mut unknown: Vec<(u64, Key)> =
+            eventful.iter().filter(|k| !upserted.contains(*k)).map(|k| rank(*k)).collect();
         unknown.sort_unstable();
         let cap = settings.unknown_cap;
         let dropped = unknown.len() > cap;
@@ -524,8 +525,7 @@ impl FeatureShardState {
             }
             Op::DeleteItem { item: k, .. } => {
                 // Versioned like an upsert: an older upsert arriving later does not bring it back.
-                if newer(&mut self.item_deletes, *k, version)
-                    && self.item_versions.get(k).is_none_or(|u| *u < version)
+                if newer(&mut self.item_deletes, *k, version) && self.item_versions.get(k).is_none_or(|u| *u < version)
                 {
                     self.delete_items(&[*k]);
                 }
@@ -642,7 +642,7 @@ impl FeatureShardState {
             // kept ones), and a light profile promoted frees a place a refused user should have
             // had: the state of this op set is the rebuilt one.
             let r = rank(key);
-            if light || self.unknown.last().is_some_and(|largest| r > *largest) {
+            if light || self.unknown.last().is_none_or(|largest| r > *largest) {
                 self.needs_rebuild = true;
             }
         }
@@ -968,10 +968,8 @@ const REBUILD_SPACING: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Moves the node's clock past the upsert versions a replica applies (see `ingest::ops::Hlc`).
 fn observe_versions(ops: &[LoggedOp]) {
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let wall =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     if let Some((at, seq, _)) = ops.iter().filter_map(Op::version).max() {
         crate::ingest::ops::CLOCK.observe(wall, at, seq);
     }
@@ -1047,7 +1045,8 @@ impl Actor for FeatureShard {
                     metrics::counter!("recsys_partition_rebuilds_total").increment(1);
                     let (load, p) = (actor.load.clone(), actor.partition);
                     let fresh = tokio::task::block_in_place(|| load(p));
-                    metrics::gauge!("recsys_unknown_users").increment(fresh.unknown_live as f64 - st.unknown_live as f64);
+                    metrics::gauge!("recsys_unknown_users")
+                        .increment(fresh.unknown_live as f64 - st.unknown_live as f64);
                     *st = fresh;
                     actor.rebuilt_at = Some(std::time::Instant::now());
                 }
@@ -1160,8 +1159,16 @@ mod tests {
     fn the_later_record_of_a_batch_wins_whatever_the_ids() {
         for (first_id, second_id) in [(1u64, 2u64), (2, 1)] {
             let mut s = FeatureShardState::new(settings());
-            let a = LoggedOp { id: first_id, at: 50, op: Op::UpsertItem { item: ItemRecord { price: 1.0, ..item("i1") }, seq: 0 } };
-            let b = LoggedOp { id: second_id, at: 50, op: Op::UpsertItem { item: ItemRecord { price: 2.0, ..item("i1") }, seq: 1 } };
+            let a = LoggedOp {
+                id: first_id,
+                at: 50,
+                op: Op::UpsertItem { item: ItemRecord { price: 1.0, ..item("i1") }, seq: 0 },
+            };
+            let b = LoggedOp {
+                id: second_id,
+                at: 50,
+                op: Op::UpsertItem { item: ItemRecord { price: 2.0, ..item("i1") }, seq: 1 },
+            };
             s.apply(&b);
             s.apply(&a);
             let rows = s.item_features(&[key_of("i1")], &[ItemFeat::Price], &[], 4600);

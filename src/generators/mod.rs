@@ -56,10 +56,8 @@ pub struct TrendRing {
 impl TrendRing {
     /// Same guard as the feature counters: an event a day ahead of the clock never moves it.
     pub fn add(&mut self, ts: i64, w: i32) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
         if ts > now.saturating_add(crate::counters::FUTURE_GUARD_SECS) {
             return;
         }

@@ -314,8 +314,7 @@ impl Writer {
             }
         }
         let mut planner = self.planner();
-        let placed: Vec<Vec<(Part, usize)>> =
-            ok.iter().map(|e| planner.event(e, &briefs[&key_of(&e.item)])).collect();
+        let placed: Vec<Vec<(Part, usize)>> = ok.iter().map(|e| planner.event(e, &briefs[&key_of(&e.item)])).collect();
         let w = self.transport.write(planner.plan, self.timeout()).await?;
         out.flush_micros = w.flush_micros;
         // Idempotency: an event is a duplicate only when every op it planned had already been

@@ -85,16 +85,19 @@ impl LoggedOp {
     }
 }
 
-/// First 8 bytes of SHA-256 over `prefix` and the op's postcard form (stable across processes
-/// and builds of one format).
+/// A stable 64-bit hash of `prefix` and the op's postcard form: FNV-1a over the bytes, then a
+/// full-avalanche finaliser (the same in every process and build of one format). Not SHA: it runs
+/// for every op of every write (tens per event), where a cryptographic hash cost a visible share
+/// of a core; op ids were never secrets, the cluster secret authenticates who sends ops.
 fn digest64(prefix: &[u8], op: &Op) -> u64 {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(prefix);
     // Serializing plain data into a Vec cannot fail; an empty body would still hash the prefix.
-    h.update(postcard::to_allocvec(op).unwrap_or_default());
-    let d = h.finalize();
-    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+    let body = postcard::to_allocvec(op).unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in prefix.iter().chain(&body) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    crate::generators::mix(h ^ body.len() as u64)
 }
 
 /// The id of an op: its origin (`slot`: event id and place in the event, or an upsert's nonce)
@@ -357,7 +360,10 @@ mod tests {
         let home = |pairs: Vec<Key>| {
             let mut p = Planner::new(32, 8);
             p.event(&ev("e1", pairs), &brief());
-            ops(&p).into_iter().filter(|(_, o)| matches!(o.op, Op::ItemEvent { .. } | Op::Engagement { .. })).collect::<Vec<_>>()
+            ops(&p)
+                .into_iter()
+                .filter(|(_, o)| matches!(o.op, Op::ItemEvent { .. } | Op::Engagement { .. }))
+                .collect::<Vec<_>>()
         };
         assert_eq!(home(vec![5, 6]), home(vec![7, 8]));
     }

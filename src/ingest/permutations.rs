@@ -16,9 +16,9 @@ use crate::generators::{GeneratorSettings, GeneratorState};
 use crate::ids::key_of;
 use crate::store::{Action, EventRecord, ItemRecord, LoggedOp, UserRecord};
 
-fn shard_settings() -> ShardSettings {
+fn shard_settings(unknown_cap: usize) -> ShardSettings {
     // Small caps, so eviction and bounded lists are exercised by small op sets.
-    ShardSettings { emb_dim: 3, topics: 4, recent_likes: 2, seen_capacity: 8, seen_fp: 0.01, unknown_cap: 3 }
+    ShardSettings { emb_dim: 3, topics: 4, recent_likes: 2, seen_capacity: 8, seen_fp: 0.01, unknown_cap }
 }
 
 fn generator_settings() -> GeneratorSettings {
@@ -29,6 +29,7 @@ fn generator_settings() -> GeneratorSettings {
 /// once each, rebuilt from its log when the state asks for it (the actor).
 struct Replica {
     part: Part,
+    cap: usize,
     ids: HashSet<u64>,
     log: Vec<LoggedOp>,
     feature: FeatureShardState,
@@ -37,12 +38,13 @@ struct Replica {
 }
 
 impl Replica {
-    fn new(part: Part) -> Self {
+    fn new(part: Part, cap: usize) -> Self {
         Self {
             part,
+            cap,
             ids: HashSet::new(),
             log: vec![],
-            feature: FeatureShardState::new(shard_settings()),
+            feature: FeatureShardState::new(shard_settings(cap)),
             generator: GeneratorState::new(generator_settings()),
             rebuilds: 0,
         }
@@ -60,7 +62,7 @@ impl Replica {
             }
         }
         if self.feature.needs_rebuild() {
-            self.feature = FeatureShardState::from_ops(shard_settings(), self.log.iter());
+            self.feature = FeatureShardState::from_ops(shard_settings(self.cap), self.log.iter());
             self.rebuilds += 1;
         }
     }
@@ -99,7 +101,8 @@ fn op_set(seed: u64) -> BTreeMap<Part, Vec<LoggedOp>> {
     };
     for _ in 0..rng.random_range(1..4) {
         // A batch: several records, sometimes two of one item (the later must win).
-        let batch: Vec<ItemRecord> = (0..rng.random_range(1..5)).map(|_| item(rng.random_range(0..n_items), &mut rng)).collect();
+        let batch: Vec<ItemRecord> =
+            (0..rng.random_range(1..5)).map(|_| item(rng.random_range(0..n_items), &mut rng)).collect();
         let wall = (now - rng.random_range(0..3)) * 1000;
         let (at, seq) = clock.tick(wall, batch.len() as u32);
         for (i, it) in batch.iter().enumerate() {
@@ -148,7 +151,8 @@ fn op_set(seed: u64) -> BTreeMap<Part, Vec<LoggedOp>> {
         planner.event(&ev, &b);
         if rng.random_bool(0.15) {
             // A retry through another coordinator that derived other partners and item facts.
-            let again = EventRecord { pairs: vec![key_of(&format!("i{}", rng.random_range(0..n_items)))], ..ev.clone() };
+            let again =
+                EventRecord { pairs: vec![key_of(&format!("i{}", rng.random_range(0..n_items)))], ..ev.clone() };
             let b2 = brief(&mut rng);
             planner.event(&again, &b2);
         }
@@ -157,7 +161,7 @@ fn op_set(seed: u64) -> BTreeMap<Part, Vec<LoggedOp>> {
 }
 
 /// Delivers `ops` in the given order, in random chunks, some ops repeated.
-fn deliver(part: Part, ops: &[LoggedOp], rng: &mut rand::rngs::StdRng) -> Replica {
+fn deliver(part: Part, cap: usize, ops: &[LoggedOp], rng: &mut rand::rngs::StdRng) -> Replica {
     let mut stream: Vec<LoggedOp> = ops.to_vec();
     for _ in 0..rng.random_range(0..4) {
         if !ops.is_empty() {
@@ -166,7 +170,7 @@ fn deliver(part: Part, ops: &[LoggedOp], rng: &mut rand::rngs::StdRng) -> Replic
             stream.insert(at, dup);
         }
     }
-    let mut r = Replica::new(part);
+    let mut r = Replica::new(part, cap);
     let mut rest = &stream[..];
     while !rest.is_empty() {
         let n = rng.random_range(1..=rest.len().min(7));
@@ -182,28 +186,30 @@ proptest! {
     #[test]
     fn one_op_set_gives_one_state_in_any_order(set_seed in any::<u64>(), order_seed in any::<u64>()) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(order_seed);
+        // Unknown-user caps from none to more than the users.
+        let cap = (set_seed % 5) as usize * 2;
         for (part, ops) in op_set(set_seed) {
             // The replay of a log: each op once (a retry plans some ops twice), as a whole set.
             let mut once = HashSet::new();
             let logged: Vec<LoggedOp> = ops.iter().filter(|o| once.insert(o.id)).cloned().collect();
             let canonical = {
-                let mut r = Replica::new(part);
-                r.feature = FeatureShardState::from_ops(shard_settings(), logged.iter());
+                let mut r = Replica::new(part, cap);
+                r.feature = FeatureShardState::from_ops(shard_settings(cap), logged.iter());
                 if part.role == Role::Generator {
                     logged.iter().for_each(|o| r.generator.apply(o));
                 }
                 r.hash()
             };
-            let live = deliver(part, &ops, &mut rng);
+            let live = deliver(part, cap, &ops, &mut rng);
             let mut pulled = ops.clone();
             pulled.sort_by_key(|o| (o.at, o.id));
-            let pulled = deliver(part, &pulled, &mut rng);
+            let pulled = deliver(part, cap, &pulled, &mut rng);
             let mut shuffled = ops.clone();
             shuffled.shuffle(&mut rng);
-            let shuffled = deliver(part, &shuffled, &mut rng);
+            let shuffled = deliver(part, cap, &shuffled, &mut rng);
             let mut reversed = ops.clone();
             reversed.reverse();
-            let reversed = deliver(part, &reversed, &mut rng);
+            let reversed = deliver(part, cap, &reversed, &mut rng);
             for (name, r) in [("live", &live), ("pulled", &pulled), ("shuffled", &shuffled), ("reversed", &reversed)] {
                 prop_assert_eq!(r.hash(), canonical, "{} order of {} ({} ops)", name, part, ops.len());
             }
@@ -217,7 +223,7 @@ proptest! {
 fn the_state_hash_covers_content() {
     let set = op_set(7);
     let (part, ops) = set.iter().find(|(p, v)| p.role == Role::Feature && v.len() > 3).expect("a feature partition");
-    let full = FeatureShardState::from_ops(shard_settings(), ops.iter()).state_hash();
-    let fewer = FeatureShardState::from_ops(shard_settings(), ops[..ops.len() - 1].iter()).state_hash();
+    let full = FeatureShardState::from_ops(shard_settings(3), ops.iter()).state_hash();
+    let fewer = FeatureShardState::from_ops(shard_settings(3), ops[..ops.len() - 1].iter()).state_hash();
     assert_ne!(full, fewer, "{part}: one op less, another state");
 }
