@@ -84,15 +84,16 @@ pub struct UserEvent {
     pub ts: i64,
 }
 
-/// Event-time span of one seen-filter generation.
-pub const SEEN_GENERATION_SECS: i64 = 86_400;
+/// Event-time span of one seen-filter generation: a week (the widest counter window), so what a
+/// user saw in the last 7 to 14 days is filtered.
+pub const SEEN_GENERATION_SECS: i64 = 7 * 86_400;
 
 /// Two bloom filters by event-time generation (`ts / SEEN_GENERATION_SECS`): the newest
 /// generation seen and the one before it; older impressions are forgotten. Which generation an
 /// impression lands in is a function of its time and the newest time seen, and bloom inserts
 /// commute, so the filter is the same whatever order the impressions arrive in (rotating when
 /// an insert count reached the capacity, as before, depended on that order). Memory per user is
-/// bounded by the two filters; past `capacity` impressions in a day the false-positive rate rises.
+/// bounded by the two filters; past `capacity` impressions in a week the false-positive rate rises.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct SeenFilter {
     current: BloomFilter,
@@ -1279,7 +1280,7 @@ mod tests {
     }
 
     #[test]
-    fn seen_filter_keeps_two_days_in_any_order() {
+    fn seen_filter_keeps_two_generations_in_any_order() {
         let day = SEEN_GENERATION_SECS;
         let t = 1_700_000_000 - 1_700_000_000 % day;
         let seen = [(1u64, t), (2, t + day), (3, t + 2 * day), (4, t + 2 * day + 5)];
@@ -1289,7 +1290,7 @@ mod tests {
         seen.iter().rev().for_each(|(i, ts)| b.insert(*i, *ts));
         for f in [&a, &b] {
             assert!(f.contains(2) && f.contains(3) && f.contains(4));
-            assert!(!f.contains(1), "the oldest day was dropped");
+            assert!(!f.contains(1), "the oldest generation was dropped");
         }
         assert_eq!(postcard::to_allocvec(&a).unwrap(), postcard::to_allocvec(&b).unwrap());
     }

@@ -104,13 +104,15 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// An event's co-engagement partners: the user's likes *older* than it in (event time, item)
-/// order, newest first, at most `cap`. Derived from the event's own time, not from when it is
+/// An event's co-engagement partners: the user's likes from event-time seconds *before* the
+/// event's, newest first, at most `cap`. Derived from the event's own time, not from when it is
 /// written, so a retry after the user liked other items derives the same partners, plans the
-/// same ops (ids cover content, `ops`) and is a duplicate. (Likes older than the event that
-/// arrive only between two attempts still change them; see `ops` on re-derived retries.)
+/// same ops (ids cover content, `ops`) and is a duplicate. Likes of the same second are left out:
+/// profiles keep seconds, and which of two same-second likes arrived first differs between
+/// attempts. (Likes older than the event that arrive only between two attempts still change the
+/// partners; see `ops` on re-derived retries.)
 fn partners(likes: &[(i64, Key)], ts: i64, item: Key, cap: usize) -> Vec<Key> {
-    likes.iter().filter(|&&(t, k)| (t, k) < (ts, item) && k != item).take(cap).map(|(_, k)| *k).collect()
+    likes.iter().filter(|&&(t, k)| t < ts && k != item).take(cap).map(|(_, k)| *k).collect()
 }
 
 /// Records a like in a newest-first list (newest like per item), as the user's partition does.
@@ -317,20 +319,20 @@ impl Writer {
         let placed: Vec<Vec<(Part, usize)>> = ok.iter().map(|e| planner.event(e, &briefs[&key_of(&e.item)])).collect();
         let w = self.transport.write(planner.plan, self.timeout()).await?;
         out.flush_micros = w.flush_micros;
-        // Idempotency: an event is a duplicate only when every op it planned had already been
-        // logged by every replica. Op ids cover content (`ops`), so a retry that derived other
-        // partners or item facts has new ops: it is not called a duplicate while some partition
-        // counts it again; such re-derived retries are counted apart.
+        // Idempotency: an event whose item op (derived from the event alone) every replica had
+        // already logged is a duplicate. Op ids cover content (`ops`): when a retry derived other
+        // partners or item facts, its changed ops are new ops (stored and repaired everywhere,
+        // never two contents under one id) and those partitions count them; such re-derived
+        // retries are counted in `recsys_ingest_rederived_total`.
         let is_new = |(part, i): &(Part, usize)| w.new.get(part).and_then(|f| f.get(*i)).copied().unwrap_or(false);
         let mut fresh = Vec::with_capacity(ok.len());
         for (e, at) in ok.into_iter().zip(placed) {
-            let home_new = at.first().is_some_and(is_new);
-            if home_new {
-                fresh.push(e);
-            } else if at.iter().any(is_new) {
-                metrics::counter!("recsys_ingest_rederived_total").increment(1);
+            if at.first().is_some_and(is_new) {
                 fresh.push(e);
             } else {
+                if at.iter().any(is_new) {
+                    metrics::counter!("recsys_ingest_rederived_total").increment(1);
+                }
                 out.duplicates += 1;
             }
         }
@@ -361,6 +363,8 @@ mod tests {
         add_like(&mut likes, 400, 4, 20); // the user likes another item
         assert_eq!(partners(&likes, 300, 3, 10), first, "the retry derives the same partners");
         assert_eq!(partners(&likes, 300, 3, 1), vec![2], "capped, newest first");
+        add_like(&mut likes, 300, 1, 20);
+        assert_eq!(partners(&likes, 300, 3, 10), vec![2], "a like of the same second is no partner");
         add_like(&mut likes, 50, 2, 20);
         assert_eq!(likes[..2], [(400, 4), (300, 3)], "an older like of an item does not move it");
     }

@@ -14,17 +14,19 @@
 //! the partition that applies the op (it holds neither the user's likes nor the item), so the
 //! derived content stays, and the id names it.
 //!
-//! The derivation is made repeatable where it can be: partners are the user's likes *older* than
-//! the event (by event time, `Writer::log_events`), so a retry after the user liked another item
-//! derives the same partners, plans the same ops and is a duplicate everywhere. What that leaves
-//! (and how it is kept honest): a retry after the derivation changed otherwise (the item was
-//! re-upserted with another topic or embedding, an older like arrived late) logs the changed ops
-//! as new ops, so those partitions count the event again. The coordinator then does not answer "duplicate": an
-//! event is a duplicate only when *every* op it planned was already logged (see
-//! `Writer::log_events`), and such partial re-counts are counted in
-//! `recsys_ingest_rederived_total`. Removing them needs the coordinator to reuse the first
-//! attempt's derived content (read back from the event's home partition), which is transport
-//! work outside this module.
+//! The derivation is made repeatable where it can be: partners are the user's likes from seconds
+//! *before* the event (by event time, `Writer::log_events`), so a retry after the user liked
+//! another item derives the same partners, plans the same ops and is a duplicate everywhere.
+//!
+//! Not solved here (an open part of finding 1): a retry whose derivation still changed (the
+//! user's recent-likes list, capped at `retrieval.recent_likes`, has since dropped likes older
+//! than the event; an older like arrived late; the item was re-upserted with another topic or
+//! embedding) logs its changed derived ops as new ops, so those partitions count the event again
+//! while the reply says "duplicate" (the item op, from the event alone, decides that, so a
+//! re-sent batch stays idempotent for the item's counters). Such retries are counted in
+//! `recsys_ingest_rederived_total`. Removing the re-count needs the coordinator to reuse the
+//! first attempt's derived content (read back from the event's home partition before planning),
+//! a transport query outside this module.
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -246,7 +248,7 @@ impl Planner {
 
     /// The ops of one event: item counters, the user's profile, trending (global shard and the
     /// event's geo), co-engagement pairs. Returns every op's partition and index in it, the
-    /// item op (from the event alone) first: the event is a duplicate only when none was new.
+    /// item op (from the event alone, it decides whether the event is a duplicate) first.
     pub fn event(&mut self, e: &EventRecord, brief: &ItemBrief) -> Vec<(Part, usize)> {
         let before: BTreeMap<Part, usize> = self.plan.iter().map(|(p, v)| (*p, v.len())).collect();
         let home = Part::new(Role::Feature, partition_of(ids::ITEM, key_of(&e.item), self.partitions));
