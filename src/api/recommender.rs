@@ -21,7 +21,7 @@ pub(crate) fn ready<T>(cell: &OnceLock<Arc<T>>) -> Result<Arc<T>, Status> {
 /// event can reach, and a long value must never come back whole in the status message.
 pub(crate) fn check_request(r: &pb::RecommendRequest, surfaces: &[String]) -> Result<(), Status> {
     check_id(&r.user_id, MAX_ID_BYTES).map_err(|why| Status::invalid_argument(format!("user_id: {why}")))?;
-    if !surfaces.iter().any(|s| *s == r.surface) {
+    if !surfaces.contains(&r.surface) {
         return Err(Status::invalid_argument(format!(
             "surface: unknown surface `{}` (known: {})",
             quote(&r.surface),

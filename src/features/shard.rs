@@ -170,7 +170,7 @@ pub const AUTHOR_AFFINITY_CAP: usize = 128;
 
 /// Order-free rank of a key for bounded sets (smallest kept).
 fn rank(key: Key) -> (u64, Key) {
-    (mix(key ^ 0x5eed_0f_a11), key)
+    (mix(key ^ 0x0005_eed0_fa11), key)
 }
 
 /// A copy of what a request needs from the user's profile.
