@@ -41,6 +41,10 @@ pub struct ItemBrief {
     pub embedding: Option<Arc<[f32]>>,
     /// Item id and author name, only when asked for (the final re-filter of the ranked list).
     pub names: Option<(Arc<str>, Arc<str>)>,
+    /// (`at` ms, `seq`) of the upsert the item's row comes from: a coordinator deleting the
+    /// item observes it first (`ingest::ops::Hlc`), so the delete's version is above the upsert
+    /// it saw even when its own clock is behind the clock that versioned the upsert.
+    pub version: (i64, u32),
 }
 
 /// Which optional parts of an `ItemBrief` a caller needs.
@@ -785,6 +789,7 @@ impl FeatureShardState {
                 .embedding
                 .then(|| Arc::from(&self.attrs[r * self.attr_width() + A_FIXED..(r + 1) * self.attr_width()])),
             names: wants.names.then(|| (self.heads[r].id.clone(), self.heads[r].author.clone())),
+            version: self.item_versions.get(&key).map_or((0, 0), |v| (v.0, v.1)),
         })
     }
 
@@ -1175,6 +1180,33 @@ mod tests {
             let rows = s.item_features(&[key_of("i1")], &[ItemFeat::Price], &[], 4600);
             assert_eq!(rows.values, vec![2.0], "ids {first_id}, {second_id}");
         }
+    }
+
+    /// Finding 4 of issue 15: a delete through a node whose clock is 2 s behind lost to the
+    /// upsert it followed. The coordinator observes the brief's version before stamping.
+    #[test]
+    fn a_delete_from_a_clock_behind_still_follows_the_upsert_it_saw() {
+        let t = 1_800_000_000_000i64;
+        let ahead = crate::ingest::ops::Hlc::new();
+        let (at, seq) = ahead.tick(t + 2000, 1);
+        let up = LoggedOp { id: 5, at, op: Op::UpsertItem { item: item("i1"), seq } };
+        let mut s = FeatureShardState::new(settings());
+        s.apply(&up);
+        let k = key_of("i1");
+        let seen = s.brief(k, BriefWants::default()).unwrap().version;
+        assert_eq!(seen, (at, seq));
+        let behind = crate::ingest::ops::Hlc::new();
+        behind.observe(t, seen.0, seen.1);
+        let (dat, dseq) = behind.tick(t, 1);
+        let del = LoggedOp { id: 1, at: dat, op: Op::DeleteItem { item: k, seq: dseq } };
+        for order in [[&up, &del], [&del, &up]] {
+            let mut r = FeatureShardState::new(settings());
+            order.iter().for_each(|o| r.apply(o));
+            assert!(r.brief(k, BriefWants::default()).unwrap().deleted, "the delete wins");
+        }
+        // Without observing, the node behind stamps a version below the upsert's: it loses.
+        let (lat, lseq) = crate::ingest::ops::Hlc::new().tick(t, 1);
+        assert!((lat, lseq) < (at, seq));
     }
 
     /// Finding 5: a delete newer than an upsert that arrives first and one that arrives after it

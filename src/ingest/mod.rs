@@ -215,7 +215,13 @@ impl Writer {
         let keys: Vec<Key> = ids_in.iter().map(|id| key_of(id)).collect();
         let known = self.briefs(&keys, BriefWants::default()).await?;
         let mut planner = self.planner();
-        let (at, seq0) = ops::CLOCK.tick(now_ms(), ids_in.len() as u32);
+        // Versions above the upserts these deletes follow, whichever node's clock stamped them
+        // (finding 4 of issue 15: a delete through a node behind lost to an earlier upsert).
+        let wall = now_ms();
+        for b in known.values() {
+            ops::CLOCK.observe(wall, b.version.0, b.version.1);
+        }
+        let (at, seq0) = ops::CLOCK.tick(wall, ids_in.len() as u32);
         for (i, (id, k)) in ids_in.iter().zip(&keys).enumerate() {
             if let Err(e) = validate::item_id(i, id) {
                 out.reject(e.to_string());

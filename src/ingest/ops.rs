@@ -306,7 +306,15 @@ mod tests {
     use super::*;
 
     fn brief() -> ItemBrief {
-        ItemBrief { author_key: 1, topic: 2, deleted: false, in_stock: true, embedding: None, names: None }
+        ItemBrief {
+            author_key: 1,
+            topic: 2,
+            deleted: false,
+            in_stock: true,
+            embedding: None,
+            names: None,
+            version: (0, 0),
+        }
     }
 
     fn ev(id: &str, pairs: Vec<Key>) -> EventRecord {

@@ -146,6 +146,7 @@ fn op_set(seed: u64) -> BTreeMap<Part, Vec<LoggedOp>> {
             in_stock: true,
             embedding: Some(Arc::from((0..3).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>())),
             names: None,
+            version: (0, 0),
         };
         let b = brief(&mut rng);
         planner.event(&ev, &b);
