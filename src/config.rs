@@ -479,6 +479,49 @@ impl Config {
         if !(0.5..=1.0001).contains(&total) {
             return bad("serving.stage_share", "shares must add up to between 0.5 and 1.0");
         }
+        self.validate_limits()
+    }
+
+    /// Settings with which a node would start but could not work (every call refused, every
+    /// write timed out, nothing kept): refused at start, naming the key and the value.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        fn at_least(key: &str, v: u64, min: u64, why: &str) -> Result<(), ConfigError> {
+            if v < min {
+                return Err(ConfigError::Invalid {
+                    key: key.to_string(),
+                    message: format!("{v} is below {min}: {why}"),
+                });
+            }
+            Ok(())
+        }
+        let (s, i, sc) = (&self.serving, &self.ingest, &self.scoring);
+        at_least("serving.max_in_flight", s.max_in_flight as u64, 1, "every Recommend would be refused")?;
+        at_least("serving.default_deadline_ms", s.default_deadline_ms, 1, "every request would time out at once")?;
+        at_least("serving.max_deadline_ms", s.max_deadline_ms, 1, "every request would time out at once")?;
+        if s.default_deadline_ms > s.max_deadline_ms {
+            return Err(ConfigError::Invalid {
+                key: "serving.default_deadline_ms".into(),
+                message: format!("{} is above serving.max_deadline_ms ({})", s.default_deadline_ms, s.max_deadline_ms),
+            });
+        }
+        at_least("serving.ranked_list_len", s.ranked_list_len as u64, 1, "no request could return an item")?;
+        at_least("ingest.replica_timeout_ms", i.replica_timeout_ms, 1, "every write would time out")?;
+        at_least("ingest.topics", u64::from(i.topics), 1, "no item could be accepted")?;
+        at_least("scoring.queue_per_scorer", sc.queue_per_scorer as u64, 1, "no request could be scored")?;
+        at_least("scoring.stage2_top_n", sc.stage2_top_n as u64, 1, "no request could be ranked")?;
+        at_least(
+            "filters.seen_bloom_capacity",
+            self.filters.seen_bloom_capacity as u64,
+            1,
+            "no filter could be built",
+        )?;
+        let fp = self.filters.seen_bloom_fp_rate;
+        if !(fp > 0.0 && fp < 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "filters.seen_bloom_fp_rate".into(),
+                message: format!("{fp} is outside (0, 1)"),
+            });
+        }
         Ok(())
     }
 }
@@ -523,6 +566,31 @@ mod tests {
         std::fs::write(&node, "[cluster]\nreplicas = 2\n").unwrap();
         let err = Config::load_layered(&[PathBuf::from("config/node.toml"), node]).unwrap_err();
         assert!(err.to_string().contains("replicas"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn impossible_limits_refuse_to_start_naming_the_value() {
+        let cases = [
+            ("[serving]\nmax_in_flight = 0\n", "serving.max_in_flight", "0 is below 1"),
+            ("[serving]\ndefault_deadline_ms = 0\n", "serving.default_deadline_ms", "0 is below 1"),
+            ("[serving]\ndefault_deadline_ms = 9000\n", "serving.default_deadline_ms", "9000 is above"),
+            ("[ingest]\nreplica_timeout_ms = 0\n", "ingest.replica_timeout_ms", "0 is below 1"),
+            ("[scoring]\nqueue_per_scorer = 0\n", "scoring.queue_per_scorer", "0 is below 1"),
+            ("[filters]\nseen_bloom_fp_rate = 1.5\n", "filters.seen_bloom_fp_rate", "1.5 is outside"),
+        ];
+        let dir = std::env::temp_dir().join(format!("recsys-cfg-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let over = dir.join("over.toml");
+        let load = |text: &str| {
+            std::fs::write(&over, text).unwrap();
+            Config::load_layered(&[PathBuf::from("config/node.toml"), over.clone()])
+        };
+        for (text, key, value) in cases {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(value), "{text}: {err}");
+        }
+        assert!(load("[serving]\nmax_in_flight = 1\n").is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

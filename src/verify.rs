@@ -16,10 +16,12 @@ pub enum VerifyError {
     Node { node: String, message: String },
 }
 
-/// The op an event logs in its item's feature partition (present on every owner once acked).
-pub fn event_item_op(event_id: &str, item_id: &str, partitions: u32) -> (Part, u64) {
-    let part = Part::new(Role::Feature, partition_of(ITEM, key_of(item_id), partitions));
-    (part, crate::ingest::ops::event_op_id(event_id, "item", 0))
+/// The op an acknowledged event logs in its item's feature partition (on every owner once
+/// acked); None for an event whose action is not one ingest accepts (it was never acked).
+pub fn event_item_op(e: &crate::api::pb::Event, partitions: u32) -> Option<(Part, u64)> {
+    let part = Part::new(Role::Feature, partition_of(ITEM, key_of(&e.item_id), partitions));
+    let action = crate::ingest::validate::action(0, e.action).ok()?;
+    Some((part, crate::ingest::ops::item_event_op_id(&e.event_id, &e.item_id, action, e.event_time_ms)))
 }
 
 /// The copies of `parts` that each node holds, with every op id in each (all buckets). A node
@@ -76,19 +78,20 @@ pub struct LedgerCheck {
     pub problems: Vec<String>,
 }
 
-/// Checks a ledger of acknowledged events (`(event id, item id)`): each event's op must be on
-/// exactly `replication` copies among `nodes`. Nothing is written.
-pub async fn ledger(
+/// Checks a ledger of acknowledged events: each event's op must be on exactly `replication`
+/// copies among `nodes`. Nothing is written.
+pub async fn ledger<'a>(
     nodes: &[(String, String)],
-    events: impl IntoIterator<Item = (String, String)>,
+    events: impl IntoIterator<Item = &'a crate::api::pb::Event>,
     partitions: u32,
     replication: usize,
     secret: Option<&str>,
 ) -> Result<LedgerCheck, VerifyError> {
     let mut want: BTreeMap<Part, BTreeSet<u64>> = BTreeMap::new();
-    for (event, item) in events {
-        let (part, id) = event_item_op(&event, &item, partitions);
-        want.entry(part).or_default().insert(id);
+    for e in events {
+        if let Some((part, id)) = event_item_op(e, partitions) {
+            want.entry(part).or_default().insert(id);
+        }
     }
     let parts: Vec<Part> = want.keys().copied().collect();
     let held = copies(nodes, &parts, secret).await?;

@@ -325,6 +325,25 @@ async fn hostile_input_is_refused_by_field_and_changes_nothing_served() {
     }
     let e = ing.log_events(pb::LogEventsRequest { events: vec![] }).await.unwrap_err();
     assert_eq!((e.code(), e.message().starts_with("events:")), (Code::InvalidArgument, true), "{}", e.message());
+    // Recommend refuses the user ids ingest refuses, and no bad value comes back whole: a 100 KB
+    // one would otherwise exceed the reply's metadata limit (the client saw a transport error).
+    let huge = "h".repeat(100 * 1024);
+    let echoes = [
+        (req("u\u{1b}[2J", 5), "user_id:"),
+        (req("u\n1", 5), "user_id:"),
+        (pb::RecommendRequest { surface: huge.clone(), ..req("u1", 5) }, "surface:"),
+    ];
+    for (q, field) in echoes {
+        let e = rec.recommend(q).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().starts_with(field) && e.message().len() < 300, "{}", e.message());
+    }
+    let e = admin.remove_node(pb::RemoveNodeRequest { node_id: huge.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().starts_with("node_id:") && e.message().len() < 300, "{}", e.message());
+    let e = admin.reload_models(pb::ReloadModelsRequest { models_dir: huge.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().starts_with("models_dir:") && e.message().len() < 300, "{}", e.message());
 
     // 7. Page tokens: signed, bound to their user, offsets bounded.
     let p1 = rec.recommend(req("u1", 5)).await.unwrap().into_inner();
@@ -376,6 +395,23 @@ async fn hostile_input_is_refused_by_field_and_changes_nothing_served() {
         assert!(!e.message().contains(&outside_s), "{asked}: names a path outside the root: {}", e.message());
         assert!(!e.message().contains("secret-token"), "quotes file contents: {}", e.message());
     }
+    // A version is a short printable name; a manifest type error quotes the value short. The
+    // serving version stays.
+    let before = rec.recommend(req("u1", 5)).await.unwrap().into_inner().models.unwrap().stage1;
+    // JSON's escape for ESC: the parsed version holds the control character itself.
+    let long_version = format!("\\u001b[31m{}", "v".repeat(100 * 1024));
+    copy_models(&root.join("longver"), |m| m.replacen("\"version\": \"", &format!("\"version\": \"{long_version}"), 1));
+    copy_models(&root.join("badtype"), |m| {
+        m.replacen("\"stage1\": {", &format!("\"stage1\": \"{}\", \"stage1x\": {{", "y".repeat(100 * 1024)), 1)
+    });
+    for (asked, needle) in [("longver", "version: must be 1..=64 printable"), ("badtype", "wrong type or value")] {
+        let e = admin.reload_models(pb::ReloadModelsRequest { models_dir: asked.into() }).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{asked}: {}", e.message());
+        assert!(e.message().contains(needle), "{asked}: {}", e.message());
+        assert!(e.message().len() < 600 && !e.message().contains('\u{1b}'), "{asked}: {} bytes", e.message().len());
+    }
+    let after = rec.recommend(req("u1", 5)).await.unwrap().into_inner().models.unwrap().stage1;
+    assert_eq!(after, before, "the refused versions left the serving one in place");
     let ok = admin.reload_models(pb::ReloadModelsRequest { models_dir: "v2".into() }).await.unwrap().into_inner();
     assert!(ok.version.starts_with("confined-"), "{ok:?}");
 

@@ -278,6 +278,13 @@ fn node_refuses_bad_config_and_bad_models() {
     std::fs::write(&cfg, base.replace("[serving]\n", "[serving]\nmax_kk = 3\n")).unwrap();
     let out = node_fails(&dir.join("d1"), &["--config", cfg.to_str().unwrap()]);
     assert!(out.contains("max_kk"), "unknown config key not named: {out}");
+    // An impossible limit refuses to start, naming the key and the value (issue 15, finding 8:
+    // `max_in_flight = 0` started a node that refused every call).
+    let zero = base.replace("max_in_flight = 256", "max_in_flight = 0");
+    assert_ne!(zero, base, "config/node.toml sets serving.max_in_flight");
+    std::fs::write(&cfg, zero).unwrap();
+    let out = node_fails(&dir.join("d0"), &["--config", cfg.to_str().unwrap()]);
+    assert!(out.contains("serving.max_in_flight") && out.contains("0 is below 1"), "not named: {out}");
 
     let models = dir.join("models");
     std::fs::create_dir_all(&models).unwrap();

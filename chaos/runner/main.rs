@@ -799,8 +799,7 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
     };
     let partitions = status(&nodes.first().map(|n| n.1.clone()).unwrap_or_default()).await?.partitions_per_role;
     let w = std::mem::take(&mut *writes.lock().unwrap_or_else(|e| e.into_inner()));
-    let events = w.ledger.iter().flatten().map(|e| (e.event_id.clone(), e.item_id.clone()));
-    let check = recsys::verify::ledger(&nodes, events, partitions, s.replication as usize, None).await?;
+    let check = recsys::verify::ledger(&nodes, w.ledger.iter().flatten(), partitions, s.replication as usize, None).await?;
     let lost = check.missing;
     if !check.problems.is_empty() {
         notes.push(format!("ledger: {}", check.problems.iter().take(3).cloned().collect::<Vec<_>>().join("; ")));

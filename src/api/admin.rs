@@ -9,6 +9,7 @@ use crate::cluster::changes::{Change, ChangeError};
 use crate::cluster::{MemberState, Part, Role};
 use crate::features::shard::{FeatureMsg, ShardCounts};
 use crate::features::FeaturePlan;
+use crate::ingest::validate::quote;
 use crate::scoring::paths::{self, PathError};
 use crate::scoring::{Models, ScoringError};
 use crate::transport::Transport;
@@ -286,10 +287,17 @@ impl pb::admin_server::Admin for AdminService {
         let asked = req.into_inner().models_dir;
         let dir = if asked.is_empty() {
             st.models_dir.clone()
+        } else if asked.len() > MAX_MODELS_DIR_BYTES || asked.chars().any(char::is_control) {
+            // Refused before touching the file system; the value is never echoed whole.
+            return Err(Status::invalid_argument(format!(
+                "models_dir: must be at most {MAX_MODELS_DIR_BYTES} bytes without control characters (got `{}`)",
+                quote(&asked)
+            )));
         } else {
-            // Only the caller's own spelling is echoed back, never a resolved path.
+            // Only the caller's own spelling is echoed back (at most a short prefix of it), never a
+            // resolved path.
             paths::confine_dir(&st.models_root, std::path::Path::new(&asked)).map_err(|e| match e {
-                PathError::NotFound => Status::not_found(format!("models_dir: `{asked}` {e}")),
+                PathError::NotFound => Status::not_found(format!("models_dir: `{}` {e}", quote(&asked))),
                 PathError::NoRoot => Status::unavailable(format!("models_dir: {e}")),
                 _ => Status::invalid_argument(format!("models_dir: {e}")),
             })?
@@ -317,10 +325,21 @@ impl pb::admin_server::Admin for AdminService {
     }
 }
 
-fn node_field(id: String) -> Result<String, Status> {
+/// A models directory longer than this is no directory under the root (PATH_MAX is 4096).
+const MAX_MODELS_DIR_BYTES: usize = 4096;
+
+/// A node id as the config accepts it (`node.node_id`: 1..=64 printable ASCII, no spaces); any
+/// other value names no node and is refused here, quoted short, before the change is proposed.
+pub(crate) fn node_field(id: String) -> Result<String, Status> {
     let id = id.trim().to_string();
     if id.is_empty() {
         return Err(Status::invalid_argument("node_id: must name a node"));
+    }
+    if id.len() > 64 || !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(format!(
+            "node_id: `{}` is not a node id (1..=64 printable ASCII characters without spaces)",
+            quote(&id)
+        )));
     }
     Ok(id)
 }
@@ -342,4 +361,22 @@ async fn change(st: &AdminState, c: Change) -> Result<Response<pb::MembershipCha
         target_members: spec.target.clone().unwrap_or_default(),
         partitions_moving: moving,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_checked_and_quoted_short() {
+        assert_eq!(node_field(" n2 ".into()).unwrap(), "n2");
+        assert_eq!(node_field("".into()).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let big = "n".repeat(100 * 1024);
+        let e = node_field(big).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("node_id: "), "{}", e.message());
+        assert!(e.message().len() < 200, "{} bytes", e.message().len());
+        let e = node_field("n\u{1b}[2J".into()).unwrap_err();
+        assert!(!e.message().contains('\u{1b}'), "escape codes are not echoed: {}", e.message());
+    }
 }

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::pb;
 use crate::features;
+use crate::ingest::validate::{check_id, quote, MAX_GEO_BYTES, MAX_ID_BYTES};
 use crate::pipeline::{self, Pipeline};
 
 pub struct RecommenderService {
@@ -13,6 +14,29 @@ pub struct RecommenderService {
 
 pub(crate) fn ready<T>(cell: &OnceLock<Arc<T>>) -> Result<Arc<T>, Status> {
     cell.get().cloned().ok_or_else(|| Status::unavailable("node is loading its partitions; retry shortly"))
+}
+
+/// Checks the caller's values before any work, with the rules ingest applies to the same ids:
+/// a user id Recommend accepted but ingest refuses (control characters) would name a profile no
+/// event can reach, and a long value must never come back whole in the status message.
+pub(crate) fn check_request(r: &pb::RecommendRequest, surfaces: &[String]) -> Result<(), Status> {
+    check_id(&r.user_id, MAX_ID_BYTES).map_err(|why| Status::invalid_argument(format!("user_id: {why}")))?;
+    if !surfaces.contains(&r.surface) {
+        return Err(Status::invalid_argument(format!(
+            "surface: unknown surface `{}` (known: {})",
+            quote(&r.surface),
+            surfaces.join(", ")
+        )));
+    }
+    if let Some(c) = &r.context {
+        if c.geo.len() > MAX_GEO_BYTES || c.geo.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(format!(
+                "context.geo: must be at most {MAX_GEO_BYTES} bytes without control characters (got {} bytes)",
+                c.geo.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -24,6 +48,7 @@ impl pb::recommender_server::Recommender for RecommenderService {
             .unwrap_or(Duration::from_millis(serving.default_deadline_ms))
             .min(Duration::from_millis(serving.max_deadline_ms));
         let r = req.into_inner();
+        check_request(&r, &serving.surfaces)?;
         let explain = r.explain;
         let reply = p
             .recommend(
@@ -91,5 +116,37 @@ impl pb::recommender_server::Recommender for RecommenderService {
             diversity_relaxed: reply.diversity_relaxed,
             from_page_cache: reply.from_page_cache,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(user: &str, surface: &str) -> pb::RecommendRequest {
+        pb::RecommendRequest { user_id: user.into(), surface: surface.into(), k: 10, ..Default::default() }
+    }
+
+    #[test]
+    fn user_ids_follow_the_ingest_rule() {
+        let surfaces = vec!["home".to_string()];
+        assert!(check_request(&req("u1", "home"), &surfaces).is_ok());
+        for bad in ["u\u{0}1", "u\n", "\u{1b}[2J", "", "   ", &"u".repeat(257)] {
+            let e = check_request(&req(bad, "home"), &surfaces).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
+            assert!(e.message().starts_with("user_id: "), "{}", e.message());
+            assert!(!e.message().contains(bad) || bad.is_empty(), "the value is not echoed: {}", e.message());
+        }
+    }
+
+    #[test]
+    fn a_huge_surface_is_quoted_short() {
+        let surfaces = vec!["home".to_string()];
+        let big = "s".repeat(100 * 1024);
+        let e = check_request(&req("u1", &big), &surfaces).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("surface: unknown surface"), "{}", e.message());
+        assert!(e.message().len() < 200, "{} bytes", e.message().len());
+        assert!(e.message().contains("(102400 bytes)"));
     }
 }

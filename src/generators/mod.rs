@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
-use crate::counters::HourRing;
 use crate::ids::{Key, KeyMap};
 use crate::ingest::ops::Op;
 use crate::store::{Action, LoggedOp};
@@ -31,24 +30,84 @@ pub struct GeneratorSettings {
     pub coengagement_neighbors: usize,
 }
 
-/// Engagement weight of an action for trending; impressions count a little so that a brand-new
-/// world still has a ranking, negative feedback subtracts.
-pub fn trending_weight(a: Action) -> f32 {
+/// Engagement weight of an action for trending, in tenths; impressions count a little so that a
+/// brand-new world still has a ranking, negative feedback subtracts. Integers: a sum of them is
+/// the same in any order (a float sum of 0.1s is not), so replicas that applied one op set in
+/// different orders hold the same window sums, bit for bit.
+pub fn trending_weight(a: Action) -> i32 {
     match a {
-        Action::Impression => 0.1,
-        Action::Click => 1.0,
-        Action::Like => 2.0,
-        Action::Share => 3.0,
-        Action::Hide | Action::Report => -2.0,
+        Action::Impression => 1,
+        Action::Click => 10,
+        Action::Like => 20,
+        Action::Share => 30,
+        Action::Hide | Action::Report => -20,
     }
 }
+
+/// Hourly ring of one item's trending weight (tenths): the 24 event-time hours up to the newest
+/// one seen. Which events it holds is a function of the op set (those within 24 h of the newest),
+/// not of their arrival order, and the sums are integers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TrendRing {
+    head: u32,
+    slots: [i32; 24],
+}
+
+impl TrendRing {
+    /// Same guard as the feature counters: an event a day ahead of the clock never moves it.
+    pub fn add(&mut self, ts: i64, w: i32) {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        if ts > now.saturating_add(crate::counters::FUTURE_GUARD_SECS) {
+            return;
+        }
+        let b = (ts.max(0) / 3600) as u32;
+        if b > self.head {
+            let steps = (b - self.head).min(24);
+            for s in 1..=steps {
+                self.slots[((self.head + s) % 24) as usize] = 0;
+            }
+            self.head = b;
+        } else if b + 24 <= self.head {
+            return;
+        }
+        let slot = &mut self.slots[(b % 24) as usize];
+        *slot = slot.saturating_add(w);
+    }
+
+    /// Window sum at `now` over `hours`, in weight units (tenths divided out).
+    pub fn sum(&self, now: i64, hours: u32) -> f32 {
+        let now_b = (now.max(0) / 3600) as u32;
+        let mut total = 0i64;
+        for k in 0..hours.min(24) {
+            let Some(b) = now_b.checked_sub(k) else { break };
+            if b <= self.head && b + 24 > self.head {
+                total += i64::from(self.slots[(b % 24) as usize]);
+            }
+        }
+        total as f32 / 10.0
+    }
+}
+
+/// A stable 64-bit mix (splitmix64's finaliser): ranks for order-free sampling.
+pub(crate) fn mix(mut h: u64) -> u64 {
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Co-engagement pair ops kept per neighbour slot of an item (the sample is this many times the
+/// neighbours served).
+pub const PAIR_SAMPLE_FACTOR: usize = 3;
 
 /// Trending for one geo. The full ranking is rebuilt once per event-time hour (the only time a
 /// 24 × 1 h window sum changes on its own); between rebuilds each engagement updates its item's
 /// score in `best` directly, so no request ever pays for a scan of every item in the geo.
 #[derive(Default)]
 struct GeoTrending {
-    items: KeyMap<HourRing>,
+    items: KeyMap<TrendRing>,
     /// The best items by window score at `now`, between `TRENDING_KEEP` and twice that many.
     best: KeyMap<f32>,
     /// An item outside `best` enters only above this score (the lowest kept at the last prune).
@@ -126,11 +185,23 @@ impl GeoTrending {
     }
 }
 
+/// One generator partition's state. Every part is a function of the set of ops applied, not of
+/// their order (live writes, anti-entropy pulls and move streams deliver one set in different
+/// orders): trending sums are integer rings, author lists keep the newest `created_at` per item
+/// in a total order, and co-engagement keeps an order-free sample (below). `state_hash` hashes
+/// all of it; the property test in `tests` checks permutations against it.
 pub struct GeneratorState {
     settings: GeneratorSettings,
     trending: KeyMap<GeoTrending>,
+    /// Per author: (created_at, item), newest first, ties by item, at most `author_recent_items`.
     authors: KeyMap<Vec<(i64, Key)>>,
-    coengaged: KeyMap<Vec<(Key, u32)>>,
+    /// Per item: a bottom-k sample of the pair ops naming it, by a rank derived from the op id
+    /// (which covers the op's content), as (rank, partner) sorted ascending, at most
+    /// `PAIR_SAMPLE_FACTOR × coengagement_neighbors`. The k smallest ranks of a set are the same
+    /// whatever order the set arrives in, unlike the space-saving list this replaced (whose
+    /// replacement of the weakest entry depended on arrival order); a partner's share of the
+    /// sample estimates its share of the item's pairs (exact while the item has at most k).
+    coengaged: KeyMap<Vec<(u64, Key)>>,
 }
 
 impl GeneratorState {
@@ -143,7 +214,7 @@ impl GeneratorState {
         match &o.op {
             Op::AuthorItem { author, item, created_at } => self.add_author_item(*author, *item, *created_at),
             Op::Engagement { geo, item, action, ts } => self.add_engagement(*geo, *item, *action, *ts),
-            Op::Pair { a, b } => self.add_pair(*a, *b),
+            Op::Pair { a, b } => self.add_pair(*a, *b, mix(o.id)),
             _ => debug_assert!(false, "feature op sent to a generator partition"),
         }
     }
@@ -155,26 +226,87 @@ impl GeneratorState {
         g.touched(item, hours);
     }
 
+    /// Keeps, per item, its newest `created_at` (two upserts of one item with different creation
+    /// times are two ops: the newer time wins whichever arrives first), ordered by
+    /// (created_at, item) descending and cut at the cap: the top of a set in a total order.
     pub fn add_author_item(&mut self, author: Key, item: Key, created_at: i64) {
         let cap = self.settings.author_recent_items;
         let list = self.authors.entry(author).or_default();
-        list.retain(|(_, i)| *i != item);
-        let pos = list.partition_point(|(t, _)| *t > created_at);
-        list.insert(pos, (created_at, item));
-        list.truncate(cap);
+        if let Some(i) = list.iter().position(|(_, k)| *k == item) {
+            if list[i].0 >= created_at {
+                return;
+            }
+            list.remove(i);
+        }
+        let entry = (created_at, item);
+        let pos = list.partition_point(|e| *e > entry);
+        if pos < cap {
+            list.insert(pos, entry);
+            list.truncate(cap);
+        }
     }
 
-    pub fn add_pair(&mut self, item: Key, other: Key) {
-        let cap = self.settings.coengagement_neighbors;
+    /// Adds one pair op to `item`'s sample: kept when its rank is among the k smallest.
+    pub fn add_pair(&mut self, item: Key, other: Key, rank: u64) {
+        let k = PAIR_SAMPLE_FACTOR * self.settings.coengagement_neighbors;
         let list = self.coengaged.entry(item).or_default();
-        if let Some(e) = list.iter_mut().find(|(k, _)| *k == other) {
-            e.1 += 1;
-        } else if list.len() < cap {
-            list.push((other, 1));
-        } else if let Some(min) = list.iter_mut().min_by_key(|(_, c)| *c) {
-            // Space-saving style replacement keeps the list bounded while letting new pairs in.
-            *min = (other, min.1 + 1);
+        let entry = (rank, other);
+        let pos = list.partition_point(|e| *e < entry);
+        if pos < k && list.get(pos) != Some(&entry) {
+            list.insert(pos, entry);
+            list.truncate(k);
         }
+        if list.is_empty() {
+            self.coengaged.remove(&item);
+        }
+    }
+
+    /// A hash of the whole partition state (not of the op ids: two replicas holding the same ids
+    /// with different contents, or the same ops applied differently, hash differently). The
+    /// trending ranking cache (`best`, `top`) is left out: it is derived from the rings for the
+    /// hour of the last request and rebuilt from them every hour.
+    pub fn state_hash(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut geos: Vec<_> = self.trending.iter().collect();
+        geos.sort_unstable_by_key(|(k, _)| **k);
+        h.update(b"trending");
+        for (geo, g) in geos {
+            let mut items: Vec<_> = g.items.iter().collect();
+            items.sort_unstable_by_key(|(k, _)| **k);
+            h.update(geo.to_le_bytes());
+            h.update((items.len() as u64).to_le_bytes());
+            for (item, ring) in items {
+                h.update(item.to_le_bytes());
+                h.update(ring.head.to_le_bytes());
+                for v in ring.slots {
+                    h.update(v.to_le_bytes());
+                }
+            }
+        }
+        h.update(b"authors");
+        let mut authors: Vec<_> = self.authors.iter().collect();
+        authors.sort_unstable_by_key(|(k, _)| **k);
+        for (a, list) in authors {
+            h.update(a.to_le_bytes());
+            h.update((list.len() as u64).to_le_bytes());
+            for (t, i) in list {
+                h.update(t.to_le_bytes());
+                h.update(i.to_le_bytes());
+            }
+        }
+        h.update(b"coengaged");
+        let mut co: Vec<_> = self.coengaged.iter().collect();
+        co.sort_unstable_by_key(|(k, _)| **k);
+        for (item, list) in co {
+            h.update(item.to_le_bytes());
+            h.update((list.len() as u64).to_le_bytes());
+            for (r, o) in list {
+                h.update(r.to_le_bytes());
+                h.update(o.to_le_bytes());
+            }
+        }
+        h.finalize().into()
     }
 
     pub fn trending(&mut self, geo: Key, now: i64, limit: usize) -> Vec<Candidate> {
@@ -218,8 +350,14 @@ impl GeneratorState {
         let mut out = Vec::new();
         for s in seeds {
             if let Some(list) = self.coengaged.get(s) {
-                let mut l = list.clone();
-                l.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
+                // Partners by their count in the sample, ties by key: the same list on every
+                // replica.
+                let mut counts: KeyMap<u32> = KeyMap::default();
+                for (_, k) in list {
+                    *counts.entry(*k).or_default() += 1;
+                }
+                let mut l: Vec<(Key, u32)> = counts.into_iter().collect();
+                l.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
                 out.extend(l.iter().take(per_item).map(|(k, c)| Candidate {
                     item: *k,
                     group: 0,
@@ -382,12 +520,26 @@ mod tests {
     #[test]
     fn coengagement_neighbours_are_bounded() {
         let mut g = st();
-        g.add_pair(1, 2);
-        g.add_pair(1, 2);
-        g.add_pair(1, 3);
-        g.add_pair(1, 4); // replaces the weakest (3)
-        let c = g.coengaged(&[1], 10);
+        // k = 3 × 2 = 6 ranks kept; partner 2 holds most of them.
+        for (rank, other) in [(10, 2), (11, 2), (12, 3), (13, 2), (14, 4), (15, 5), (99, 6), (1, 2)] {
+            g.add_pair(1, other, rank);
+        }
+        assert_eq!(g.coengaged[&1].len(), 6, "the sample is bounded");
+        assert!(g.coengaged[&1].iter().all(|(r, _)| *r != 99), "the largest rank left");
+        let c = g.coengaged(&[1], 2);
         assert_eq!(c.len(), 2);
-        assert_eq!(c[0].item, 2);
+        assert_eq!((c[0].item, c[0].score), (2, 4.0));
+    }
+
+    #[test]
+    fn an_older_creation_time_never_replaces_a_newer_one() {
+        let mut a = st();
+        let mut b = st();
+        a.add_author_item(7, 1, 100);
+        a.add_author_item(7, 1, 50);
+        b.add_author_item(7, 1, 50);
+        b.add_author_item(7, 1, 100);
+        assert_eq!(a.authors[&7], vec![(100, 1)]);
+        assert_eq!(a.state_hash(), b.state_hash());
     }
 }

@@ -3,6 +3,8 @@
 //! acknowledge once they are durable (sled, one flush per batch on each replica) and applied.
 //! Also the replay of one partition from its op log at start or after a crash.
 pub mod ops;
+#[cfg(test)]
+mod permutations;
 pub mod validate;
 
 use std::sync::Arc;
@@ -76,13 +78,11 @@ pub fn generator_settings(cfg: &Config) -> GeneratorSettings {
     }
 }
 
-/// Rebuilds one feature partition from its op log. Blocking: call from a blocking thread.
+/// Rebuilds one feature partition from its op log: the state of the logged op set (see
+/// `FeatureShardState::from_ops`). Blocking: call from a blocking thread.
 pub fn replay_feature(store: &Store, cfg: &Config, partition: u32) -> Result<FeatureShardState, StoreError> {
-    let mut st = FeatureShardState::new(shard_settings(cfg));
-    for o in store.scan(Part::new(Role::Feature, partition))? {
-        st.apply(&o);
-    }
-    Ok(st)
+    let ops = store.scan(Part::new(Role::Feature, partition))?;
+    Ok(FeatureShardState::from_ops(shard_settings(cfg), ops.iter()))
 }
 
 /// Rebuilds one generator partition from its op log. Blocking: call from a blocking thread.
@@ -102,6 +102,30 @@ fn now_secs() -> i64 {
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// An event's co-engagement partners: the user's likes from event-time seconds *before* the
+/// event's, newest first, at most `cap`. Derived from the event's own time, not from when it is
+/// written, so a retry after the user liked other items derives the same partners, plans the
+/// same ops (ids cover content, `ops`) and is a duplicate. Likes of the same second are left out:
+/// profiles keep seconds, and which of two same-second likes arrived first differs between
+/// attempts. (Likes older than the event that arrive only between two attempts still change the
+/// partners; see `ops` on re-derived retries.)
+fn partners(likes: &[(i64, Key)], ts: i64, item: Key, cap: usize) -> Vec<Key> {
+    likes.iter().filter(|&&(t, k)| t < ts && k != item).take(cap).map(|(_, k)| *k).collect()
+}
+
+/// Records a like in a newest-first list (newest like per item), as the user's partition does.
+fn add_like(list: &mut Vec<(i64, Key)>, ts: i64, item: Key, keep: usize) {
+    if let Some(i) = list.iter().position(|(_, k)| *k == item) {
+        if list[i].0 >= ts {
+            return;
+        }
+        list.remove(i);
+    }
+    let pos = list.partition_point(|e| *e > (ts, item));
+    list.insert(pos, (ts, item));
+    list.truncate(keep);
 }
 
 /// The node's write coordinator.
@@ -140,12 +164,14 @@ impl Writer {
         self.check_size("items", items.len())?;
         let mut out = WriteOutcome::default();
         let mut planner = self.planner();
-        let at = now_ms();
-        let lim = validate::Limits::new(&self.cfg, at);
+        let wall = now_ms();
+        // One version per record, in batch order: of two records for one item the later wins.
+        let (at, seq0) = ops::CLOCK.tick(wall, items.len() as u32);
+        let lim = validate::Limits::new(&self.cfg, wall);
         for (i, it) in items.into_iter().enumerate() {
             match validate::item(i, &it, &lim) {
                 Ok(()) => {
-                    planner.item(&it, at);
+                    planner.item(&it, at, seq0 + i as u32);
                     out.accepted += 1;
                 }
                 Err(e) => out.reject(e.to_string()),
@@ -163,12 +189,13 @@ impl Writer {
         self.check_size("users", users.len())?;
         let mut out = WriteOutcome::default();
         let mut planner = self.planner();
-        let at = now_ms();
-        let lim = validate::Limits::new(&self.cfg, at);
+        let wall = now_ms();
+        let (at, seq0) = ops::CLOCK.tick(wall, users.len() as u32);
+        let lim = validate::Limits::new(&self.cfg, wall);
         for (i, u) in users.into_iter().enumerate() {
             match validate::user(i, &u, &lim) {
                 Ok(()) => {
-                    planner.user(&u, at);
+                    planner.user(&u, at, seq0 + i as u32);
                     out.accepted += 1;
                 }
                 Err(e) => out.reject(e.to_string()),
@@ -188,12 +215,18 @@ impl Writer {
         let keys: Vec<Key> = ids_in.iter().map(|id| key_of(id)).collect();
         let known = self.briefs(&keys, BriefWants::default()).await?;
         let mut planner = self.planner();
-        let at = now_ms();
+        // Versions above the upserts these deletes follow, whichever node's clock stamped them
+        // (finding 4 of issue 15: a delete through a node behind lost to an earlier upsert).
+        let wall = now_ms();
+        for b in known.values() {
+            ops::CLOCK.observe(wall, b.version.0, b.version.1);
+        }
+        let (at, seq0) = ops::CLOCK.tick(wall, ids_in.len() as u32);
         for (i, (id, k)) in ids_in.iter().zip(&keys).enumerate() {
             if let Err(e) = validate::item_id(i, id) {
                 out.reject(e.to_string());
             } else if known.contains_key(k) {
-                planner.delete(*k, at);
+                planner.delete(*k, at, seq0 + i as u32);
                 out.accepted += 1;
             } else {
                 out.reject(format!("item_ids[{i}]: unknown item `{id}`"));
@@ -218,14 +251,16 @@ impl Writer {
         Ok(found)
     }
 
-    async fn recent_likes(&self, users: Vec<Key>) -> Result<KeyMap<Vec<Key>>, IngestError> {
+    /// Per user, the recent likes as (event time s, item), newest first.
+    async fn recent_likes(&self, users: Vec<Key>) -> Result<KeyMap<Vec<(i64, Key)>>, IngestError> {
         let deadline = Instant::now() + self.timeout();
         let (replies, _) =
             self.transport.read_keyed("ingest", ids::USER, users, deadline, ReadQuery::RecentLikes).await;
         let mut recent = KeyMap::default();
         for (us, reply) in replies {
             if let ReadReply::RecentLikes(lists) = reply {
-                recent.extend(us.into_iter().zip(lists));
+                let timed = lists.into_iter().map(|flat| flat.chunks_exact(2).map(|c| (c[1] as i64, c[0])).collect());
+                recent.extend(us.into_iter().zip(timed));
             }
         }
         // A user whose partition did not answer gets no co-engagement pairs from this batch.
@@ -281,24 +316,29 @@ impl Writer {
             let mut recent = self.recent_likes(likers).await?;
             ok.sort_by_key(|e| e.ts_ms);
             for e in ok.iter_mut().filter(|e| e.action == Action::Like) {
-                let item = key_of(&e.item);
                 let list = recent.entry(key_of(&e.user)).or_default();
-                e.pairs = list.iter().filter(|k| **k != item).take(cap).copied().collect();
-                list.retain(|k| *k != item);
-                list.insert(0, item);
-                list.truncate(self.cfg.retrieval.recent_likes);
+                e.pairs = partners(list, e.ts_ms.div_euclid(1000), key_of(&e.item), cap);
+                add_like(list, e.ts_ms.div_euclid(1000), key_of(&e.item), self.cfg.retrieval.recent_likes);
             }
         }
         let mut planner = self.planner();
-        let homes: Vec<(Part, usize)> = ok.iter().map(|e| planner.event(e, &briefs[&key_of(&e.item)])).collect();
+        let placed: Vec<Vec<(Part, usize)>> = ok.iter().map(|e| planner.event(e, &briefs[&key_of(&e.item)])).collect();
         let w = self.transport.write(planner.plan, self.timeout()).await?;
         out.flush_micros = w.flush_micros;
-        // Idempotency: an event whose item op every replica had already logged is a duplicate.
+        // Idempotency: an event whose item op (derived from the event alone) every replica had
+        // already logged is a duplicate. Op ids cover content (`ops`): when a retry derived other
+        // partners or item facts, its changed ops are new ops (stored and repaired everywhere,
+        // never two contents under one id) and those partitions count them; such re-derived
+        // retries are counted in `recsys_ingest_rederived_total`.
+        let is_new = |(part, i): &(Part, usize)| w.new.get(part).and_then(|f| f.get(*i)).copied().unwrap_or(false);
         let mut fresh = Vec::with_capacity(ok.len());
-        for (e, (part, i)) in ok.into_iter().zip(homes) {
-            if w.new.get(&part).and_then(|f| f.get(i)).copied().unwrap_or(false) {
+        for (e, at) in ok.into_iter().zip(placed) {
+            if at.first().is_some_and(is_new) {
                 fresh.push(e);
             } else {
+                if at.iter().any(is_new) {
+                    metrics::counter!("recsys_ingest_rederived_total").increment(1);
+                }
                 out.duplicates += 1;
             }
         }
@@ -308,5 +348,30 @@ impl Writer {
         }
         metrics::counter!("recsys_ingest_records_total", "kind" => "event").increment(u64::from(out.accepted));
         Ok((out, fresh))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finding 1 of issue 15, the coordinator's half: partners came from the user's likes at
+    /// write time, so a retry after the user liked another item derived others (and logged
+    /// other content under the same op id). They now come from the likes older than the event.
+    #[test]
+    fn a_retry_after_a_later_like_derives_the_same_partners() {
+        let mut likes = vec![];
+        add_like(&mut likes, 100, 1, 20);
+        add_like(&mut likes, 200, 2, 20);
+        let first = partners(&likes, 300, 3, 10);
+        assert_eq!(first, vec![2, 1]);
+        add_like(&mut likes, 300, 3, 20); // the first attempt's like is applied
+        add_like(&mut likes, 400, 4, 20); // the user likes another item
+        assert_eq!(partners(&likes, 300, 3, 10), first, "the retry derives the same partners");
+        assert_eq!(partners(&likes, 300, 3, 1), vec![2], "capped, newest first");
+        add_like(&mut likes, 300, 1, 20);
+        assert_eq!(partners(&likes, 300, 3, 10), vec![2], "a like of the same second is no partner");
+        add_like(&mut likes, 50, 2, 20);
+        assert_eq!(likes[..2], [(400, 4), (300, 3)], "an older like of an item does not move it");
     }
 }

@@ -16,6 +16,29 @@ pub const MAX_DURATION_SECS: f32 = 86_400.0;
 pub const MAX_EMBEDDING_ABS: f32 = 1e3;
 pub const MAX_FOLLOWS: usize = 10_000;
 
+/// Characters of a caller's value an error message quotes at most.
+pub const QUOTE_CHARS: usize = 64;
+
+/// A caller's value as error messages quote it: at most `QUOTE_CHARS` characters, control
+/// characters escaped, and the full size named when it was cut (`abc… (102400 bytes)`). A bad
+/// value is never echoed whole: a 100 KB one would otherwise come back in the status message and
+/// break the reply's metadata limit, and escape codes would reach logs and terminals.
+pub fn quote(s: &str) -> String {
+    let mut out = String::new();
+    let mut cut = false;
+    for (n, c) in s.chars().enumerate() {
+        if n == QUOTE_CHARS {
+            cut = true;
+            break;
+        }
+        out.extend(c.escape_debug());
+    }
+    if cut {
+        out.push_str(&format!("… ({} bytes)", s.len()));
+    }
+    out
+}
+
 /// One rejected record: the record and field it names, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{record}[{index}].{field}: {why}")]
@@ -53,6 +76,21 @@ impl Limits {
     }
 }
 
+/// The rule for every entity id, ingest and Recommend alike: 1..=`max` bytes, not only
+/// whitespace, no control characters. The reason never quotes the value.
+pub fn check_id(s: &str, max: usize) -> Result<(), String> {
+    if s.is_empty() || s.len() > max {
+        return Err(format!("must be 1..={max} bytes (got {})", s.len()));
+    }
+    if s.trim().is_empty() {
+        return Err("must not be only whitespace".into());
+    }
+    if s.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
+
 struct Check {
     record: &'static str,
     index: usize,
@@ -64,16 +102,7 @@ impl Check {
     }
 
     fn id(&self, field: &str, s: &str, max: usize) -> Result<(), Rejection> {
-        if s.is_empty() || s.len() > max {
-            return Err(self.no(field, format!("must be 1..={max} bytes (got {})", s.len())));
-        }
-        if s.trim().is_empty() {
-            return Err(self.no(field, "must not be only whitespace"));
-        }
-        if s.chars().any(char::is_control) {
-            return Err(self.no(field, "must not contain control characters"));
-        }
-        Ok(())
+        check_id(s, max).map_err(|why| self.no(field, why))
     }
 
     fn geo(&self, field: &str, s: &str) -> Result<(), Rejection> {
@@ -306,6 +335,17 @@ mod tests {
                 Err(r) => prop_assert!(names_field(&r, "events", i, EVENT_FIELDS), "{r}"),
             }
         }
+    }
+
+    #[test]
+    fn quotes_are_short_and_escaped() {
+        assert_eq!(quote("home"), "home");
+        assert_eq!(quote("a\u{1b}[31m"), "a\\u{1b}[31m");
+        let big = "x".repeat(100 * 1024);
+        let q = quote(&big);
+        assert!(q.len() < 100, "{q}");
+        assert!(q.ends_with("… (102400 bytes)"), "{q}");
+        assert_eq!(quote(&"é".repeat(64)), "é".repeat(64), "64 characters are quoted whole");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use super::trees::TreeEnsemble;
 use super::ScoringError;
 use crate::config::Stage1Engine;
 use crate::features::FeaturePlan;
+use crate::ingest::validate::quote;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,12 +71,41 @@ fn io_message(e: &std::io::Error) -> String {
     }
 }
 
-/// Where the JSON is wrong; syntax errors never quote the file's text.
+/// Where the JSON is wrong; syntax errors never quote the file's text, and a type or value error
+/// quotes at most a short prefix of serde's message (which embeds the offending value: a 100 KB
+/// string would otherwise come back whole in the reply and the log).
 fn json_message(e: &serde_json::Error) -> String {
     match e.classify() {
-        serde_json::error::Category::Data => e.to_string(),
+        serde_json::error::Category::Data => {
+            let full = e.to_string();
+            let at = format!(" at line {} column {}", e.line(), e.column());
+            let what = full.strip_suffix(&at).unwrap_or(&full);
+            format!("wrong type or value (line {}, column {}): {}", e.line(), e.column(), quote(what))
+        }
         _ => format!("not valid JSON (line {}, column {})", e.line(), e.column()),
     }
+}
+
+/// Longest model version accepted: it is copied into every reply and log line.
+pub const MAX_VERSION_CHARS: usize = 64;
+
+/// A model version is a short printable name: 1..=64 printable ASCII characters, no spaces.
+fn check_version(v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > MAX_VERSION_CHARS || !v.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "version: must be 1..={MAX_VERSION_CHARS} printable ASCII characters without spaces (got `{}`)",
+            quote(v)
+        ));
+    }
+    Ok(())
+}
+
+/// A model file name: short, printable (paths are checked again, against the directory, below).
+fn check_file(field: &str, f: &str) -> Result<(), String> {
+    if f.is_empty() || f.len() > 255 || f.chars().any(char::is_control) {
+        return Err(format!("{field}: must be 1..=255 bytes without control characters (got `{}`)", quote(f)));
+    }
+    Ok(())
 }
 
 impl Manifest {
@@ -86,6 +116,9 @@ impl Manifest {
         super::paths::confine_file(dir, "manifest.json").map_err(|e| bad(e.to_string()))?;
         let text = std::fs::read_to_string(&path).map_err(|e| bad(io_message(&e)))?;
         let m: ManifestFile = serde_json::from_str(&text).map_err(|e| bad(json_message(&e)))?;
+        check_version(&m.version).map_err(bad)?;
+        check_file("stage1.file", &m.stage1.file).map_err(bad)?;
+        check_file("stage2.file", &m.stage2.file).map_err(bad)?;
         let stage1_columns = plan.columns_for(&m.stage1.inputs).map_err(|e| bad(format!("stage1: {e}")))?;
         let stage2_columns = plan.columns_for(&m.stage2.inputs).map_err(|e| bad(format!("stage2: {e}")))?;
         let stage1_order =
@@ -139,5 +172,32 @@ impl Manifest {
         } else {
             "ort"
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_short_printable_names() {
+        assert!(check_version("v2-2026.12.07+gbdt").is_ok());
+        for bad in ["", "with space", "esc\u{1b}[31m", "tab\t"] {
+            let e = check_version(bad).unwrap_err();
+            assert!(e.starts_with("version: "), "{e}");
+            assert!(!e.contains('\u{1b}'), "{e}");
+        }
+        let e = check_version(&"v".repeat(100 * 1024)).unwrap_err();
+        assert!(e.len() < 200 && e.contains("(102400 bytes)"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_quote_a_short_prefix() {
+        let big = "x".repeat(100 * 1024);
+        let text = format!("{{\"version\": \"v1\", \"stage1\": {{\"file\": \"a\", \"inputs\": [], \"output\": \"o\", \"output_width\": \"{big}\"}}}}");
+        let e = serde_json::from_str::<ManifestFile>(&text).unwrap_err();
+        let m = json_message(&e);
+        assert!(m.starts_with("wrong type or value (line 1, column"), "{m}");
+        assert!(m.len() < 200, "{} bytes: {}", m.len(), &m[..200]);
     }
 }

@@ -421,6 +421,5 @@ pub async fn ledger_missing(
     replication: usize,
     secret: Option<&str>,
 ) -> Vec<String> {
-    let events = ledger.iter().flatten().map(|e| (e.event_id.clone(), e.item_id.clone()));
-    recsys::verify::ledger(nodes, events, partitions, replication, secret).await.unwrap().problems
+    recsys::verify::ledger(nodes, ledger.iter().flatten(), partitions, replication, secret).await.unwrap().problems
 }
