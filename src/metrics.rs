@@ -128,6 +128,18 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Moves completed without a down previous owner (consistent_range_movement = false)",
     ),
     ("recsys_meta_log_index", Kind::Gauge, None, "Last entry of this node's cluster metadata log"),
+    (
+        "recsys_anti_entropy_round_seconds",
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Anti-entropy rounds by mode (full: every differing bucket; settled: only divergence that stays put)",
+    ),
+    (
+        "recsys_anti_entropy_partitions_compared_total",
+        Kind::Counter,
+        None,
+        "Partition copies compared with a peer by anti-entropy (ops pulled: recsys_catch_up_ops_total)",
+    ),
     ("recsys_meta_decided_total", Kind::Counter, None, "Metadata log entries this node got decided as proposer"),
     (
         "recsys_meta_divergence_total",
@@ -295,6 +307,9 @@ fn register_zeros() {
         counter!("recsys_ingest_rejected_total", "kind" => k).absolute(0);
     }
     let _ = histogram!("recsys_flush_seconds");
+    for m in ["full", "settled"] {
+        let _ = histogram!("recsys_anti_entropy_round_seconds", "mode" => m);
+    }
     for c in [
         "recsys_replica_write_failures_total",
         "recsys_hints_delivered_total",
@@ -321,6 +336,7 @@ fn register_zeros() {
         "recsys_meta_divergence_total",
         "recsys_membership_changes_refused_total",
         "recsys_gossip_rejected_total",
+        "recsys_anti_entropy_partitions_compared_total",
     ] {
         counter!(c).absolute(0);
     }

@@ -16,6 +16,22 @@ pub enum VerifyError {
     Node { node: String, message: String },
 }
 
+type Client = pb::internal_client::InternalClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, crate::auth::InternalAuth>,
+>;
+
+/// An internal-API client for `node`, signed with the secret when there is one ("verify" calls).
+async fn internal_client(node: &str, addr: &str, secret: Option<&str>) -> Result<Client, String> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let auth = crate::auth::InternalAuth::new(secret.map(crate::auth::ClusterKey::new), "verify").to(node);
+    Ok(pb::internal_client::InternalClient::with_interceptor(ch, auth).max_decoding_message_size(512 * 1024 * 1024))
+}
+
 /// The op an acknowledged event logs in its item's feature partition (on every owner once
 /// acked); None for an event whose action is not one ingest accepts (it was never acked).
 pub fn event_item_op(e: &crate::api::pb::Event, partitions: u32) -> Option<(Part, u64)> {
@@ -35,15 +51,7 @@ pub async fn copies(
     let buckets: Vec<u32> = (0..crate::store::BUCKETS as u32).collect();
     for (node, addr) in nodes {
         let err = |m: String| VerifyError::Node { node: node.clone(), message: m };
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| err(e.to_string()))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let auth = crate::auth::InternalAuth::new(secret.map(crate::auth::ClusterKey::new), "verify").to(node);
-        let mut c = pb::internal_client::InternalClient::with_interceptor(ch, auth)
-            .max_decoding_message_size(512 * 1024 * 1024);
+        let mut c = internal_client(node, addr, secret).await.map_err(err)?;
         let asks = parts
             .iter()
             .map(|p| pb::PartitionAsk {
@@ -160,14 +168,7 @@ pub async fn metadata(nodes: &[(String, String)], secret: Option<&str>) -> Resul
     let mut logs: Vec<(String, Vec<Decided>)> = Vec::new();
     for (node, addr) in nodes {
         let err = |m: String| VerifyError::Node { node: node.clone(), message: m };
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| err(e.to_string()))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let auth = crate::auth::InternalAuth::new(secret.map(crate::auth::ClusterKey::new), "verify").to(node);
-        let mut c = pb::internal_client::InternalClient::with_interceptor(ch, auth);
+        let mut c = internal_client(node, addr, secret).await.map_err(err)?;
         let body = serde_json::to_vec(&MetaMsg::Read { after: 0 }).map_err(|e| err(e.to_string()))?;
         let mut r = tonic::Request::new(pb::MetaRequest { from_node: "verify".into(), body });
         r.set_timeout(Duration::from_secs(5));

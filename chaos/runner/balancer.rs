@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::time::error::Elapsed;
 use tonic::transport::{Channel, Endpoint};
 
 pub struct Balancer {
@@ -82,6 +83,41 @@ impl Balancer {
     /// A call to node `i` failed at the transport (the node did not answer as a server would).
     pub fn failed(&self, i: usize) {
         self.bad_until.lock().unwrap_or_else(|e| e.into_inner())[i] = Instant::now() + PENALTY;
+    }
+}
+
+impl Balancer {
+    /// Calls `call(node, time left)` on the picked node; a call that never reached a server
+    /// (refused, reset, no answer at all) is tried once more on another node within the same
+    /// `deadline`, as gRPC clients retry transparently. The client-side wait is 3 × the deadline.
+    pub async fn call_twice<T, F, Fut>(&self, deadline: Duration, call: F) -> Result<Result<T, tonic::Status>, Elapsed>
+    where
+        F: Fn(usize, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let t = Instant::now();
+        let mut last = None;
+        for _try in 0..2 {
+            let left = deadline.saturating_sub(t.elapsed());
+            if left.is_zero() && last.is_some() {
+                break;
+            }
+            let k = self.pick();
+            let got = tokio::time::timeout(deadline * 3, call(k, left.max(Duration::from_millis(1)))).await;
+            let retry = match &got {
+                Ok(Err(e)) => transport_failure(e),
+                Err(_) => true,
+                Ok(Ok(_)) => false,
+            };
+            if retry {
+                self.failed(k);
+            }
+            last = Some(got);
+            if !retry {
+                break;
+            }
+        }
+        last.expect("the first try always runs")
     }
 }
 

@@ -588,27 +588,14 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
                 let evs = events(&world, &tag, batch);
                 // The same balancer as the Recommend calls. A batch whose call never reached a
                 // server is sent once more through another node (events are idempotent by id).
-                let mut res = None;
-                for _try in 0..2 {
-                    let k = lb.pick();
-                    let mut c = ings[k].clone();
-                    let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
-                    r.set_timeout(Duration::from_secs(5));
-                    let got = tokio::time::timeout(Duration::from_secs(6), c.log_events(r)).await;
-                    let retry = match &got {
-                        Ok(Err(e)) => balancer::transport_failure(e),
-                        Err(_) => true,
-                        Ok(Ok(_)) => false,
-                    };
-                    if retry {
-                        lb.failed(k);
-                    }
-                    res = Some(got);
-                    if !retry {
-                        break;
-                    }
-                }
-                let Some(res) = res else { continue };
+                let res = lb
+                    .call_twice(Duration::from_secs(5), |k, left| {
+                        let mut c = ings[k].clone();
+                        let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
+                        r.set_timeout(left);
+                        async move { c.log_events(r).await }
+                    })
+                    .await;
                 let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
                 match res {
                     Ok(Ok(_)) => w.ledger.push(evs),
@@ -699,38 +686,19 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
             let t = Instant::now();
-            let mut res = None;
-            // A call that never reached a server (refused, reset) is tried once more on another
-            // node within the same deadline, as gRPC clients do for transparent retries.
-            for _try in 0..2 {
-                let left = deadline.saturating_sub(t.elapsed());
-                if left.is_zero() && res.is_some() {
-                    break;
-                }
-                let k = lb.pick();
-                let mut client = recs[k].clone();
-                let mut r = tonic::Request::new(pb::RecommendRequest {
-                    user_id: user.clone(),
-                    surface: "home".into(),
-                    k: 10,
-                    ..Default::default()
-                });
-                r.set_timeout(left.max(Duration::from_millis(1)));
-                let got = tokio::time::timeout(deadline * 3, client.recommend(r)).await;
-                let retry = match &got {
-                    Ok(Err(e)) => balancer::transport_failure(e),
-                    Err(_) => true,
-                    Ok(Ok(_)) => false,
-                };
-                if retry {
-                    lb.failed(k);
-                }
-                res = Some(got);
-                if !retry {
-                    break;
-                }
-            }
-            let Some(res) = res else { return };
+            let res = lb
+                .call_twice(deadline, |k, left| {
+                    let mut client = recs[k].clone();
+                    let mut r = tonic::Request::new(pb::RecommendRequest {
+                        user_id: user.clone(),
+                        surface: "home".into(),
+                        k: 10,
+                        ..Default::default()
+                    });
+                    r.set_timeout(left);
+                    async move { client.recommend(r).await }
+                })
+                .await;
             let lat = t.elapsed();
             let mut c = calls.lock().unwrap_or_else(|e| e.into_inner());
             let outcome = match res {
@@ -799,7 +767,8 @@ async fn drive(s: &Scenario, cluster: &Arc<Mutex<Cluster>>) -> anyhow::Result<Ro
     };
     let partitions = status(&nodes.first().map(|n| n.1.clone()).unwrap_or_default()).await?.partitions_per_role;
     let w = std::mem::take(&mut *writes.lock().unwrap_or_else(|e| e.into_inner()));
-    let check = recsys::verify::ledger(&nodes, w.ledger.iter().flatten(), partitions, s.replication as usize, None).await?;
+    let check =
+        recsys::verify::ledger(&nodes, w.ledger.iter().flatten(), partitions, s.replication as usize, None).await?;
     let lost = check.missing;
     if !check.problems.is_empty() {
         notes.push(format!("ledger: {}", check.problems.iter().take(3).cloned().collect::<Vec<_>>().join("; ")));

@@ -131,6 +131,7 @@ pub enum MetaReply {
 }
 
 type MoveStatusFn = Box<dyn Fn(u64) -> Option<Vec<Part>> + Send + Sync>;
+type AddrFn = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 type MetaClient = InternalClient<InterceptedService<Channel, InternalAuth>>;
 
 struct State {
@@ -149,7 +150,7 @@ pub struct MetaLog {
     /// Bumped whenever the log grows (the controller adopts the ring it ends with).
     grown: tokio::sync::watch::Sender<u64>,
     /// Gossip's address of a node, for members whose address is not in the log yet.
-    gossip_addr: OnceLock<Box<dyn Fn(&str) -> Option<String> + Send + Sync>>,
+    gossip_addr: OnceLock<AddrFn>,
     move_status: OnceLock<MoveStatusFn>,
     clients: Mutex<BTreeMap<(String, String), MetaClient>>,
     call_timeout: Duration,
@@ -365,13 +366,9 @@ impl MetaLog {
         match msg {
             MetaMsg::Prepare { index, ballot } => {
                 let mut s = self.lock();
-                if let Some(d) = s.p.log.get((index as usize).wrapping_sub(1)) {
-                    return Ok(MetaReply::AlreadyDecided(d.clone()));
+                if let Some(done) = open_slot(&mut s, index, &ballot) {
+                    return done;
                 }
-                if index == 0 {
-                    return Err(MetaError::Invalid("slot 0 is the genesis".into()));
-                }
-                s.max_round = s.max_round.max(ballot.round);
                 let slot = s.p.slots.entry(index).or_default();
                 let ok = ballot > slot.promised;
                 if ok {
@@ -385,13 +382,9 @@ impl MetaLog {
             }
             MetaMsg::Accept { index, ballot, proposal } => {
                 let mut s = self.lock();
-                if let Some(d) = s.p.log.get((index as usize).wrapping_sub(1)) {
-                    return Ok(MetaReply::AlreadyDecided(d.clone()));
+                if let Some(done) = open_slot(&mut s, index, &ballot) {
+                    return done;
                 }
-                if index == 0 {
-                    return Err(MetaError::Invalid("slot 0 is the genesis".into()));
-                }
-                s.max_round = s.max_round.max(ballot.round);
                 let slot = s.p.slots.entry(index).or_default();
                 let ok = ballot >= slot.promised;
                 if ok {
@@ -717,6 +710,19 @@ impl MetaLog {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
+}
+
+/// The acceptor's answer when `index` is not an open slot (decided already, or the genesis);
+/// otherwise notes the ballot's round and returns None.
+fn open_slot(s: &mut State, index: u64, ballot: &Ballot) -> Option<Result<MetaReply, MetaError>> {
+    if let Some(d) = s.p.log.get((index as usize).wrapping_sub(1)) {
+        return Some(Ok(MetaReply::AlreadyDecided(d.clone())));
+    }
+    if index == 0 {
+        return Some(Err(MetaError::Invalid("slot 0 is the genesis".into())));
+    }
+    s.max_round = s.max_round.max(ballot.round);
+    None
 }
 
 enum Retry {

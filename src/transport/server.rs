@@ -62,6 +62,28 @@ fn parts_of(asks: &[pb::PartitionAsk]) -> Result<Vec<Part>, Status> {
         .collect()
 }
 
+/// Decodes each ask's body for the partitions open here; a closed partition or an undecodable
+/// body is answered at once in the returned results.
+fn open_asks<'de, T: serde::Deserialize<'de>>(
+    t: &Transport,
+    parts: Vec<Part>,
+    asks: &'de [pb::PartitionAsk],
+) -> (Vec<(Part, T)>, Vec<pb::PartitionResult>) {
+    let mut jobs = Vec::new();
+    let mut results = Vec::new();
+    for (part, a) in parts.into_iter().zip(asks) {
+        if !t.local.is_open(part) {
+            results.push(failed(part, format!("{part} is not open on {}", t.node_id)));
+            continue;
+        }
+        match decode::<T>(&a.body) {
+            Ok(p) => jobs.push((part, p)),
+            Err(e) => results.push(failed(part, e)),
+        }
+    }
+    (jobs, results)
+}
+
 #[tonic::async_trait]
 impl pb::internal_server::Internal for InternalService {
     async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
@@ -144,18 +166,7 @@ impl pb::internal_server::Internal for InternalService {
         let req = req.into_inner();
         let (t, _) = self.check(req.envelope.as_ref())?;
         let parts = parts_of(&req.asks)?;
-        let mut jobs = Vec::new();
-        let mut results = Vec::new();
-        for (part, a) in parts.into_iter().zip(req.asks) {
-            if !t.local.is_open(part) {
-                results.push(failed(part, format!("{part} is not open on {}", t.node_id)));
-                continue;
-            }
-            match decode::<PullAsk>(&a.body) {
-                Ok(p) => jobs.push((part, p)),
-                Err(e) => results.push(failed(part, e)),
-            }
-        }
+        let (jobs, mut results) = open_asks::<PullAsk>(&t, parts, &req.asks);
         let store = t.local.store.clone();
         // Bucket scans read sled: blocking work.
         let pulled = tokio::task::spawn_blocking(move || {
@@ -216,18 +227,7 @@ impl pb::internal_server::Internal for InternalService {
         let req = req.into_inner();
         let (t, _) = self.check(req.envelope.as_ref())?;
         let parts = parts_of(&req.asks)?;
-        let mut jobs = Vec::new();
-        let mut results = Vec::new();
-        for (part, a) in parts.into_iter().zip(req.asks) {
-            if !t.local.is_open(part) {
-                results.push(failed(part, format!("{part} is not open on {}", t.node_id)));
-                continue;
-            }
-            match decode::<Vec<u32>>(&a.body) {
-                Ok(b) => jobs.push((part, b)),
-                Err(e) => results.push(failed(part, e)),
-            }
-        }
+        let (jobs, mut results) = open_asks::<Vec<u32>>(&t, parts, &req.asks);
         let store = t.local.store.clone();
         // Bucket scans read sled: blocking work. Nothing is written.
         let held = tokio::task::spawn_blocking(move || {
