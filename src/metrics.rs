@@ -34,6 +34,9 @@ const PUBLIC_METHODS: [&str; 6] = [
 
 /// HELP text and unit of every metric the node exports through the recorder (process metrics,
 /// build and model info are rendered in `render_extra`).
+/// Described metrics that appear only once they have a label value (a peer owed hints).
+pub const LAZY: &[&str] = &["recsys_hints_pending_ops_by_peer"];
+
 pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ("recsys_stage_seconds", Kind::Histogram, Some(Unit::Seconds), "Latency of each serving stage of Recommend"),
     ("recsys_requests_total", Kind::Counter, None, "Recommend calls by outcome (ok, degraded, error)"),
@@ -128,6 +131,18 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Moves completed without a down previous owner (consistent_range_movement = false)",
     ),
     ("recsys_meta_log_index", Kind::Gauge, None, "Last entry of this node's cluster metadata log"),
+    (
+        "recsys_hints_pending_ops_by_peer",
+        Kind::Gauge,
+        None,
+        "Ops this coordinator keeps on disk for one peer that did not take them (bounded per peer)",
+    ),
+    (
+        "recsys_hints_refused_total",
+        Kind::Counter,
+        None,
+        "Ops not hinted because the peer's hints were full (those writes failed instead of acking on one disk)",
+    ),
     (
         "recsys_anti_entropy_round_seconds",
         Kind::Histogram,
@@ -337,6 +352,7 @@ fn register_zeros() {
         "recsys_membership_changes_refused_total",
         "recsys_gossip_rejected_total",
         "recsys_anti_entropy_partitions_compared_total",
+        "recsys_hints_refused_total",
     ] {
         counter!(c).absolute(0);
     }

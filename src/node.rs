@@ -635,6 +635,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     }
     let transport = Arc::new(
         Transport::new(me.clone(), ring.clone(), local_parts.clone(), membership.clone())
+            .map_err(|e| err(e.to_string()))?
             .with_cluster_key(cluster_key)
             .with_meta(meta.clone())
             .with_hedging(cfg.serving.hedge_max_ratio, Duration::from_millis(cfg.serving.hedge_min_delay_ms)),

@@ -435,6 +435,11 @@ impl Store {
     }
 
     /// One flush per write batch; the ack waits for it.
+    /// Another named tree of this node's sled database (the coordinator's hints).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     pub async fn flush(&self) -> Result<usize, StoreError> {
         Ok(self.db.flush_async().await?)
     }

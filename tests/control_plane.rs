@@ -269,3 +269,70 @@ async fn a_join_while_a_replica_is_down_loses_no_acknowledged_write() {
     let missing = common::ledger_missing(&nodes, &ledger, PARTITIONS, 2, None).await;
     assert!(missing.is_empty(), "acknowledged writes missing after the join: {missing:#?}");
 }
+
+/// Data plane, finding 2: an acknowledged write is on two disks. n1 is frozen (gossip calls it
+/// down), so writes through n3 to partitions on [n1, n2] are taken by n2 alone and owed to n1 as
+/// a durable hint on n3. n3 and n2 are then SIGKILLed: only n3's disk holds n1's share. n1
+/// resumes, n3 restarts, and n1 must end up holding every acknowledged event of its partitions
+/// shared with n2 (still dead) — which only the hints kept across n3's restart can give it. On
+/// 7741852 a replica gossip called down got no hint, and hints lived in memory only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_for_a_down_replica_are_durable_and_survive_the_coordinators_restart() {
+    let mut cluster = Cluster::start("dp-hints", 3, &overrides(None));
+    cluster.wait_serving().await;
+    let world = Arc::new(World::generate(synthetic_spec(41, 1500, 150, 6000)));
+    load_world(recsys::cli::connect(&cluster.addrs[2]).await.unwrap(), world.clone(), 2000, true).await.unwrap();
+    let with_n2: Vec<u32> = status(&cluster.addrs[0])
+        .await
+        .partitions
+        .iter()
+        .filter(|p| p.role == "feature" && p.replicas.iter().any(|r| r == "n1") && p.replicas.iter().any(|r| r == "n2"))
+        .map(|p| p.partition)
+        .collect();
+    assert!(!with_n2.is_empty(), "some feature partition lives on n1 and n2");
+    cluster.signal(0, "STOP");
+    let end = Instant::now() + Duration::from_secs(30);
+    while status(&cluster.addrs[2]).await.nodes.iter().any(|n| n.node_id == "n1" && n.live) {
+        assert!(Instant::now() < end, "n3 never saw n1 down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ing = IngestClient::new(recsys::cli::connect(&cluster.addrs[2]).await.unwrap());
+    let mut ledger = Vec::new();
+    for batch in 0..15 {
+        let evs = common::ledger_events(&world, "dp-hints", batch);
+        let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
+        r.set_timeout(Duration::from_secs(10));
+        ing.log_events(r).await.unwrap_or_else(|e| panic!("batch {batch}: {e:?}"));
+        ledger.push(evs);
+    }
+    cluster.kill9(2);
+    cluster.kill9(1);
+    cluster.signal(0, "CONT");
+    cluster.restart(2);
+    common::wait_health(&cluster.addrs[2], Duration::from_secs(60)).await;
+    // The events of n1's partitions shared with n2: n1 must come to hold every one of them.
+    let wanted: Vec<recsys::api::pb::Event> = ledger
+        .iter()
+        .flatten()
+        .filter(|e| recsys::verify::event_item_op(e, PARTITIONS).is_some_and(|(p, _)| with_n2.contains(&p.partition)))
+        .cloned()
+        .collect();
+    assert!(!wanted.is_empty(), "the ledger touches n1's partitions shared with n2");
+    let n1 = vec![(cluster.ids[0].clone(), cluster.addrs[0].clone())];
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let check = recsys::verify::ledger(&n1, wanted.iter(), PARTITIONS, 1, None).await.unwrap();
+        if check.missing == 0 && check.problems.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "n1 lacks {} of {} acknowledged events it owns with n2 (dead): {:?}",
+            check.missing,
+            check.acked,
+            check.problems.iter().take(3).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(common::metric(&cluster.metrics[2], "recsys_hints_delivered_total", "") > 0.0, "n3 delivered hints");
+}

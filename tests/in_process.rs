@@ -76,7 +76,7 @@ async fn rig(name: &str, scorers: Option<Arc<ScorerPool>>) -> Rig {
         local.set_ready(Part::new(Role::Feature, p), true);
         local.set_ready(Part::new(Role::Generator, p), true);
     }
-    let transport = Arc::new(Transport::new("n1".into(), ring, local.clone(), membership));
+    let transport = Arc::new(Transport::new("n1".into(), ring, local.clone(), membership).unwrap());
     let writer = Writer { cfg: cfg.clone(), transport: transport.clone() };
     let world = World::generate(recsys::cli::load::synthetic_spec(3, 1500, 100, 0));
     writer.upsert_items(world.items.clone()).await.unwrap();

@@ -15,8 +15,9 @@ use crate::cluster::{Membership, Part, Ring, Role};
 use crate::store::LoggedOp;
 
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
-/// Ops a coordinator holds for replicas that missed them (~100 bytes each).
-const HINT_CAP_OPS: usize = 200_000;
+/// Ops a coordinator holds on disk for one peer that missed them (~100 bytes each): beyond it,
+/// writes owed to that peer fail instead of being acknowledged on one disk.
+const HINT_CAP_OPS: usize = 2_000_000;
 
 /// A peer's internal-API client: every call signed with the cluster secret (see `auth`).
 pub type PeerClient = InternalClient<InterceptedService<Channel, InternalAuth>>;
@@ -29,7 +30,7 @@ pub struct Transport {
     pub membership: Arc<Membership>,
     peers: Mutex<HashMap<String, (String, PeerClient)>>,
     /// Writes owed to replicas that did not acknowledge them.
-    pub hints: super::hints::Hints,
+    pub hints: Arc<super::hints::Hints>,
     /// Woken when a caller shows a newer ring than this node's (the ring sync looks at gossip).
     pub ring_changed: tokio::sync::Notify,
     /// Signs this node's calls to its peers (no-op without a cluster secret).
@@ -55,19 +56,26 @@ pub struct NodeError {
 }
 
 impl Transport {
-    pub fn new(node_id: String, ring: Arc<Ring>, local: Arc<LocalPartitions>, membership: Arc<Membership>) -> Self {
-        Self {
+    /// Fails only when the hints kept in the node's store cannot be opened.
+    pub fn new(
+        node_id: String,
+        ring: Arc<Ring>,
+        local: Arc<LocalPartitions>,
+        membership: Arc<Membership>,
+    ) -> Result<Self, super::hints::HintError> {
+        let hints = Arc::new(super::hints::Hints::open(&local.store, HINT_CAP_OPS)?);
+        Ok(Self {
             node_id,
             ring: std::sync::RwLock::new(ring),
             local,
             membership,
             peers: Mutex::new(HashMap::new()),
-            hints: super::hints::Hints::new(HINT_CAP_OPS),
+            hints,
             ring_changed: tokio::sync::Notify::new(),
             auth: InternalAuth::none(),
             hedge: super::hedge::Policy::new(0.05, Duration::from_millis(2)),
             meta: std::sync::OnceLock::new(),
-        }
+        })
     }
 
     pub fn with_meta(self, meta: Arc<crate::cluster::metalog::MetaLog>) -> Self {

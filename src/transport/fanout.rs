@@ -326,17 +326,21 @@ impl Transport {
     }
 
     /// Sends each partition's ops to every replica that takes writes. Per partition, the result
-    /// is durable on every replica that answered and on at least one; `new` says per op whether
-    /// any replica had not seen it before (false on all: a retried duplicate).
+    /// is durable on every replica that answered and on at least one, and every owner that did
+    /// not take it (down, or it failed) has a durable hint on this node: an acknowledged write
+    /// is on two disks when R >= 2. `new` says per op whether any replica had not seen it before
+    /// (false on all: a retried duplicate).
     pub async fn write(&self, plan: Plan, timeout: Duration) -> Result<WriteResult, WriteError> {
         let mut by_node: BTreeMap<String, NodeOps> = BTreeMap::new();
         let mut state: BTreeMap<Part, PartWrite> = BTreeMap::new();
+        // Owners that did not take a partition's ops: each gets a durable hint before the ack.
+        let mut owed: Vec<(String, Part, Arc<Vec<LoggedOp>>)> = Vec::new();
         let ring = self.ring();
         for (part, ops) in plan {
             // During a membership change the new owners take writes too (they stream the rest).
             let owners = ring.write_owners(part.role, part.partition);
-            let targets: Vec<&String> =
-                owners.iter().filter(|o| **o == self.node_id || self.membership.takes_writes(o)).collect();
+            let (targets, down): (Vec<&String>, Vec<&String>) =
+                owners.iter().partition(|o| **o == self.node_id || self.membership.takes_writes(o));
             if targets.is_empty() {
                 return Err(WriteError::Unavailable {
                     part,
@@ -348,6 +352,7 @@ impl Transport {
             for t in targets {
                 by_node.entry(t.clone()).or_default().push((part, ops.clone()));
             }
+            owed.extend(down.into_iter().map(|d| (d.clone(), part, ops.clone())));
             state.insert(part, PartWrite { new: vec![false; n], ok: 0, errors: vec![] });
         }
         let calls = by_node.into_iter().map(|(node, asks)| async move {
@@ -380,7 +385,7 @@ impl Transport {
                                 replica_failures += 1;
                                 s.errors.push(format!("{node}: {e}"));
                                 if let Some(ops) = ops_of.get(&part) {
-                                    self.hints.add(&node, part, ops.clone());
+                                    owed.push((node.clone(), part, ops.clone()));
                                 }
                             }
                         }
@@ -390,7 +395,7 @@ impl Transport {
                     tracing::warn!(node = %node, error = %e, "replica write failed; the ops are kept for it (hinted handoff)");
                     for (part, ops) in parts {
                         replica_failures += 1;
-                        self.hints.add(&node, part, ops);
+                        owed.push((node.clone(), part, ops));
                         if let Some(s) = state.get_mut(&part) {
                             s.errors.push(e.clone());
                         }
@@ -407,6 +412,32 @@ impl Transport {
                 return Err(WriteError::Unavailable { part, reason: s.errors.join("; ") });
             }
             new.insert(part, s.new);
+        }
+        if let Some((_, first, _)) = owed.first() {
+            let first = *first;
+            let hints = self.hints.clone();
+            let refused = tokio::task::spawn_blocking(move || hints.add(&owed))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map_err(|reason| WriteError::Unavailable {
+                    part: first,
+                    reason: format!("keeping hints: {reason}"),
+                })?;
+            if let Some((node, part)) = refused.first() {
+                return Err(WriteError::Unavailable {
+                    part: *part,
+                    reason: format!(
+                        "owner {node} did not take the write and the hints kept for it are full; not acknowledged \
+                         on one disk (restore {node} or remove it)"
+                    ),
+                });
+            }
+            self.local
+                .store
+                .flush()
+                .await
+                .map_err(|e| WriteError::Unavailable { part: first, reason: format!("flushing hints: {e}") })?;
         }
         Ok(WriteResult { new, flush_micros, replica_failures })
     }
