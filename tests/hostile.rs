@@ -558,9 +558,13 @@ async fn recent_likes_follow_event_time_across_a_restart() {
         );
     }
     let newest: std::collections::BTreeSet<String> = ids[20..30].iter().cloned().collect();
-    async fn probe(ch: &tonic::transport::Channel, item: &str, observer: &str) -> std::collections::BTreeSet<String> {
+    async fn probe(
+        ch: &tonic::transport::Channel,
+        item: &str,
+        observer: &str,
+        t: i64,
+    ) -> std::collections::BTreeSet<String> {
         let mut ing = IngestClient::new(ch.clone());
-        let t = now_ms();
         let evs = vec![
             ev(&format!("{item}-by-liker"), "liker", item, pb::Action::Like, t),
             ev(&format!("{item}-by-{observer}"), observer, item, pb::Action::Like, t),
@@ -574,7 +578,10 @@ async fn recent_likes_follow_event_time_across_a_restart() {
         assert!(r.items.len() < 100 && !c.degraded, "every candidate is in the reply ({} items)", r.items.len());
         r.items.into_iter().filter(|i| i.sources.iter().any(|s| s == "coengaged")).map(|i| i.item_id).collect()
     }
-    let before = probe(&ch, "probe-a", "observer-a").await;
+    // Partners are the likes of seconds before an event's own time: probe-b's like is stamped two
+    // seconds after probe-a's, however fast the restart between them (it can take under one).
+    let t_a = now_ms();
+    let before = probe(&ch, "probe-a", "observer-a", t_a).await;
     assert_eq!(before, newest, "a like pairs with the ten most recent likes by event time");
     drop(ing);
     drop(ch);
@@ -583,7 +590,7 @@ async fn recent_likes_follow_event_time_across_a_restart() {
     wait_health(&node.addr, Duration::from_secs(90)).await;
     let ch = recsys::cli::connect(&node.addr).await.unwrap();
     assert_eq!(coengaged(&ch, "observer-a").await, before, "a restart changed the observer's co-engaged items");
-    let after = probe(&ch, "probe-b", "observer-b").await;
+    let after = probe(&ch, "probe-b", "observer-b", t_a + 2000).await;
     let mut want = newest.clone();
     want.remove("seed-20"); // probe-a is the newest like now: it pairs instead of the oldest of ten
     want.insert("probe-a".into());
