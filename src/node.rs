@@ -513,7 +513,13 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         }
         None if cfg.cluster.join => {
             joining = true;
-            let m = MetaLog::learn_from_seeds(&me, &meta_path, &cfg.node.seeds, cluster_key.clone())
+            let g = membership.clone();
+            let peers = move || {
+                let live =
+                    g.members().into_iter().filter(|m| m.live && m.node_id != g.node_id && !m.grpc_addr.is_empty());
+                live.map(|m| (m.node_id, m.grpc_addr)).collect::<Vec<_>>()
+            };
+            let m = MetaLog::learn_from_peers(&me, &meta_path, peers, cluster_key.clone())
                 .await
                 .map_err(|e| err(e.to_string()))?;
             let _ = meta_cell.set(m.clone());

@@ -336,3 +336,14 @@ async fn hints_for_a_down_replica_are_durable_and_survive_the_coordinators_resta
     }
     assert!(common::metric(&cluster.metrics[2], "recsys_hints_delivered_total", "") > 0.0, "n3 delivered hints");
 }
+
+/// A node joins a cluster that has a cluster secret: it learns the metadata log from the nodes
+/// gossip shows (signed entries), signing each call for that node, and the join commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_a_cluster_with_a_secret() {
+    let mut cluster = Cluster::start("cp-join-secret", 3, &overrides(Some("cp-join-secret")));
+    cluster.wait_serving().await;
+    let n4 = cluster.join();
+    common::wait_settled(&cluster.addrs[0], &["n1", "n2", "n3", "n4"], 2, Duration::from_secs(120)).await;
+    common::wait_health(&cluster.addrs[n4], Duration::from_secs(30)).await;
+}

@@ -313,6 +313,8 @@ impl MetaLog {
     pub fn learn(&self, entries: Vec<Decided>) -> Result<bool, MetaError> {
         let mut s = self.lock();
         let mut grew = false;
+        // What grew before a refused entry is kept (persisted, announced) all the same.
+        let mut refused = None;
         let mut sorted = entries;
         sorted.sort_by_key(|d| d.index);
         for d in sorted {
@@ -326,23 +328,17 @@ impl MetaLog {
                     metrics::counter!("recsys_meta_divergence_total").increment(1);
                     tracing::error!(index = d.index, mine = %mine.proposal.change, theirs = %d.proposal.change,
                         "two different entries for one metadata slot: refusing the peer's");
-                    return Err(MetaError::Invalid(format!("entry {} differs from this node's", d.index)));
+                    refused = Some(MetaError::Invalid(format!("entry {} differs from this node's", d.index)));
+                    break;
                 }
                 continue;
             }
             if d.index != have + 1 {
                 break; // a gap: the rest comes with the next read
             }
-            if let Entry::Ring(r) = &d.proposal.entry {
-                let cur = ring_of(&s.p);
-                if (r.partitions, r.replication, r.vnodes) != (cur.partitions, cur.replication, cur.vnodes)
-                    || r.epoch <= cur.epoch
-                {
-                    return Err(MetaError::Invalid(format!(
-                        "entry {} changes placement settings or does not raise the epoch",
-                        d.index
-                    )));
-                }
+            if let Err(e) = valid_next(&ring_of(&s.p), &d.proposal.entry) {
+                refused = Some(MetaError::Invalid(format!("entry {}: {e}", d.index)));
+                break;
             }
             if let Entry::Addr { node, addr } = &d.proposal.entry {
                 s.addrs.insert(node.clone(), addr.clone());
@@ -358,7 +354,10 @@ impl MetaLog {
             metrics::gauge!("recsys_meta_log_index").set(last as f64);
             self.grown.send_replace(last);
         }
-        Ok(grew)
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(grew),
+        }
     }
 
     /// The acceptor and learner side: answers one message (blocking: it may fsync).
@@ -488,6 +487,8 @@ impl MetaLog {
                     let (index, change) = self.last_ring_change().unwrap_or((0, "the genesis".into()));
                     return Err(MetaError::Conflict { index, change });
                 }
+                // A value every learner would refuse must never be decided (it would stall the log).
+                valid_next(&ring, &proposal.entry).map_err(MetaError::Invalid)?;
                 (s.p.log.len() as u64 + 1, ring.members.clone(), s.max_round + 1)
             };
             let ballot = Ballot { round, node: self.me.clone() };
@@ -676,11 +677,13 @@ impl MetaLog {
         }
     }
 
-    /// Learns from seeds (addresses from config) the log of the cluster this node joins.
-    pub async fn learn_from_seeds(
+    /// Learns the log of the cluster this node joins from the nodes gossip shows alive
+    /// (`peers()`: node id and address; with a secret those entries are signed, and the call is
+    /// signed for that node id, as every internal call is).
+    pub async fn learn_from_peers(
         me: &str,
         path: &Path,
-        seeds: &[String],
+        peers: impl Fn() -> Vec<(String, String)>,
         key: Option<ClusterKey>,
     ) -> Result<Arc<Self>, MetaError> {
         // A placeholder log to make the calls with (its genesis is replaced by the seed's).
@@ -692,16 +695,21 @@ impl MetaLog {
         );
         let mut last_log = Instant::now();
         loop {
-            for seed in seeds {
-                match probe.call("seed", Some(seed), MetaMsg::Read { after: 0 }).await {
+            let known = peers();
+            if known.is_empty() && last_log.elapsed() > Duration::from_secs(5) {
+                tracing::warn!("waiting for gossip to show a node of the cluster (check --seeds)");
+                last_log = Instant::now();
+            }
+            for (node, addr) in known {
+                match probe.call(&node, Some(&addr), MetaMsg::Read { after: 0 }).await {
                     Ok(MetaReply::Log { genesis, entries, .. }) if !genesis.members.is_empty() => {
-                        tracing::info!(seed = %seed, entries = entries.len(), "learned the cluster's metadata log");
+                        tracing::info!(peer = %node, entries = entries.len(), "learned the cluster's metadata log");
                         return Self::from_learned(me, path, genesis, entries, key);
                     }
                     Ok(_) => {}
                     Err(e) => {
                         if last_log.elapsed() > Duration::from_secs(5) {
-                            tracing::warn!(seed = %seed, error = %e, "waiting for a seed to share the metadata log");
+                            tracing::warn!(peer = %node, error = %e, "waiting for a node to share the metadata log");
                             last_log = Instant::now();
                         }
                     }
@@ -723,6 +731,23 @@ fn open_slot(s: &mut State, index: u64, ballot: &Ballot) -> Option<Result<MetaRe
     }
     s.max_round = s.max_round.max(ballot.round);
     None
+}
+
+/// Whether `entry` may follow a log whose ring is `cur`: a ring entry keeps the placement
+/// settings and raises the epoch.
+fn valid_next(cur: &RingSpec, entry: &Entry) -> Result<(), String> {
+    match entry {
+        Entry::Ring(r) => {
+            if (r.partitions, r.replication, r.vnodes) != (cur.partitions, cur.replication, cur.vnodes) {
+                return Err("a ring entry may not change placement settings".into());
+            }
+            if r.epoch <= cur.epoch {
+                return Err(format!("ring epoch {} does not follow epoch {}", r.epoch, cur.epoch));
+            }
+            Ok(())
+        }
+        Entry::Addr { .. } => Ok(()),
+    }
 }
 
 enum Retry {
