@@ -155,12 +155,17 @@ pub fn node_fails(data_dir: &Path, extra: &[&str]) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// A free loopback port for both TCP (gRPC) and UDP (gossip).
+/// A free loopback port for both TCP (gRPC) and UDP (gossip), never one this test process
+/// handed out before: a port is only probed, not held, so the OS may offer it again to the next
+/// call, and two nodes of one cluster would then fight over it.
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     for _ in 0..100 {
         let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
