@@ -335,11 +335,6 @@ impl Membership {
         v.members.get(node).map(|m| m.grpc_addr.clone()).filter(|a| !a.is_empty())
     }
 
-    /// Whether a gossip key's value is signed as this cluster signs them (for tests and probes).
-    pub fn protected(&self) -> bool {
-        self.key.is_some()
-    }
-
     pub async fn shutdown(&self) {
         if let Some(h) = self.handle.lock().await.take() {
             let _ = h.shutdown().await;

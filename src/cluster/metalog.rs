@@ -252,10 +252,6 @@ impl MetaLog {
         self.lock().p.genesis.clone()
     }
 
-    pub fn entries(&self) -> Vec<Decided> {
-        self.lock().p.log.clone()
-    }
-
     /// How many times each ring epoch was decided (every epoch once, by construction; the
     /// nemesis checks it from the outside).
     pub fn epochs_decided(&self) -> BTreeMap<u64, usize> {
