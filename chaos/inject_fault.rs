@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::Cluster;
 use recsys::api::pb;
 use recsys::api::pb::admin_client::AdminClient;
+use recsys::api::pb::ingest_client::IngestClient;
 use recsys::api::pb::inject_fault_request::Fault;
 use recsys::api::pb::recommender_client::RecommenderClient;
 
@@ -94,6 +95,16 @@ async fn faults_are_validated_applied_restarted_and_expire() {
             tonic::Code::InvalidArgument,
             "fail_rpcs.duration_ms: 700000 is outside",
         ),
+        (
+            Some(Fault::ClockOffset(pb::ClockOffsetFault { offset_ms: 0, duration_ms: 1000 })),
+            tonic::Code::InvalidArgument,
+            "clock_offset.offset_ms: 0 is outside",
+        ),
+        (
+            Some(Fault::ClockOffset(pb::ClockOffsetFault { offset_ms: -5000, duration_ms: 0 })),
+            tonic::Code::InvalidArgument,
+            "clock_offset.duration_ms: 0 is outside",
+        ),
     ];
     for (f, code, msg) in cases {
         let e = admin(&n1).await.inject_fault(pb::InjectFaultRequest { fault: f }).await.unwrap_err();
@@ -149,4 +160,41 @@ async fn faults_are_validated_applied_restarted_and_expire() {
         assert!(Instant::now() < end, "faults did not expire: {:?}", s.active_faults);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // A stepped clock: n1 runs ten minutes behind, so an event stamped now is beyond its accepted
+    // skew (refused, naming the field); once the step ends, the same event is taken.
+    let world = recsys::world::World::generate(recsys::cli::load::synthetic_spec(3, 5, 2, 0));
+    let item = pb::Item { in_stock: true, ..recsys::cli::load::to_pb_item(&world.items[0]) };
+    let mut ing = IngestClient::new(recsys::cli::connect(&n1).await.unwrap());
+    let r = ing.upsert_items(pb::UpsertItemsRequest { items: vec![item.clone()] }).await.unwrap().into_inner();
+    assert_eq!(r.accepted, 1, "{r:?}");
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let event = pb::Event {
+        event_id: "clock-step-1".into(),
+        user_id: "u1".into(),
+        item_id: item.item_id.clone(),
+        action: pb::Action::Click as i32,
+        event_time_ms: now_ms,
+        geo: "us".into(),
+        request_id: String::new(),
+    };
+    let r =
+        inject(&n1, Fault::ClockOffset(pb::ClockOffsetFault { offset_ms: -600_000, duration_ms: 1500 })).await.unwrap();
+    assert!(r.fault.starts_with("clock off by -600000 ms"), "{}", r.fault);
+    let r = ing.log_events(pb::LogEventsRequest { events: vec![event.clone()] }).await.unwrap().into_inner();
+    assert_eq!((r.accepted, r.rejected), (0, 1), "{r:?}");
+    assert!(
+        r.rejections[0].starts_with("events[0].event_time_ms") && r.rejections[0].contains("ahead of the node's clock")
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = admin(&n1).await.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner();
+        if s.active_faults.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < end, "the clock step did not end: {:?}", s.active_faults);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = ing.log_events(pb::LogEventsRequest { events: vec![event] }).await.unwrap().into_inner();
+    assert_eq!((r.accepted, r.rejected), (1, 0), "taken once the clock is back: {r:?}");
 }

@@ -1,25 +1,28 @@
 //! Who may call what. Two credentials, both optional (a laptop cluster runs without them):
 //! - the **cluster secret** (`cluster.secret`, env `RECSYS_CLUSTER_SECRET`) guards the internal
 //!   service (`recsys.internal.v1.Internal`): a caller sends `x-recsys-auth: <unix seconds>.<hex
-//!   HMAC-SHA256(secret, "internal" ‖ from_node ‖ to_node ‖ method ‖ unix seconds)>.<from_node>`,
-//!   never the secret itself; a node accepts it within ±5 minutes of its own clock (checked in
-//!   constant time), only for the method it was made for and only when addressed to this node, so
-//!   a captured header works neither for another method (a Read's header as an Apply or Stream)
-//!   nor on another node. Replies of the metadata protocol carry a MAC over their body.
+//!   HMAC-SHA256(secret, "internal" ‖ from_node ‖ to_node ‖ method ‖ unix seconds ‖ SHA-256 of the
+//!   request body)>.<from_node>`, never the secret itself; a node accepts it within ±5 minutes of
+//!   its own clock (checked in constant time), only for the method and body it was made for and
+//!   only when addressed to this node, so a captured header works neither for another method (a
+//!   Read's header as an Apply or Stream), nor with another body (a captured Apply's header
+//!   carrying other ops), nor on another node. Replies of the metadata protocol carry a MAC over
+//!   their body and the request they answer (an old reply cannot be replayed as a new one).
 //! - the **operator token** (`cluster.operator_token`, env `RECSYS_OPERATOR_TOKEN`) guards
 //!   `recsys.v1.Ingest` and `recsys.v1.Admin`: `authorization: Bearer <token>`.
 //!
 //! `Recommender`, health and reflection stay open. The checks run in a tower wrapper around a
-//! generated service (`Guard`), before the request body is read.
+//! generated service (`Guard`): the header's form and time before the body is read, the MAC
+//! once the (size-bounded) body is in.
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Mac, SimpleHmac};
-use sha2::Sha256;
+use http_body_util::{BodyExt, Full, Limited};
+use sha2::{Digest, Sha256};
 use tonic::body::Body;
 use tonic::codegen::{http, Service};
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
@@ -33,6 +36,34 @@ pub const INTERNAL_HEADER: &str = "x-recsys-auth";
 pub const MAX_SKEW_SECS: i64 = 300;
 pub const SECRET_ENV: &str = "RECSYS_CLUSTER_SECRET";
 pub const TOKEN_ENV: &str = "RECSYS_OPERATOR_TOKEN";
+/// The largest internal request body a node reads (the transport's message cap, plus framing).
+pub const MAX_INTERNAL_BODY: usize = 64 * 1024 * 1024 + 5;
+
+/// SHA-256 of a request body as it travels (the gRPC frames).
+pub type BodyDigest = [u8; 32];
+
+pub fn body_digest(body: &[u8]) -> BodyDigest {
+    Sha256::digest(body).into()
+}
+
+/// The digest of a unary call's body carrying `msg` uncompressed (one gRPC frame: flag byte,
+/// big-endian length, the message): what a hand-made client signs.
+pub fn unary_body_digest(msg: &impl prost::Message) -> BodyDigest {
+    let bytes = msg.encode_to_vec();
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update((bytes.len() as u32).to_be_bytes());
+    h.update(&bytes);
+    h.finalize().into()
+}
+
+/// Who made an authenticated internal call, and the digest of its body: put in the request's
+/// extensions by `Guard` (absent when no secret is configured).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub node: String,
+    pub body: BodyDigest,
+}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AuthError {
@@ -59,6 +90,8 @@ pub enum AuthError {
     WrongToken { method: String },
     #[error("{what} must be printable ASCII without spaces (it travels in a gRPC header)")]
     NotHeaderSafe { what: &'static str },
+    #[error("internal call from {node}: body larger than {MAX_INTERNAL_BODY} bytes or cut off: {reason}")]
+    Body { node: String, reason: String },
 }
 
 /// The env var when set and non-empty, else the config value; None when both are empty.
@@ -76,7 +109,7 @@ pub fn operator_token(cfg: &Config) -> Option<String> {
 }
 
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    crate::clock::unix_secs()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -116,29 +149,31 @@ impl ClusterKey {
     }
 
     /// Fields are separated by a 0 byte (no field holds one), so no two calls share an input.
-    fn mac(&self, from_node: &str, to_node: &str, method: &str, ts: i64) -> SimpleHmac<Sha256> {
+    fn mac(&self, from_node: &str, to_node: &str, method: &str, ts: i64, body: &BodyDigest) -> SimpleHmac<Sha256> {
         let mut m = self.keyed();
         m.update(b"internal\0");
-        for f in [from_node, to_node, method] {
+        for f in [from_node, to_node, method, &ts.to_string()] {
             m.update(f.as_bytes());
             m.update(b"\0");
         }
-        m.update(ts.to_string().as_bytes());
+        m.update(body);
         m
     }
 
     /// The `x-recsys-auth` value `from_node` sends to `to_node` for `method` (the gRPC path,
-    /// `/recsys.internal.v1.Internal/Read`) at `ts`.
-    pub fn header(&self, from_node: &str, to_node: &str, method: &str, ts: i64) -> String {
-        format!("{ts}.{}.{from_node}", hex(&self.mac(from_node, to_node, method, ts).finalize().into_bytes()))
+    /// `/recsys.internal.v1.Internal/Read`) at `ts`, with a request body of digest `body`.
+    pub fn header(&self, from_node: &str, to_node: &str, method: &str, ts: i64, body: &BodyDigest) -> String {
+        format!("{ts}.{}.{from_node}", hex(&self.mac(from_node, to_node, method, ts, body).finalize().into_bytes()))
     }
 
-    /// A MAC over a reply body sent to `to_node` (metadata protocol replies).
-    pub fn sign_body(&self, to_node: &str, body: &[u8]) -> Vec<u8> {
+    /// A MAC over a reply body sent to `to_node` in answer to the request of digest `request`
+    /// (metadata protocol replies).
+    pub fn sign_body(&self, to_node: &str, request: &BodyDigest, body: &[u8]) -> Vec<u8> {
         let mut m = self.keyed();
         m.update(b"reply\0");
         m.update(to_node.as_bytes());
         m.update(b"\0");
+        m.update(request);
         m.update(body);
         m.finalize().into_bytes().to_vec()
     }
@@ -156,13 +191,36 @@ impl ClusterKey {
         hex(&m.finalize().into_bytes()[..16])
     }
 
-    pub fn verify_body(&self, to_node: &str, body: &[u8], tag: &[u8]) -> bool {
-        ct_eq(&self.sign_body(to_node, body), tag)
+    pub fn verify_body(&self, to_node: &str, request: &BodyDigest, body: &[u8], tag: &[u8]) -> bool {
+        ct_eq(&self.sign_body(to_node, request, body), tag)
     }
 
     /// Checks a received `x-recsys-auth` for a call of `method` to this node (`me`) at our
-    /// time `now`; returns the caller's node id.
-    pub fn verify(&self, value: Option<&str>, me: &str, method: &str, now: i64) -> Result<String, AuthError> {
+    /// time `now` with a body of digest `body`; returns the caller's node id.
+    pub fn verify(
+        &self,
+        value: Option<&str>,
+        me: &str,
+        method: &str,
+        now: i64,
+        body: &BodyDigest,
+    ) -> Result<String, AuthError> {
+        let h = SignedHeader::parse(value, now)?;
+        h.verify(self, me, method, body)
+    }
+}
+
+/// A received `x-recsys-auth`, well formed and within the clock window: what can be checked
+/// before the body is read.
+#[derive(Debug)]
+pub struct SignedHeader {
+    ts: i64,
+    tag: Vec<u8>,
+    pub node: String,
+}
+
+impl SignedHeader {
+    pub fn parse(value: Option<&str>, now: i64) -> Result<Self, AuthError> {
         let v = value.ok_or(AuthError::MissingInternal)?;
         let mut it = v.splitn(3, '.');
         let (Some(ts), Some(tag), Some(node)) = (it.next(), it.next(), it.next()) else {
@@ -177,11 +235,15 @@ impl ClusterKey {
         if skew.unsigned_abs() > MAX_SKEW_SECS as u64 {
             return Err(AuthError::Skew { node: node.to_string(), skew });
         }
-        // verify_slice compares in constant time.
-        self.mac(node, me, method, ts)
-            .verify_slice(&tag)
-            .map_err(|_| AuthError::WrongSecret { node: node.to_string() })?;
-        Ok(node.to_string())
+        Ok(Self { ts, tag, node: node.to_string() })
+    }
+
+    /// The MAC check (constant time, by `verify_slice`); returns the caller's node id.
+    pub fn verify(&self, key: &ClusterKey, me: &str, method: &str, body: &BodyDigest) -> Result<String, AuthError> {
+        key.mac(&self.node, me, method, self.ts, body)
+            .verify_slice(&self.tag)
+            .map_err(|_| AuthError::WrongSecret { node: self.node.clone() })?;
+        Ok(self.node.clone())
     }
 }
 
@@ -205,23 +267,59 @@ impl InternalAuth {
     }
 }
 
-impl tonic::service::Interceptor for InternalAuth {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(a) = &self.0 {
-            let (k, from, to) = &**a;
-            // The generated client names the method in the request's extensions.
-            let method = r
-                .extensions()
-                .get::<tonic::GrpcMethod>()
-                .map(|m| format!("/{}/{}", m.service(), m.method()))
-                .ok_or_else(|| Status::internal("internal call without a method name"))?;
-            let v: AsciiMetadataValue = k
-                .header(from, to, &method, unix_now())
-                .parse()
-                .map_err(|_| Status::internal("node id is not header-safe ASCII"))?;
-            r.metadata_mut().insert(INTERNAL_HEADER, v);
-        }
-        Ok(r)
+pub type StdError = Box<dyn std::error::Error + Send + Sync>;
+
+impl InternalAuth {
+    /// `inner` (a channel to the receiver) with every call signed.
+    pub fn sign<S>(self, inner: S) -> Signed<S> {
+        Signed { inner, auth: self }
+    }
+}
+
+/// A channel whose calls carry `x-recsys-auth`. The body is read before the call is sent (the
+/// MAC covers its digest): internal calls are unary, their bodies already in memory.
+#[derive(Clone)]
+pub struct Signed<S> {
+    inner: S,
+    auth: InternalAuth,
+}
+
+impl<S> Service<http::Request<Body>> for Signed<S>
+where
+    S: Service<http::Request<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<StdError>,
+{
+    type Response = S::Response;
+    type Error = StdError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, StdError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StdError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // The service made ready is the one called; a clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(a) = self.auth.0.clone() else {
+            let call = inner.call(req);
+            return Box::pin(async move { call.await.map_err(Into::into) });
+        };
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            let bytes = Limited::new(body, MAX_INTERNAL_BODY)
+                .collect()
+                .await
+                .map_err(|e| -> StdError { format!("internal request body: {e}").into() })?
+                .to_bytes();
+            let (k, from, to) = &*a;
+            let h = k.header(from, to, parts.uri.path(), unix_now(), &body_digest(&bytes));
+            let v = http::HeaderValue::from_str(&h)
+                .map_err(|_| -> StdError { "node id is not header-safe ASCII".into() })?;
+            parts.headers.insert(INTERNAL_HEADER, v);
+            inner.call(http::Request::from_parts(parts, Body::new(Full::new(bytes)))).await.map_err(Into::into)
+        })
     }
 }
 
@@ -272,13 +370,15 @@ pub enum Check {
 }
 
 impl Check {
-    /// `path` is the gRPC path (`/recsys.v1.Admin/ClusterStatus`).
-    pub fn verify(&self, headers: &http::HeaderMap, path: &str) -> Result<(), AuthError> {
+    /// What can be checked from the headers alone; `path` is the gRPC path
+    /// (`/recsys.v1.Admin/ClusterStatus`). An internal call's MAC is checked once its body is
+    /// read (the returned header).
+    pub fn verify(&self, headers: &http::HeaderMap, path: &str) -> Result<Option<SignedHeader>, AuthError> {
         match self {
-            Check::Internal(None, _) | Check::Operator(None) => Ok(()),
-            Check::Internal(Some(k), me) => {
+            Check::Internal(None, _) | Check::Operator(None) => Ok(None),
+            Check::Internal(Some(_), _) => {
                 let v = headers.get(INTERNAL_HEADER).map(|v| v.to_str().unwrap_or(""));
-                k.verify(v, me, path, unix_now()).map(|_| ())
+                SignedHeader::parse(v, unix_now()).map(Some)
             }
             Check::Operator(Some(token)) => {
                 let method = path.trim_start_matches('/').trim_start_matches("recsys.v1.").to_string();
@@ -288,7 +388,7 @@ impl Check {
                     .and_then(|v| v.strip_prefix("Bearer "))
                     .ok_or_else(|| AuthError::MissingToken { method: method.clone() })?;
                 if ct_eq(got.trim().as_bytes(), token) {
-                    Ok(())
+                    Ok(None)
                 } else {
                     Err(AuthError::WrongToken { method })
                 }
@@ -322,11 +422,10 @@ impl<S: NamedService> NamedService for Guard<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> Service<http::Request<B>> for Guard<S>
+impl<S> Service<http::Request<Body>> for Guard<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = Infallible;
@@ -336,14 +435,38 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if let Err(e) = self.check.verify(req.headers(), req.uri().path()) {
-            metrics::counter!("recsys_auth_failures_total", "credential" => self.check.label()).increment(1);
-            tracing::debug!(path = req.uri().path(), error = %e, "refused: unauthenticated");
-            let resp = Status::unauthenticated(e.to_string()).into_http();
-            return Box::pin(async move { Ok(resp) });
-        }
-        Box::pin(self.inner.call(req))
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let check = self.check.clone();
+        let refuse = move |e: AuthError| {
+            metrics::counter!("recsys_auth_failures_total", "credential" => check.label()).increment(1);
+            tracing::debug!(error = %e, "refused: unauthenticated");
+            Ok(Status::unauthenticated(e.to_string()).into_http())
+        };
+        let header = match self.check.verify(req.headers(), req.uri().path()) {
+            Err(e) => return Box::pin(async move { refuse(e) }),
+            Ok(h) => h,
+        };
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (Some(header), Check::Internal(Some(key), me)) = (header, &*self.check) else {
+            return Box::pin(inner.call(req));
+        };
+        let (key, me) = (key.clone(), me.clone());
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            let bytes = match Limited::new(body, MAX_INTERNAL_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return refuse(AuthError::Body { node: header.node.clone(), reason: e.to_string() }),
+            };
+            let digest = body_digest(&bytes);
+            match header.verify(&key, &me, parts.uri.path(), &digest) {
+                Ok(node) => {
+                    parts.extensions.insert(Caller { node, body: digest });
+                    inner.call(http::Request::from_parts(parts, Body::new(Full::new(bytes)))).await
+                }
+                Err(e) => refuse(e),
+            }
+        })
     }
 }
 
@@ -356,29 +479,34 @@ mod tests {
         let k = ClusterKey::new("s3cret");
         let now = 1_700_000_000;
         let read = "/recsys.internal.v1.Internal/Read";
-        let h = k.header("n1", "n2", read, now);
+        let b = body_digest(b"a read's body");
+        let h = k.header("n1", "n2", read, now, &b);
         assert!(!h.contains("s3cret"));
-        assert_eq!(k.verify(Some(&h), "n2", read, now + 10).unwrap(), "n1");
-        assert_eq!(k.verify(None, "n2", read, now), Err(AuthError::MissingInternal));
-        assert_eq!(k.verify(Some("garbage"), "n2", read, now), Err(AuthError::Malformed));
+        assert_eq!(k.verify(Some(&h), "n2", read, now + 10, &b).unwrap(), "n1");
+        assert_eq!(k.verify(None, "n2", read, now, &b), Err(AuthError::MissingInternal));
+        assert_eq!(k.verify(Some("garbage"), "n2", read, now, &b), Err(AuthError::Malformed));
         let far = format!("{}.00.n1", i64::MIN);
-        assert!(matches!(k.verify(Some(&far), "n2", read, now), Err(AuthError::Skew { .. })));
-        assert!(matches!(k.verify(Some(&h), "n2", read, now + 301), Err(AuthError::Skew { .. })));
-        assert!(matches!(k.verify(Some(&h), "n2", read, now - 301), Err(AuthError::Skew { .. })));
-        let other = ClusterKey::new("other").header("n1", "n2", read, now);
-        assert!(matches!(k.verify(Some(&other), "n2", read, now), Err(AuthError::WrongSecret { .. })));
+        assert!(matches!(k.verify(Some(&far), "n2", read, now, &b), Err(AuthError::Skew { .. })));
+        assert!(matches!(k.verify(Some(&h), "n2", read, now + 301, &b), Err(AuthError::Skew { .. })));
+        assert!(matches!(k.verify(Some(&h), "n2", read, now - 301, &b), Err(AuthError::Skew { .. })));
+        let other = ClusterKey::new("other").header("n1", "n2", read, now, &b);
+        assert!(matches!(k.verify(Some(&other), "n2", read, now, &b), Err(AuthError::WrongSecret { .. })));
         // The node id is covered by the MAC: a header replayed under another name fails.
         let forged = h.replace(".n1", ".n2");
-        assert!(matches!(k.verify(Some(&forged), "n2", read, now), Err(AuthError::WrongSecret { .. })));
-        // So are the method and the receiver: a captured Read header is no Apply or Stream,
-        // and it is refused by any other node.
+        assert!(matches!(k.verify(Some(&forged), "n2", read, now, &b), Err(AuthError::WrongSecret { .. })));
+        // So are the method, the receiver and the body: a captured Read header is no Apply or
+        // Stream, it is refused by any other node, and it does not carry another body.
         for m in ["/recsys.internal.v1.Internal/Apply", "/recsys.internal.v1.Internal/Stream"] {
-            assert!(matches!(k.verify(Some(&h), "n2", m, now), Err(AuthError::WrongSecret { .. })));
+            assert!(matches!(k.verify(Some(&h), "n2", m, now, &b), Err(AuthError::WrongSecret { .. })));
         }
-        assert!(matches!(k.verify(Some(&h), "n3", read, now), Err(AuthError::WrongSecret { .. })));
-        let tag = k.sign_body("n1", b"body");
-        assert!(k.verify_body("n1", b"body", &tag));
-        assert!(!k.verify_body("n1", b"bodY", &tag) && !k.verify_body("n3", b"body", &tag));
+        assert!(matches!(k.verify(Some(&h), "n3", read, now, &b), Err(AuthError::WrongSecret { .. })));
+        let other_body = body_digest(b"an apply's body");
+        assert!(matches!(k.verify(Some(&h), "n2", read, now, &other_body), Err(AuthError::WrongSecret { .. })));
+        // A reply is bound to its receiver and to the request it answers.
+        let tag = k.sign_body("n1", &b, b"body");
+        assert!(k.verify_body("n1", &b, b"body", &tag));
+        assert!(!k.verify_body("n1", &b, b"bodY", &tag) && !k.verify_body("n3", &b, b"body", &tag));
+        assert!(!k.verify_body("n1", &other_body, b"body", &tag));
     }
 
     #[test]

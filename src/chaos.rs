@@ -34,7 +34,12 @@ pub enum ChaosError {
 enum Kind {
     Delay { part: Part, delay: Duration },
     FailRpcs { outbound: bool },
+    ClockOffset { ms: i32 },
 }
+
+/// The largest clock step the suite may inject (twice the internal MAC's window: beyond it the
+/// node's internal calls are refused, a fault worth seeing too).
+const MAX_CLOCK_OFFSET_MS: i32 = 600_000;
 
 #[derive(Debug, Clone, Copy)]
 struct Active {
@@ -51,6 +56,7 @@ impl Active {
                 let dir = if outbound { "served+outbound" } else { "served" };
                 format!("fail internal rpcs ({dir}), {left:.1} s left")
             }
+            Kind::ClockOffset { ms } => format!("clock off by {ms:+} ms, {left:.1} s left"),
         }
     }
 }
@@ -167,6 +173,23 @@ impl Faults {
         self.check_enabled()?;
         let d = self.duration(duration_ms).map_err(|e| ChaosError::Invalid(format!("fail_rpcs.{e}")))?;
         self.add(Kind::FailRpcs { outbound }, d)
+    }
+
+    /// Steps this node's clock by `offset_ms` for `duration_ms` (the newest step replaces an
+    /// earlier one).
+    pub fn clock_offset(&self, offset_ms: i32, duration_ms: u32) -> Result<String, ChaosError> {
+        self.check_enabled()?;
+        if offset_ms == 0 || offset_ms.unsigned_abs() > MAX_CLOCK_OFFSET_MS as u32 {
+            return Err(ChaosError::Invalid(format!(
+                "clock_offset.offset_ms: {offset_ms} is outside ±[1, {MAX_CLOCK_OFFSET_MS}]"
+            )));
+        }
+        let d = self.duration(duration_ms).map_err(|e| ChaosError::Invalid(format!("clock_offset.{e}")))?;
+        self.with_active(|a, _| a.retain(|x| !matches!(x.kind, Kind::ClockOffset { .. })));
+        let out = self.add(Kind::ClockOffset { ms: offset_ms }, d)?;
+        crate::clock::NODE.set_offset(i64::from(offset_ms), d);
+        tracing::warn!(offset_ms, duration_ms, "chaos: this node's clock is stepped");
+        Ok(out)
     }
 
     /// What is active now, one line each.

@@ -3,6 +3,7 @@ pub mod api;
 pub mod auth;
 pub mod chaos;
 pub mod cli;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod counters;

@@ -16,9 +16,7 @@ pub enum VerifyError {
     Node { node: String, message: String },
 }
 
-type Client = pb::internal_client::InternalClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, crate::auth::InternalAuth>,
->;
+type Client = pb::internal_client::InternalClient<crate::auth::Signed<tonic::transport::Channel>>;
 
 /// An internal-API client for `node`, signed with the secret when there is one ("verify" calls).
 async fn internal_client(node: &str, addr: &str, secret: Option<&str>) -> Result<Client, String> {
@@ -29,7 +27,7 @@ async fn internal_client(node: &str, addr: &str, secret: Option<&str>) -> Result
         .await
         .map_err(|e| e.to_string())?;
     let auth = crate::auth::InternalAuth::new(secret.map(crate::auth::ClusterKey::new), "verify").to(node);
-    Ok(pb::internal_client::InternalClient::with_interceptor(ch, auth).max_decoding_message_size(512 * 1024 * 1024))
+    Ok(pb::internal_client::InternalClient::new(auth.sign(ch)).max_decoding_message_size(512 * 1024 * 1024))
 }
 
 /// The op an acknowledged event logs in its item's feature partition (on every owner once

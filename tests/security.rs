@@ -12,7 +12,7 @@ use recsys::api::pb;
 use recsys::api::pb::admin_client::AdminClient;
 use recsys::api::pb::ingest_client::IngestClient;
 use recsys::api::pb::recommender_client::RecommenderClient;
-use recsys::auth::{unix_now, ClusterKey, INTERNAL_HEADER};
+use recsys::auth::{unary_body_digest, unix_now, ClusterKey, INTERNAL_HEADER};
 use recsys::cli::load::{load_world_with, synthetic_spec};
 use recsys::cli::OperatorToken;
 use recsys::transport::pb as ipb;
@@ -89,8 +89,9 @@ async fn secret_and_operator_token_guard_a_three_node_cluster() {
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("cluster secret"), "{}", e.message());
     const DIGESTS: &str = "/recsys.internal.v1.Internal/Digests";
+    let digests_body = unary_body_digest(&digests_request());
     const READ: &str = "/recsys.internal.v1.Internal/Read";
-    let wrong = ClusterKey::new("not-the-secret").header("n2", "n1", DIGESTS, unix_now());
+    let wrong = ClusterKey::new("not-the-secret").header("n2", "n1", DIGESTS, unix_now(), &digests_body);
     let e = internal.digests(with_header(digests_request(), Some(wrong))).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("another cluster secret"), "{}", e.message());
@@ -98,13 +99,18 @@ async fn secret_and_operator_token_guard_a_three_node_cluster() {
     let e = internal.read(with_header(read.clone(), None)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     // A header signed long ago (or by a clock far off) is refused too.
-    let stale = ClusterKey::new(SECRET).header("n2", "n1", READ, unix_now() - 3600);
+    let stale = ClusterKey::new(SECRET).header("n2", "n1", READ, unix_now() - 3600, &unary_body_digest(&read));
     let e = internal.read(with_header(read.clone(), Some(stale))).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     // With the right secret the call gets past authentication and is answered.
-    let right = ClusterKey::new(SECRET).header("n2", "n1", DIGESTS, unix_now());
+    let right = ClusterKey::new(SECRET).header("n2", "n1", DIGESTS, unix_now(), &digests_body);
     let r = internal.digests(with_header(digests_request(), Some(right.clone()))).await;
     assert!(r.is_ok(), "the right secret is accepted: {r:?}");
+    // The MAC covers the body: the captured header carrying another request is refused.
+    let mut other = digests_request();
+    other.asks[0].partition = 1;
+    let e = internal.digests(with_header(other, Some(right.clone()))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "another body: {e:?}");
     // The MAC binds the method and the receiver: a captured Digests header is refused as a
     // Read (or Apply, Stream), and by another node.
     let e = internal.read(with_header(read.clone(), Some(right.clone()))).await.unwrap_err();
@@ -166,8 +172,8 @@ async fn secret_and_operator_token_guard_a_three_node_cluster() {
     // Every node has seen its peers' calls and refused none of them (only our probes above, on n1).
     for (i, m) in cluster.metrics.iter().enumerate() {
         let refused = metric(m, "recsys_auth_failures_total", "credential=\"internal\"");
-        // n1: the five probes above; n2: the Digests header made for n1.
-        let expected = [5.0, 1.0, 0.0][i];
+        // n1: the six probes above; n2: the Digests header made for n1.
+        let expected = [6.0, 1.0, 0.0][i];
         assert_eq!(refused, expected, "n{}: internal calls refused", i + 1);
     }
 

@@ -395,6 +395,11 @@ async fn apply(c: &Arc<Mutex<Cluster>>, a: &Action, load_addr: &str) -> anyhow::
                 pb::DelayPartitionFault { role: role.clone(), partition, delay_ms: *delay_ms, duration_ms: *for_ms };
             return inject(&addr, Fault::DelayPartition(f)).await;
         }
+        Action::ClockOffset { node, offset_ms, for_ms } => {
+            let addr = addr_of(node)?;
+            let f = pb::ClockOffsetFault { offset_ms: *offset_ms, duration_ms: *for_ms };
+            return inject(&addr, Fault::ClockOffset(f)).await;
+        }
         Action::FailRpcs { node, for_ms, outbound } => {
             let addr = addr_of(node)?;
             let f = pb::FailRpcsFault { duration_ms: *for_ms, outbound: *outbound };

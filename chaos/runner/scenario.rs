@@ -112,6 +112,12 @@ pub enum Action {
         #[serde(default)]
         outbound: bool,
     },
+    /// Admin.InjectFault clock_offset: the node's clock is `offset_ms` off for `for_ms`.
+    ClockOffset {
+        node: String,
+        offset_ms: i32,
+        for_ms: u32,
+    },
     /// Cut the node off the network (netns scenarios: its veth goes down) / put it back.
     Isolate {
         node: String,
@@ -153,6 +159,9 @@ impl Action {
             }
             Action::FailRpcs { node, for_ms, outbound } => {
                 format!("fail {node}'s internal rpcs for {for_ms} ms (outbound: {outbound})")
+            }
+            Action::ClockOffset { node, offset_ms, for_ms } => {
+                format!("step {node}'s clock by {offset_ms:+} ms for {for_ms} ms")
             }
             Action::Isolate { node } => format!("isolate {node}"),
             Action::Heal { node } => format!("heal {node}"),
@@ -202,7 +211,8 @@ impl Scenario {
 
 /// A randomized fault schedule (Jepsen's nemesis) drawn from `seed`: one episode at a time, each a
 /// kill and restart, a freeze and resume, a network isolation and heal (netns), failed internal
-/// RPCs, or a membership change (a node joins; a joined node is drained, or killed and removed),
+/// RPCs, a clock stepped forward or back (up to 30 s, within the internal MAC's window), or a
+/// membership change (a node joins; a joined node is drained, or killed and removed),
 /// under load through every node. Membership changes are at least 20 s apart.
 pub fn nemesis(seed: u64, seconds: f64, netns: bool) -> Scenario {
     use rand::{Rng, SeedableRng};
@@ -216,7 +226,7 @@ pub fn nemesis(seed: u64, seconds: f64, netns: bool) -> Scenario {
     let mut t = 4.0;
     // The last 12 s are quiet: every fault has ended before the checks.
     while t < seconds - 12.0 {
-        let kinds = if netns { 7 } else { 6 };
+        let kinds = if netns { 8 } else { 7 };
         let kind = rng.random_range(0..kinds);
         let target = members[rng.random_range(0..members.len())].clone();
         let membership_ok = t - last_change >= 20.0;
@@ -263,6 +273,12 @@ pub fn nemesis(seed: u64, seconds: f64, netns: bool) -> Scenario {
                 t + 3.0
             }
             6 => {
+                let d = rng.random_range(2000..8000u32);
+                let offset = rng.random_range(1000..30_000i32) * if rng.random_bool(0.5) { 1 } else { -1 };
+                step(t, Action::ClockOffset { node: target, offset_ms: offset, for_ms: d });
+                t + f64::from(d) / 1000.0
+            }
+            7 => {
                 let d = rng.random_range(1.0..5.0);
                 step(t, Action::Isolate { node: target.clone() });
                 step(t + d, Action::Heal { node: target });

@@ -88,7 +88,9 @@ impl AdminState {
         let faults = t.local.faults();
         faults.check_enabled()?;
         match fault {
-            None => Err(ChaosError::Invalid("fault: missing (kill_actor, delay_partition or fail_rpcs)".into())),
+            None => Err(ChaosError::Invalid(
+                "fault: missing (kill_actor, delay_partition, fail_rpcs or clock_offset)".into(),
+            )),
             Some(Fault::KillActor(k)) if k.role == "scorer" => {
                 let pool = self.models.current();
                 let i = k.index as usize;
@@ -121,6 +123,7 @@ impl AdminState {
                 Ok(("delay_partition", faults.delay(part, d.delay_ms, d.duration_ms)?))
             }
             Some(Fault::FailRpcs(f)) => Ok(("fail_rpcs", faults.fail_rpcs(f.duration_ms, f.outbound)?)),
+            Some(Fault::ClockOffset(c)) => Ok(("clock_offset", faults.clock_offset(c.offset_ms, c.duration_ms)?)),
         }
     }
 }

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{Part, RingSpec};
@@ -96,11 +95,15 @@ struct Persisted {
 /// A message of the metadata protocol (the body of `Internal.Meta`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum MetaMsg {
+    /// `genesis` is the digest of the proposer's genesis: voters of another genesis (another
+    /// cluster, or a node bootstrapped apart) refuse, so two logs never share a decision.
     Prepare {
+        genesis: String,
         index: u64,
         ballot: Ballot,
     },
     Accept {
+        genesis: String,
         index: u64,
         ballot: Ballot,
         proposal: Proposal,
@@ -132,10 +135,12 @@ pub enum MetaReply {
 
 type MoveStatusFn = Box<dyn Fn(u64) -> Option<Vec<Part>> + Send + Sync>;
 type AddrFn = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
-type MetaClient = InternalClient<InterceptedService<Channel, InternalAuth>>;
+type MetaClient = InternalClient<crate::auth::Signed<Channel>>;
 
 struct State {
     p: Persisted,
+    /// `p.genesis.digest()`, kept: every Prepare and Accept is checked against it.
+    genesis_digest: String,
     /// Addresses decided in the log.
     addrs: BTreeMap<String, String>,
     /// The highest round seen in any reply: the next ballot goes above it.
@@ -198,7 +203,7 @@ impl MetaLog {
         Arc::new(Self {
             me: me.to_string(),
             path: path.to_path_buf(),
-            state: Mutex::new(State { p, addrs, max_round: 0 }),
+            state: Mutex::new(State { genesis_digest: p.genesis.digest(), p, addrs, max_round: 0 }),
             key,
             grown,
             gossip_addr: OnceLock::new(),
@@ -332,7 +337,7 @@ impl MetaLog {
             if d.index != have + 1 {
                 break; // a gap: the rest comes with the next read
             }
-            if let Err(e) = valid_next(&ring_of(&s.p), &d.proposal.entry) {
+            if let Err(e) = valid_next(&ring_of(&s.p), &d.proposal) {
                 refused = Some(MetaError::Invalid(format!("entry {}: {e}", d.index)));
                 break;
             }
@@ -356,11 +361,20 @@ impl MetaLog {
         }
     }
 
+    /// `learn` off the async workers (it fsyncs when the log grows).
+    pub async fn learn_off(self: &Arc<Self>, entries: Vec<Decided>) -> Result<bool, MetaError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.learn(entries))
+            .await
+            .map_err(|e| MetaError::Invalid(format!("learning stopped: {e}")))?
+    }
+
     /// The acceptor and learner side: answers one message (blocking: it may fsync).
     pub fn handle(&self, msg: MetaMsg) -> Result<MetaReply, MetaError> {
         match msg {
-            MetaMsg::Prepare { index, ballot } => {
+            MetaMsg::Prepare { genesis, index, ballot } => {
                 let mut s = self.lock();
+                same_genesis(&s, &genesis)?;
                 if let Some(done) = open_slot(&mut s, index, &ballot) {
                     return done;
                 }
@@ -375,8 +389,9 @@ impl MetaLog {
                 }
                 Ok(reply)
             }
-            MetaMsg::Accept { index, ballot, proposal } => {
+            MetaMsg::Accept { genesis, index, ballot, proposal } => {
                 let mut s = self.lock();
+                same_genesis(&s, &genesis)?;
                 if let Some(done) = open_slot(&mut s, index, &ballot) {
                     return done;
                 }
@@ -421,7 +436,7 @@ impl MetaLog {
         }
         let ep = Endpoint::from_shared(format!("http://{addr}")).ok()?.connect_timeout(Duration::from_millis(500));
         let auth = InternalAuth::new(self.key.clone(), &self.me).to(node);
-        let client = InternalClient::with_interceptor(ep.connect_lazy(), auth);
+        let client = InternalClient::new(auth.sign(ep.connect_lazy()));
         c.insert(k, client.clone());
         Some(client)
     }
@@ -441,11 +456,14 @@ impl MetaLog {
         };
         let client = self.client(node, &addr).ok_or_else(|| format!("{node}: bad address {addr}"))?;
         let body = serde_json::to_vec(&msg).map_err(|e| e.to_string())?;
-        let mut req = tonic::Request::new(pb::MetaRequest { from_node: self.me.clone(), body });
+        let request = pb::MetaRequest { from_node: self.me.clone(), body };
+        // The reply's MAC covers the request it answers: an old reply cannot be replayed.
+        let request_digest = crate::auth::unary_body_digest(&request);
+        let mut req = tonic::Request::new(request);
         req.set_timeout(self.call_timeout);
         let reply = client.clone().meta(req).await.map_err(|s| format!("{node}: {}", s.message()))?.into_inner();
         if let Some(k) = &self.key {
-            if !k.verify_body(&self.me, &reply.body, &reply.mac) {
+            if !k.verify_body(&self.me, &request_digest, &reply.body, &reply.mac) {
                 return Err(format!("{node}: reply not signed with the cluster secret"));
             }
         }
@@ -475,7 +493,7 @@ impl MetaLog {
             if started.elapsed() > Duration::from_secs(15) {
                 break;
             }
-            let (index, voters, round) = {
+            let (index, voters, round, genesis) = {
                 let s = self.lock();
                 let ring = ring_of(&s.p);
                 if base_epoch.is_some_and(|b| b != ring.epoch) {
@@ -484,18 +502,20 @@ impl MetaLog {
                     return Err(MetaError::Conflict { index, change });
                 }
                 // A value every learner would refuse must never be decided (it would stall the log).
-                valid_next(&ring, &proposal.entry).map_err(MetaError::Invalid)?;
-                (s.p.log.len() as u64 + 1, ring.members.clone(), s.max_round + 1)
+                valid_next(&ring, &proposal).map_err(MetaError::Invalid)?;
+                (s.p.log.len() as u64 + 1, ring.members.clone(), s.max_round + 1, s.genesis_digest.clone())
             };
             let ballot = Ballot { round, node: self.me.clone() };
             let need = quorum(voters.len());
             // Phase 1: promises from a majority, with what they accepted already.
-            let replies = self.ask_all(&voters, MetaMsg::Prepare { index, ballot: ballot.clone() }).await;
+            let replies = self
+                .ask_all(&voters, MetaMsg::Prepare { genesis: genesis.clone(), index, ballot: ballot.clone() })
+                .await;
             let mut promised = 0;
             let mut highest: Option<(Ballot, Proposal)> = None;
             for r in &replies {
                 match r {
-                    Ok(MetaReply::AlreadyDecided(d)) => match self.lost_to(d.clone(), &proposal) {
+                    Ok(MetaReply::AlreadyDecided(d)) => match self.lost_to(d.clone(), &proposal).await {
                         Retry::Next => continue 'attempt,
                         Retry::Done(r) => return r,
                     },
@@ -520,12 +540,13 @@ impl MetaLog {
             }
             let value = highest.map(|(_, v)| v).unwrap_or_else(|| proposal.clone());
             // Phase 2.
-            let replies =
-                self.ask_all(&voters, MetaMsg::Accept { index, ballot: ballot.clone(), proposal: value.clone() }).await;
+            let replies = self
+                .ask_all(&voters, MetaMsg::Accept { genesis, index, ballot: ballot.clone(), proposal: value.clone() })
+                .await;
             let mut accepted = 0;
             for r in &replies {
                 match r {
-                    Ok(MetaReply::AlreadyDecided(d)) => match self.lost_to(d.clone(), &proposal) {
+                    Ok(MetaReply::AlreadyDecided(d)) => match self.lost_to(d.clone(), &proposal).await {
                         Retry::Next => continue 'attempt,
                         Retry::Done(r) => return r,
                     },
@@ -544,11 +565,11 @@ impl MetaLog {
                 continue;
             }
             let d = Decided { index, proposal: value };
-            self.learn(vec![d.clone()])?;
+            self.learn_off(vec![d.clone()]).await?;
             metrics::counter!("recsys_meta_decided_total").increment(1);
             tracing::info!(index, change = %d.proposal.change, by = %d.proposal.by, "metadata log: decided");
             self.spread(voters);
-            match self.lost_to(d, &proposal) {
+            match self.lost_to(d, &proposal).await {
                 Retry::Next => continue 'attempt,
                 Retry::Done(r) => return r,
             }
@@ -567,8 +588,8 @@ impl MetaLog {
     /// What a proposer does once slot `d.index` is decided: done when it is this proposal; a
     /// ring change that won the slot refuses this one (it was built on the ring before); an
     /// address entry that won it leaves the next slot to try.
-    fn lost_to(&self, d: Decided, mine: &Proposal) -> Retry {
-        let _ = self.learn(vec![d.clone()]);
+    async fn lost_to(self: &Arc<Self>, d: Decided, mine: &Proposal) -> Retry {
+        let _ = self.learn_off(vec![d.clone()]).await;
         if d.proposal == *mine {
             return Retry::Done(Ok(d));
         }
@@ -615,7 +636,7 @@ impl MetaLog {
                 if genesis != self.genesis() {
                     return Err(format!("{node}: its log starts from another genesis (another cluster?)"));
                 }
-                self.learn(entries).map_err(|e| e.to_string())?;
+                self.learn_off(entries).await.map_err(|e| e.to_string())?;
                 Ok((last, undecided))
             }
             other => Err(format!("{node}: unexpected reply {other:?}")),
@@ -700,7 +721,13 @@ impl MetaLog {
                 match probe.call(&node, Some(&addr), MetaMsg::Read { after: 0 }).await {
                     Ok(MetaReply::Log { genesis, entries, .. }) if !genesis.members.is_empty() => {
                         tracing::info!(peer = %node, entries = entries.len(), "learned the cluster's metadata log");
-                        return Self::from_learned(me, path, genesis, entries, key);
+                        let (me, path, key) = (me.to_string(), path.to_path_buf(), key.clone());
+                        // Writing the learned log fsyncs: off the async workers.
+                        return tokio::task::spawn_blocking(move || {
+                            Self::from_learned(&me, &path, genesis, entries, key)
+                        })
+                        .await
+                        .map_err(|e| MetaError::Invalid(format!("learning stopped: {e}")))?;
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -729,10 +756,18 @@ fn open_slot(s: &mut State, index: u64, ballot: &Ballot) -> Option<Result<MetaRe
     None
 }
 
-/// Whether `entry` may follow a log whose ring is `cur`: a ring entry keeps the placement
-/// settings and raises the epoch.
-fn valid_next(cur: &RingSpec, entry: &Entry) -> Result<(), String> {
-    match entry {
+fn same_genesis(s: &State, theirs: &str) -> Result<(), MetaError> {
+    if s.genesis_digest == theirs {
+        Ok(())
+    } else {
+        Err(MetaError::Invalid("the proposer's log starts from another genesis (another cluster?)".into()))
+    }
+}
+
+/// Whether `p` may follow a log whose ring is `cur`: a ring entry keeps the placement settings
+/// and raises the epoch; an address entry is proposed by the node it names.
+fn valid_next(cur: &RingSpec, p: &Proposal) -> Result<(), String> {
+    match &p.entry {
         Entry::Ring(r) => {
             if (r.partitions, r.replication, r.vnodes) != (cur.partitions, cur.replication, cur.vnodes) {
                 return Err("a ring entry may not change placement settings".into());
@@ -742,6 +777,7 @@ fn valid_next(cur: &RingSpec, entry: &Entry) -> Result<(), String> {
             }
             Ok(())
         }
+        Entry::Addr { node, .. } if *node != p.by => Err(format!("{} may not log the address of {node}", p.by)),
         Entry::Addr { .. } => Ok(()),
     }
 }
@@ -789,25 +825,32 @@ mod tests {
         let path = d.join("meta.json");
         let log = MetaLog::open("a", &path, Some(genesis()), None).unwrap().unwrap();
         let b = |r: u64, n: &str| Ballot { round: r, node: n.into() };
+        let g = genesis().digest();
+        // A proposer whose log starts from another genesis is refused outright.
+        let other = RingSpec::new(1, &["a".into(), "b".into()], 8, 2, 16).digest();
+        assert!(log.handle(MetaMsg::Prepare { genesis: other, index: 1, ballot: b(2, "b") }).is_err());
         assert!(matches!(
-            log.handle(MetaMsg::Prepare { index: 1, ballot: b(2, "b") }).unwrap(),
+            log.handle(MetaMsg::Prepare { genesis: g.clone(), index: 1, ballot: b(2, "b") }).unwrap(),
             MetaReply::Promise { ok: true, .. }
         ));
-        let r = log.handle(MetaMsg::Accept { index: 1, ballot: b(2, "b"), proposal: prop("drain c", 2) }).unwrap();
+        let r = log
+            .handle(MetaMsg::Accept { genesis: g.clone(), index: 1, ballot: b(2, "b"), proposal: prop("drain c", 2) })
+            .unwrap();
         assert!(matches!(r, MetaReply::Accepted { ok: true, .. }));
         drop(log);
         // Restarted: a lower ballot is refused, and a higher one is told what was accepted.
         let log = MetaLog::open("a", &path, None, None).unwrap().unwrap();
         assert!(matches!(
-            log.handle(MetaMsg::Prepare { index: 1, ballot: b(1, "z") }).unwrap(),
+            log.handle(MetaMsg::Prepare { genesis: g.clone(), index: 1, ballot: b(1, "z") }).unwrap(),
             MetaReply::Promise { ok: false, .. }
         ));
-        match log.handle(MetaMsg::Prepare { index: 1, ballot: b(3, "c") }).unwrap() {
+        match log.handle(MetaMsg::Prepare { genesis: g.clone(), index: 1, ballot: b(3, "c") }).unwrap() {
             MetaReply::Promise { ok: true, accepted: Some((_, p)), .. } => assert_eq!(p.change, "drain c"),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            log.handle(MetaMsg::Accept { index: 1, ballot: b(2, "b"), proposal: prop("remove b", 2) }).unwrap(),
+            log.handle(MetaMsg::Accept { genesis: g, index: 1, ballot: b(2, "b"), proposal: prop("remove b", 2) })
+                .unwrap(),
             MetaReply::Accepted { ok: false, .. }
         ));
         let _ = std::fs::remove_dir_all(&d);
@@ -824,11 +867,23 @@ mod tests {
         // A gap is not filled from a later entry.
         assert!(!log.learn(vec![Decided { index: 5, proposal: prop("later", 9) }]).unwrap());
         assert_eq!(log.last(), 1);
-        match log.handle(MetaMsg::Prepare { index: 1, ballot: Ballot { round: 9, node: "z".into() } }).unwrap() {
+        let g = genesis().digest();
+        match log
+            .handle(MetaMsg::Prepare { genesis: g, index: 1, ballot: Ballot { round: 9, node: "z".into() } })
+            .unwrap()
+        {
             MetaReply::AlreadyDecided(x) => assert_eq!(x.proposal.change, "drain c"),
             other => panic!("{other:?}"),
         }
         assert_eq!(log.epochs_decided().get(&2), Some(&1));
+        // A member logs only its own address.
+        let addr = |by: &str| Proposal {
+            entry: Entry::Addr { node: "b".into(), addr: "127.0.0.1:9".into() },
+            change: "address of b".into(),
+            by: by.into(),
+        };
+        assert!(log.learn(vec![Decided { index: 2, proposal: addr("c") }]).is_err());
+        assert!(log.learn(vec![Decided { index: 2, proposal: addr("b") }]).unwrap());
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -97,11 +97,11 @@ pub fn replay_generator(store: &Store, cfg: &Config, partition: u32) -> Result<G
 }
 
 fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    crate::clock::unix_secs()
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    crate::clock::unix_ms()
 }
 
 /// An event's co-engagement partners: the user's likes from event-time seconds *before* the

@@ -165,7 +165,7 @@ impl Budget {
 }
 
 fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    crate::clock::unix_secs()
 }
 
 fn new_request_id() -> String {

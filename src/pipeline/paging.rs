@@ -178,10 +178,7 @@ impl Pipeline {
     pub(super) fn log_served(&self, list: &RankedList, surface: &str, positions: Vec<usize>) {
         let Some(logger) = &self.logger else { return };
         let rows = &list.features;
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let ts = crate::clock::unix_ms();
         for pos in positions {
             let (Some(s), Some(f)) = (list.items.get(pos), rows.get(pos)) else { continue };
             logger.log(LogLine::Served(ServedRow {

@@ -210,6 +210,8 @@ impl pb::internal_server::Internal for InternalService {
     }
 
     async fn meta(&self, req: Request<pb::MetaRequest>) -> Result<Response<pb::MetaReply>, Status> {
+        // With a secret, the reply is signed for the authenticated caller and the request's digest.
+        let caller = req.extensions().get::<crate::auth::Caller>().cloned();
         let req = req.into_inner();
         let log = self.meta.get().ok_or_else(|| Status::unavailable("node is starting: no metadata log yet"))?.clone();
         let msg: MetaMsg = serde_json::from_slice(&req.body)
@@ -219,7 +221,11 @@ impl pb::internal_server::Internal for InternalService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let body = serde_json::to_vec(&reply).map_err(|e| Status::internal(e.to_string()))?;
-        let mac = self.key.as_ref().map(|k| k.sign_body(&req.from_node, &body)).unwrap_or_default();
+        let mac = match (&self.key, &caller) {
+            (Some(k), Some(c)) => k.sign_body(&c.node, &c.body, &body),
+            (Some(_), None) => return Err(Status::unauthenticated("metadata call without an authenticated caller")),
+            (None, _) => vec![],
+        };
         Ok(Response::new(pb::MetaReply { body, mac }))
     }
 
