@@ -2,35 +2,36 @@
 //! join the gossip, form (or reload) the ring, replay this node's partitions one at a time from
 //! their op logs, catch up with their other replicas, start the scorers, then flip to SERVING.
 //! SIGTERM announces `leaving`, drains and stops.
+//!
+//! Where things are: `mod.rs` is the start-up sequence and shutdown (`run`); `servers.rs` builds
+//! the gRPC port (public and internal services); `supervisor.rs` keeps the partition actors;
+//! `background.rs` holds the loops that run while the node serves.
+mod background;
+mod servers;
+mod supervisor;
+
+pub use supervisor::{failure, loaders, PartitionSupervisor, PartitionSupervisorArgs, PartitionSupervisorState};
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::Actor;
 
-use crate::api::admin::{AdminService, AdminState};
-use crate::api::codes::SpecCodes;
-use crate::api::ingest::IngestService;
-use crate::api::pb;
-use crate::api::recommender::RecommenderService;
-use crate::auth::Guard;
-use crate::cluster::changes::{Controller, MoveSettings, PartitionCmd};
+use crate::api::admin::AdminState;
+use crate::cluster::changes::{Controller, MoveSettings};
 use crate::cluster::membership::MembershipSettings;
-use crate::cluster::metalog::{Entry as MetaEntry, MetaLog};
+use crate::cluster::metalog::MetaLog;
 use crate::cluster::{replication, MemberState, Membership, Part, Ring, RingSpec, Role};
 use crate::config::Config;
-use crate::features::shard::{FeatureShard, FeatureShardArgs, FeatureShardState};
 use crate::features::FeaturePlan;
-use crate::generators::{GeneratorArgs, GeneratorShard, GeneratorState};
 use crate::ingest::{self, Writer};
 use crate::logging::FeatureLogger;
 use crate::pipeline::Pipeline;
 use crate::ranking::{PageCache, PageTokens};
 use crate::scoring::{self, Manifest, Models, ScorerPool};
 use crate::store::Store;
-use crate::transport::pb as ipb;
-use crate::transport::server::InternalService;
 use crate::transport::{LocalPartitions, Transport};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,200 +40,6 @@ pub enum NodeError {
     Locked(PathBuf),
     #[error("{0}")]
     Startup(String),
-}
-
-type FeatureLoader = Arc<dyn Fn(u32) -> FeatureShardState + Send + Sync>;
-type GeneratorLoader = Arc<dyn Fn(u32) -> GeneratorState + Send + Sync>;
-
-/// Supervises this node's partition actors: a crashed partition is taken out of service (reads
-/// go to its other replicas), rebuilt from its op log, and put back. Partitions are also opened
-/// (a move brings one here) and closed (a move took one away) while the node runs.
-pub struct PartitionSupervisor;
-
-pub struct PartitionSupervisorArgs {
-    pub local: Arc<LocalPartitions>,
-    /// Where the partitions log their writes (None: apply only).
-    pub store: Option<Store>,
-    pub features: Vec<(u32, FeatureShardState)>,
-    pub generators: Vec<(u32, GeneratorState)>,
-    pub feature_loader: FeatureLoader,
-    pub generator_loader: GeneratorLoader,
-}
-
-pub struct PartitionSupervisorState {
-    local: Arc<LocalPartitions>,
-    store: Option<Store>,
-    /// Children by actor id (not by registered name: names are process-global in ractor).
-    children: std::collections::HashMap<ractor::ActorId, (Role, u32)>,
-    feature_loader: FeatureLoader,
-    generator_loader: GeneratorLoader,
-}
-
-impl PartitionSupervisorState {
-    /// Spawns one partition's actor (from `initial`, else from its op log) and installs it.
-    async fn spawn(
-        &mut self,
-        me: &ActorRef<PartitionCmd>,
-        role: Role,
-        p: u32,
-        feature: Option<FeatureShardState>,
-        generator: Option<GeneratorState>,
-    ) -> Result<(), ActorProcessingErr> {
-        let id = if role == Role::Feature {
-            let a = FeatureShardArgs {
-                partition: p,
-                log: self.store.clone(),
-                initial: feature,
-                load: self.feature_loader.clone(),
-            };
-            let (r, _) = Actor::spawn_linked(None, FeatureShard, a, me.get_cell()).await?;
-            let id = r.get_id();
-            self.local.set_feature(p, Some(r));
-            id
-        } else {
-            let a = GeneratorArgs {
-                partition: p,
-                log: self.store.clone(),
-                initial: generator,
-                load: self.generator_loader.clone(),
-            };
-            let (r, _) = Actor::spawn_linked(None, GeneratorShard, a, me.get_cell()).await?;
-            let id = r.get_id();
-            self.local.set_generator(p, Some(r));
-            id
-        };
-        self.children.insert(id, (role, p));
-        Ok(())
-    }
-}
-
-impl Actor for PartitionSupervisor {
-    type Msg = PartitionCmd;
-    type State = PartitionSupervisorState;
-    type Arguments = PartitionSupervisorArgs;
-
-    async fn pre_start(
-        &self,
-        me: ActorRef<PartitionCmd>,
-        args: PartitionSupervisorArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let mut st = PartitionSupervisorState {
-            local: args.local,
-            store: args.store,
-            children: std::collections::HashMap::new(),
-            feature_loader: args.feature_loader,
-            generator_loader: args.generator_loader,
-        };
-        for (p, s) in args.features {
-            st.spawn(&me, Role::Feature, p, Some(s), None).await?;
-        }
-        for (p, s) in args.generators {
-            st.spawn(&me, Role::Generator, p, None, Some(s)).await?;
-        }
-        Ok(st)
-    }
-
-    async fn handle(
-        &self,
-        me: ActorRef<PartitionCmd>,
-        msg: PartitionCmd,
-        st: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            PartitionCmd::Open(part, reply) => {
-                let open = st.local.is_open(part);
-                if !open {
-                    st.local.set_ready(part, false);
-                    st.spawn(&me, part.role, part.partition, None, None).await?;
-                    tracing::info!(part = %part, "partition opened here");
-                }
-                let _ = reply.send(!open);
-            }
-            PartitionCmd::Close(part, reply) => {
-                st.local.set_ready(part, false);
-                let actor = match part.role {
-                    Role::Feature => st.local.feature_actor(part.partition).map(|a| a.get_cell()),
-                    Role::Generator => st.local.generator_actor(part.partition).map(|a| a.get_cell()),
-                };
-                match part.role {
-                    Role::Feature => st.local.set_feature(part.partition, None),
-                    Role::Generator => st.local.set_generator(part.partition, None),
-                }
-                if let Some(cell) = actor {
-                    // Forgotten first, so its stop is not taken for a crash to restart; waited
-                    // for, so no write it is still applying lands after the log is dropped.
-                    st.children.remove(&cell.get_id());
-                    let stopped =
-                        cell.stop_and_wait(Some("partition moved away".into()), Some(Duration::from_secs(30)));
-                    if let Err(e) = stopped.await {
-                        tracing::warn!(part = %part, error = %e, "partition actor did not stop in time");
-                    }
-                }
-                if let Some(store) = st.store.clone() {
-                    match tokio::task::spawn_blocking(move || store.drop_partition(part)).await {
-                        Ok(Ok(n)) => tracing::info!(part = %part, batches = n, "partition dropped here"),
-                        Ok(Err(e)) => tracing::warn!(part = %part, error = %e, "dropping the partition's log failed"),
-                        Err(e) => tracing::warn!(part = %part, error = %e, "dropping the partition's log failed"),
-                    }
-                }
-                let _ = reply.send(());
-            }
-        }
-        Ok(())
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        me: ActorRef<PartitionCmd>,
-        ev: SupervisionEvent,
-        st: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let Some((cell, err)) = failure(ev) else { return Ok(()) };
-        let Some((role, p)) = st.children.remove(&cell.get_id()) else { return Ok(()) };
-        tracing::warn!(role = role.as_str(), partition = p, error = %err, "partition actor failed; rebuilding it from its op log");
-        metrics::counter!("recsys_actor_restarts_total", "role" => role.as_str()).increment(1);
-        // Out of service while it rebuilds: reads go to its replicas, writes to it are refused
-        // (and reach it later by hinted handoff or anti-entropy).
-        let part = crate::cluster::Part::new(role, p);
-        let was_ready = st.local.is_ready(part);
-        st.local.set_ready(part, false);
-        match role {
-            Role::Feature => st.local.set_feature(p, None),
-            Role::Generator => st.local.set_generator(p, None),
-        }
-        st.spawn(&me, role, p, None, None).await?;
-        st.local.set_ready(part, was_ready);
-        Ok(())
-    }
-}
-
-/// A child that failed, or was killed (`ActorRef::kill`, as `Admin.InjectFault` does): both are
-/// restarted. A child stopped cleanly is the node shutting down.
-pub fn failure(ev: SupervisionEvent) -> Option<(ractor::ActorCell, String)> {
-    match ev {
-        SupervisionEvent::ActorFailed(cell, err) => Some((cell, err.to_string())),
-        SupervisionEvent::ActorTerminated(cell, _, Some(reason)) if reason == "killed" => Some((cell, reason)),
-        _ => None,
-    }
-}
-
-/// Loaders that rebuild one partition from the store (supervisor restarts).
-pub fn loaders(store: &Store, cfg: &Arc<Config>) -> (FeatureLoader, GeneratorLoader) {
-    let (s1, c1) = (store.clone(), cfg.clone());
-    let f: FeatureLoader = Arc::new(move |p| {
-        ingest::replay_feature(&s1, &c1, p).unwrap_or_else(|e| {
-            tracing::error!(partition = p, error = %e, "rebuild failed; partition starts empty");
-            FeatureShardState::new(ingest::shard_settings(&c1))
-        })
-    });
-    let (s2, c2) = (store.clone(), cfg.clone());
-    let g: GeneratorLoader = Arc::new(move |p| {
-        ingest::replay_generator(&s2, &c2, p).unwrap_or_else(|e| {
-            tracing::error!(partition = p, error = %e, "rebuild failed; partition starts empty");
-            GeneratorState::new(ingest::generator_settings(&c2))
-        })
-    });
-    (f, g)
 }
 
 pub struct NodeHandles {
@@ -387,78 +194,11 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         }
         None => None,
     };
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| err(e.to_string()))?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let max_msg = 64 * 1024 * 1024;
-    // Internal calls need the cluster secret's MAC; Ingest and Admin the operator token (when
-    // configured). Recommender, health and reflection stay open.
     let cluster_key = crate::auth::cluster_secret(&cfg).map(|s| crate::auth::ClusterKey::new(&s));
     let meta_cell: Arc<OnceLock<Arc<MetaLog>>> = Arc::new(OnceLock::new());
-    let internal = InternalService {
-        transport: handles.transport.clone(),
-        pipeline: handles.pipeline.clone(),
-        meta: meta_cell.clone(),
-        key: cluster_key.clone(),
-    };
-    let token = crate::auth::operator_token(&cfg);
-    if token.as_deref().is_some_and(|t| !t.chars().all(|c| c.is_ascii_graphic())) {
-        return Err(err("RECSYS_OPERATOR_TOKEN must be printable ASCII without spaces".into()));
-    }
-    if token.is_some() && cluster_key.is_none() {
-        // The token guards Ingest and Admin; without the secret the internal API (which can
-        // stream, write and page every partition) would stay open beside it.
-        return Err(err("refusing to start: an operator token is set but no cluster secret (cluster.secret or \
-             RECSYS_CLUSTER_SECRET): the internal API would be open to anyone who can reach the port"
-            .into()));
-    }
-    if token.is_none() {
-        tracing::info!("cluster.operator_token is empty: Ingest and Admin calls are not authenticated");
-    }
-    let operator = || crate::auth::Check::Operator(token.clone().map(String::into_bytes));
-    let server = tonic::transport::Server::builder()
-        .layer(crate::metrics::GrpcMetricsLayer)
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .initial_connection_window_size(Some(8 * 1024 * 1024))
-        .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .add_service(health_service)
-        .add_service(reflection)
-        // SpecCodes: the spec's codes for expired deadlines and undecodable requests (see api::codes).
-        .add_service(SpecCodes(
-            pb::recommender_server::RecommenderServer::new(RecommenderService { pipeline: handles.pipeline.clone() })
-                .max_decoding_message_size(max_msg),
-        ))
-        .add_service(SpecCodes(Guard::new(
-            pb::ingest_server::IngestServer::new(IngestService {
-                writer: handles.writer.clone(),
-                logger: handles.logger.clone(),
-            })
-            .max_decoding_message_size(max_msg),
-            operator(),
-        )))
-        .add_service(SpecCodes(Guard::new(
-            pb::admin_server::AdminServer::new(AdminService { state: handles.admin.clone() }),
-            operator(),
-        )))
-        .add_service(SpecCodes(Guard::new(
-            ipb::internal_server::InternalServer::new(internal)
-                .max_decoding_message_size(max_msg)
-                .max_encoding_message_size(max_msg),
-            crate::auth::Check::Internal(cluster_key.clone(), me.clone()),
-        )));
-    let mut rx = shutdown_rx.clone();
-    // Small replies on a persistent connection: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server_task = tokio::spawn(async move {
-        server
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = rx.wait_for(|v| *v).await;
-            })
-            .await
-    });
+    let server_task =
+        servers::serve(&cfg, &handles, meta_cell.clone(), cluster_key.clone(), listener, health_service, shutdown_rx)?;
     tracing::info!(%local, node = %me, "listening (NOT_SERVING while loading)");
 
     // Gossip on the same port, over UDP.
@@ -676,7 +416,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     if !cfg.cluster.consistent_range_movement {
         tracing::warn!("cluster.consistent_range_movement = false: moves complete without down previous owners (acknowledged writes they alone hold can be lost)");
     }
-    let addr_task = tokio::spawn(register_address(meta.clone(), me.clone(), advertise.to_string()));
+    let addr_task = tokio::spawn(background::register_address(meta.clone(), me.clone(), advertise.to_string()));
     let controller_task = tokio::spawn(controller.clone().run());
 
     let pool = match &manifest {
@@ -733,8 +473,10 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     }
     tracing::info!(%local, ms = t.elapsed().as_millis() as u64, "SERVING");
 
-    let anti_entropy =
-        tokio::spawn(anti_entropy_loop(transport.clone(), Duration::from_millis(cfg.cluster.anti_entropy_interval_ms)));
+    let anti_entropy = tokio::spawn(background::anti_entropy_loop(
+        transport.clone(),
+        Duration::from_millis(cfg.cluster.anti_entropy_interval_ms),
+    ));
 
     tokio::select! {
         _ = wait_for_signal() => tracing::info!("leaving: draining, then stopping"),
@@ -786,28 +528,6 @@ async fn check_seed(seed: &str) -> Result<(), NodeError> {
     }
 }
 
-/// Records this node's internal address in the metadata log (once, and again when it changes),
-/// so peers reach a member at the address the log holds, never one a gossip entry claims.
-async fn register_address(meta: Arc<MetaLog>, me: String, addr: String) {
-    for attempt in 0..600u32 {
-        let ring = meta.ring();
-        let involved = ring.members.contains(&me) || ring.target.as_ref().is_some_and(|t| t.contains(&me));
-        if meta.logged_addr(&me).as_deref() == Some(addr.as_str()) {
-            return;
-        }
-        if involved {
-            match meta
-                .propose(MetaEntry::Addr { node: me.clone(), addr: addr.clone() }, &format!("address of {me}"), None)
-                .await
-            {
-                Ok(_) => continue,
-                Err(e) => tracing::debug!(attempt, error = %e, "address not recorded yet"),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 /// Waits (bounded) until, for each partition, some other replica is alive, so a restarted node
 /// can pull what it missed before it serves; a node whose peers are all down starts alone.
 async fn wait_for_replicas(t: &Transport, own: &[Part], limit: Duration) {
@@ -824,113 +544,6 @@ async fn wait_for_replicas(t: &Transport, own: &[Part], limit: Duration) {
             return;
         }
         let _ = tokio::time::timeout(left.min(Duration::from_millis(500)), changes.changed()).await;
-    }
-}
-
-/// Background anti-entropy: every interval, when a peer comes back, and right after this process
-/// was frozen (its own clock ticks jumped), compare digests with the replicas and pull what is
-/// missing. After a freeze, this node's partitions stop serving reads until they caught up.
-/// Notices that this process was frozen (SIGSTOP, a VM pause): its own 100 ms ticks jumped by
-/// more than a second. On its own task, so that slow work elsewhere (a long catch-up round, a
-/// slow hint delivery) is never mistaken for a freeze.
-async fn freeze_detector(frozen: Arc<std::sync::atomic::AtomicBool>, wake: Arc<tokio::sync::Notify>) {
-    let mut ticker = tokio::time::interval(Duration::from_millis(100));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = Instant::now();
-    loop {
-        ticker.tick().await;
-        let gap = last.elapsed();
-        last = Instant::now();
-        if gap > Duration::from_secs(1) {
-            tracing::warn!(
-                gap_ms = gap.as_millis() as u64,
-                "this process was frozen; catching up before serving reads"
-            );
-            metrics::counter!("recsys_freezes_detected_total").increment(1);
-            frozen.store(true, std::sync::atomic::Ordering::Release);
-            wake.notify_one();
-        }
-    }
-}
-
-/// Delivers hinted writes to replicas that missed them, on its own task (a slow delivery holds
-/// up neither anti-entropy nor the freeze detector).
-async fn hint_deliverer(t: Arc<Transport>) {
-    let mut ticker = tokio::time::interval(Duration::from_millis(200));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        if !t.hints.is_empty() {
-            t.deliver_hints(Duration::from_secs(5)).await;
-        }
-    }
-}
-
-/// Anti-entropy: a full round when a peer comes back, after a freeze, 2 s after start and every
-/// sixth period whatever the write rate (a partition written every few seconds never looks
-/// settled, so settled-only rounds would never compare it); settled-only rounds in between.
-async fn anti_entropy_loop(t: Arc<Transport>, every: Duration) {
-    let mut changes = t.membership.subscribe();
-    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let wake = Arc::new(tokio::sync::Notify::new());
-    let detector = tokio::spawn(freeze_detector(frozen.clone(), wake.clone()));
-    let hints = tokio::spawn(hint_deliverer(t.clone()));
-    let _stop = AbortOnDrop(vec![detector, hints]);
-    let mut ticker = tokio::time::interval(Duration::from_millis(100));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_round = Instant::now();
-    let mut rounds = 0u64;
-    let mut seen = std::collections::HashMap::new();
-    // One more full round shortly after turning SERVING: peers start writing here only once
-    // their failure detectors and flap debounce let them, after the start-up catch-up ran.
-    let mut full_at = Some(Instant::now() + Duration::from_secs(2));
-    loop {
-        // The partitions owned now (the ring changes with joins and drains).
-        let own = t.ring().owned_by(&t.node_id);
-        let peer_changed = tokio::select! {
-            _ = ticker.tick() => false,
-            _ = wake.notified() => false,
-            r = changes.changed() => r.is_ok(),
-        };
-        let was_frozen = frozen.swap(false, std::sync::atomic::Ordering::AcqRel);
-        if was_frozen {
-            for p in &own {
-                t.local.set_ready(*p, false);
-            }
-        }
-        let scheduled = full_at.is_some_and(|at| Instant::now() >= at);
-        if scheduled {
-            full_at = None;
-        }
-        if was_frozen || peer_changed || scheduled || last_round.elapsed() >= every {
-            rounds += 1;
-            let full = was_frozen || peer_changed || scheduled || rounds.is_multiple_of(6);
-            let mode = if full { replication::Mode::Full } else { replication::Mode::Settled(&mut seen) };
-            let started = Instant::now();
-            let s = replication::catch_up_mode(&t, &own, Duration::from_secs(30), mode).await;
-            let kind = if full { "full" } else { "settled" };
-            metrics::histogram!("recsys_anti_entropy_round_seconds", "mode" => kind)
-                .record(started.elapsed().as_secs_f64());
-            metrics::counter!("recsys_anti_entropy_partitions_compared_total").increment(u64::from(s.parts_checked));
-            if was_frozen {
-                for p in &own {
-                    t.local.set_ready(*p, true);
-                }
-                tracing::info!(ops = s.ops_pulled, "caught up after the freeze; serving reads again");
-            }
-            last_round = Instant::now();
-        }
-    }
-}
-
-/// Aborts its tasks when dropped (the loop that owns them was aborted).
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
     }
 }
 
