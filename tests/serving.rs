@@ -133,6 +133,19 @@ async fn node_serves_recommendations_and_survives_restart() {
     assert!(p2.items.iter().all(|i| !first.contains(&i.item_id)), "page 2 repeats page 1");
     assert_eq!(p2.items[0].rank, 11);
 
+    // No cluster secret here: page tokens are signed with a random key decided in the metadata
+    // log, so a token forged with a key derived from the cluster's name (what signed them before)
+    // is refused.
+    let token = p1.next_page_token.clone();
+    let fields: Vec<&str> = token.rsplitn(4, '.').collect();
+    let (rid, minted_by) = (fields[2], fields[3].strip_prefix("p2.").unwrap());
+    let forged = recsys::ranking::PageTokens::new(b"recsys-default-page-key/recsys").make(minted_by, rid, 20, &user);
+    let mut r3 = req(&user, 10);
+    r3.page_token = forged;
+    let e = rec.recommend(r3).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("page_token"), "{e:?}");
+
     // Writes are visible at once: impressions of page 1 hide those items; a deleted item is gone.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let imp: Vec<pb::Event> = p1

@@ -54,6 +54,12 @@ pub enum Entry {
         node: String,
         addr: String,
     },
+    /// The key page tokens are signed with when no cluster secret is set: random, decided once,
+    /// so every node signs and checks with the same key and nobody can derive it from the
+    /// cluster's name.
+    PageKey {
+        key: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -284,6 +290,34 @@ impl MetaLog {
         self.lock().addrs.get(node).cloned()
     }
 
+    /// The page-token key decided in the log, if any.
+    pub fn page_key(&self) -> Option<String> {
+        page_key_of(&self.lock().p)
+    }
+
+    /// The page-token key, deciding a random one first when the log has none (every node that
+    /// starts without a cluster secret asks; the first decided is the cluster's). Waits for a
+    /// quorum as long as it takes, as a restart does.
+    pub async fn ensure_page_key(self: &Arc<Self>) -> String {
+        let mut last_log = Instant::now();
+        loop {
+            if let Some(k) = self.page_key() {
+                return k;
+            }
+            let key: String = (0..32).map(|_| format!("{:02x}", rand::rng().random::<u8>())).collect();
+            match self.propose(Entry::PageKey { key }, "page-token key", None).await {
+                Ok(_) | Err(MetaError::Conflict { .. }) => continue,
+                Err(e) => {
+                    if last_log.elapsed() > Duration::from_secs(5) {
+                        tracing::warn!(error = %e, "waiting for a quorum to decide the page-token key");
+                        last_log = Instant::now();
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+    }
+
     /// Where to reach `node`: the log's address, else gossip's (members that have not logged
     /// one yet, and nodes still joining).
     pub fn addr_of(&self, node: &str) -> Option<String> {
@@ -337,7 +371,7 @@ impl MetaLog {
             if d.index != have + 1 {
                 break; // a gap: the rest comes with the next read
             }
-            if let Err(e) = valid_next(&ring_of(&s.p), &d.proposal) {
+            if let Err(e) = valid_next(&s.p, &d.proposal) {
                 refused = Some(MetaError::Invalid(format!("entry {}: {e}", d.index)));
                 break;
             }
@@ -502,7 +536,7 @@ impl MetaLog {
                     return Err(MetaError::Conflict { index, change });
                 }
                 // A value every learner would refuse must never be decided (it would stall the log).
-                valid_next(&ring, &proposal).map_err(MetaError::Invalid)?;
+                valid_next(&s.p, &proposal).map_err(MetaError::Invalid)?;
                 (s.p.log.len() as u64 + 1, ring.members.clone(), s.max_round + 1, s.genesis_digest.clone())
             };
             let ballot = Ballot { round, node: self.me.clone() };
@@ -593,9 +627,13 @@ impl MetaLog {
         if d.proposal == *mine {
             return Retry::Done(Ok(d));
         }
-        match d.proposal.entry {
-            Entry::Ring(_) => Retry::Done(Err(MetaError::Conflict { index: d.index, change: d.proposal.change })),
-            Entry::Addr { .. } => Retry::Next,
+        // Of two ring changes (or two page keys) built on one log, one wins; anything else that
+        // took the slot leaves the next one to try.
+        match (&d.proposal.entry, &mine.entry) {
+            (Entry::Ring(_), Entry::Ring(_)) | (Entry::PageKey { .. }, Entry::PageKey { .. }) => {
+                Retry::Done(Err(MetaError::Conflict { index: d.index, change: d.proposal.change }))
+            }
+            _ => Retry::Next,
         }
     }
 
@@ -764,9 +802,11 @@ fn same_genesis(s: &State, theirs: &str) -> Result<(), MetaError> {
     }
 }
 
-/// Whether `p` may follow a log whose ring is `cur`: a ring entry keeps the placement settings
-/// and raises the epoch; an address entry is proposed by the node it names.
-fn valid_next(cur: &RingSpec, p: &Proposal) -> Result<(), String> {
+/// Whether `p` may follow the log `log`: a ring entry keeps the placement settings and raises
+/// the epoch; an address entry is proposed by the node it names; a page-token key is decided
+/// once.
+fn valid_next(log: &Persisted, p: &Proposal) -> Result<(), String> {
+    let cur = ring_of(log);
     match &p.entry {
         Entry::Ring(r) => {
             if (r.partitions, r.replication, r.vnodes) != (cur.partitions, cur.replication, cur.vnodes) {
@@ -779,7 +819,17 @@ fn valid_next(cur: &RingSpec, p: &Proposal) -> Result<(), String> {
         }
         Entry::Addr { node, .. } if *node != p.by => Err(format!("{} may not log the address of {node}", p.by)),
         Entry::Addr { .. } => Ok(()),
+        Entry::PageKey { .. } if page_key_of(log).is_some() => Err("the page-token key is decided already".into()),
+        Entry::PageKey { key } if key.len() < 32 => Err("a page-token key of fewer than 32 characters".into()),
+        Entry::PageKey { .. } => Ok(()),
     }
+}
+
+fn page_key_of(p: &Persisted) -> Option<String> {
+    p.log.iter().find_map(|d| match &d.proposal.entry {
+        Entry::PageKey { key } => Some(key.clone()),
+        _ => None,
+    })
 }
 
 enum Retry {
@@ -904,6 +954,12 @@ mod tests {
             log.propose(Entry::Addr { node: "a".into(), addr: "127.0.0.1:1".into() }, "address of a", None).await;
         assert_eq!(addr.unwrap().index, 2);
         assert_eq!(log.logged_addr("a").as_deref(), Some("127.0.0.1:1"));
+        // The page-token key: decided once, random, and a second is refused.
+        let k = log.ensure_page_key().await;
+        assert_eq!(k.len(), 64);
+        assert_eq!(log.ensure_page_key().await, k);
+        let again = log.propose(Entry::PageKey { key: "f".repeat(64) }, "page-token key", None).await;
+        assert!(matches!(again, Err(MetaError::Invalid(_))), "{again:?}");
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -65,13 +65,12 @@ async fn resolve(addr: &str, what: &str) -> Result<SocketAddr, NodeError> {
     }
 }
 
-fn page_key(cfg: &Config) -> Vec<u8> {
-    let secret = crate::auth::cluster_secret(cfg).unwrap_or_default();
-    if secret.is_empty() {
-        tracing::warn!("cluster.secret is empty: page tokens are signed with a key derived from the cluster name");
-        format!("recsys-default-page-key/{}", cfg.cluster.name).into_bytes()
-    } else {
-        secret.into_bytes()
+/// The key page tokens are signed with: the cluster secret, else a random key decided once in
+/// the metadata log (every node signs and checks alike; nobody derives it from the config).
+async fn page_key(cfg: &Config, meta: &Arc<MetaLog>) -> Vec<u8> {
+    match crate::auth::cluster_secret(cfg) {
+        Some(secret) => secret.into_bytes(),
+        None => meta.ensure_page_key().await.into_bytes(),
     }
 }
 
@@ -445,7 +444,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         transport: transport.clone(),
         models: models.clone(),
         pages: PageCache::new(Duration::from_secs(cfg.serving.page_cache_ttl_secs), cfg.serving.page_cache_capacity),
-        tokens: PageTokens::new(&page_key(&cfg)),
+        tokens: PageTokens::new(&page_key(&cfg, &meta).await),
         logger: Some(logger),
         inflight: tokio::sync::Semaphore::new(cfg.serving.max_in_flight),
     });

@@ -70,8 +70,7 @@ const REBUILD_SPACING: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Moves the node's clock past the upsert versions a replica applies (see `ingest::ops::Hlc`).
 fn observe_versions(ops: &[LoggedOp]) {
-    let wall =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let wall = crate::clock::unix_ms();
     if let Some((at, seq, _)) = ops.iter().filter_map(Op::version).max() {
         crate::ingest::ops::CLOCK.observe(wall, at, seq);
     }
