@@ -347,3 +347,38 @@ async fn a_node_joins_a_cluster_with_a_secret() {
     common::wait_settled(&cluster.addrs[0], &["n1", "n2", "n3", "n4"], 2, Duration::from_secs(120)).await;
     common::wait_health(&cluster.addrs[n4], Duration::from_secs(30)).await;
 }
+
+/// Finding 3, its other half: the minority side of a partition cannot change the ring. n1 and
+/// n2 frozen (SIGSTOP): n3 alone sees them down and is asked to remove n1; it cannot reach a
+/// majority of the ring's voters and answers UNAVAILABLE (at 7741852 the remove was accepted
+/// and, once the partition healed, evicted a healthy node). After n1 and n2 resume, the ring is
+/// the one before and n1 serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_minority_side_cannot_remove_a_node() {
+    let mut cluster = Cluster::start("cp-minority", 3, &overrides(None));
+    cluster.wait_serving().await;
+    let via = cluster.addrs[2].clone();
+    let before = status(&via).await;
+    cluster.signal(0, "STOP");
+    cluster.signal(1, "STOP");
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&via).await;
+        if s.nodes.iter().filter(|n| (n.node_id == "n1" || n.node_id == "n2") && !n.live).count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < end, "n3 never saw n1 and n2 down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut admin = AdminClient::new(recsys::cli::connect(&via).await.unwrap());
+    let mut r = tonic::Request::new(pb::RemoveNodeRequest { node_id: "n1".into() });
+    r.set_timeout(Duration::from_secs(60));
+    let e = admin.remove_node(r).await.expect_err("a minority must not remove a node");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("no quorum"), "{}", e.message());
+    cluster.signal(0, "CONT");
+    cluster.signal(1, "CONT");
+    let s = common::wait_settled(&via, &["n1", "n2", "n3"], 2, Duration::from_secs(60)).await;
+    assert_eq!(s.ring_epoch, before.ring_epoch, "the ring did not change");
+    assert!(s.nodes.iter().any(|n| n.node_id == "n1" && n.live), "{:?}", s.nodes);
+}
