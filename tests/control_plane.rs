@@ -355,7 +355,7 @@ async fn a_node_joins_a_cluster_with_a_secret() {
 /// the one before and n1 serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_minority_side_cannot_remove_a_node() {
-    let mut cluster = Cluster::start("cp-minority", 3, &overrides(None));
+    let cluster = Cluster::start("cp-minority", 3, &overrides(None));
     cluster.wait_serving().await;
     let via = cluster.addrs[2].clone();
     let before = status(&via).await;

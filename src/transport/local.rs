@@ -1,7 +1,7 @@
 //! This node's partition actors, reached directly (no serialization). Also the node-side half of
 //! the write path: ops are logged in sled (atomically per op id), flushed once per call, then
 //! applied to the actors.
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,40 @@ use crate::store::{LoggedOp, Store};
 /// Applying logged ops to an actor is local work; a generous bound only guards a wedged actor.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Reads waiting on one partition's actor at once. Beyond it a read is refused at once
+/// (RESOURCE_EXHAUSTED: the coordinator goes to a replica or degrades) instead of queueing
+/// behind work whose callers may have given up: a slow partition's mailbox stays bounded.
+pub const MAX_QUEUED_READS: usize = 128;
+
+/// Per-partition admission of reads: a count of the reads each partition's actor owes.
+struct ReadSlots(Vec<AtomicUsize>);
+
+/// One admitted read; its slot is given back when the caller is done (answered, timed out or
+/// gone).
+struct ReadSlot<'a>(&'a AtomicUsize);
+
+impl Drop for ReadSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ReadSlots {
+    fn new(n: usize) -> Self {
+        Self((0..n).map(|_| AtomicUsize::new(0)).collect())
+    }
+
+    /// A slot of partition `i`, or None when `MAX_QUEUED_READS` reads wait on it already.
+    fn admit(&self, i: usize) -> Option<ReadSlot<'_>> {
+        let c = self.0.get(i)?;
+        if c.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_READS {
+            c.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ReadSlot(c))
+    }
+}
+
 pub struct LocalPartitions {
     pub node_id: String,
     pub partitions: u32,
@@ -26,6 +60,8 @@ pub struct LocalPartitions {
     features: RwLock<Vec<Option<ActorRef<FeatureMsg>>>>,
     /// Serves reads: false while the partition catches up with its replicas.
     ready: Vec<AtomicBool>,
+    /// Reads each partition's actor owes (bounded: `MAX_QUEUED_READS`).
+    queued: ReadSlots,
     /// Completed anti-entropy rounds (status: lets an operator or a test see catch-up progress).
     pub catch_up_rounds: std::sync::atomic::AtomicU64,
     /// Injected faults (chaos tests); none until the node sets its registry.
@@ -44,6 +80,7 @@ impl LocalPartitions {
             generators: RwLock::new(vec![None; n]),
             features: RwLock::new(vec![None; n]),
             ready: (0..2 * n).map(|_| AtomicBool::new(false)).collect(),
+            queued: ReadSlots::new(2 * n),
             catch_up_rounds: Default::default(),
             faults: std::sync::OnceLock::new(),
         }
@@ -97,6 +134,10 @@ impl LocalPartitions {
             let why = if self.is_open(part) { "catching up" } else { "not open on this node" };
             return Err(CallError::Unavailable { part, reason: format!("{why} ({})", self.node_id) });
         }
+        let Some(_slot) = self.queued.admit(part.index(self.partitions)) else {
+            metrics::counter!("recsys_partition_reads_shed_total", "role" => part.role.as_str()).increment(1);
+            return Err(CallError::Overloaded { part, queued: MAX_QUEUED_READS });
+        };
         if let Some(d) = self.faults().read_delay(part) {
             // An injected delay (chaos tests) is part of the reply time; the caller's deadline
             // still bounds the whole call.
@@ -208,5 +249,22 @@ async fn call<M: ractor::Message, T: Send + 'static>(
             Err(CallError::Unavailable { part, reason: "partition actor dropped the call".into() })
         }
         Err(e) => Err(CallError::Unavailable { part, reason: e.to_string() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_admits_a_bounded_number_of_reads_and_frees_each_slot() {
+        let slots = ReadSlots::new(2);
+        let held: Vec<_> = (0..MAX_QUEUED_READS).map(|_| slots.admit(0).expect("within the bound")).collect();
+        assert!(slots.admit(0).is_none(), "one more read than the bound is refused");
+        assert!(slots.admit(1).is_some(), "another partition is not affected");
+        drop(held);
+        assert_eq!(slots.0[0].load(Ordering::Acquire), 0);
+        assert!(slots.admit(0).is_some());
+        assert!(slots.admit(7).is_none(), "no such partition");
     }
 }

@@ -35,6 +35,9 @@ pub enum CallError {
     Timeout { part: Part },
     #[error("partition {part} is unavailable: {reason}")]
     Unavailable { part: Part, reason: String },
+    /// RESOURCE_EXHAUSTED: `queued` reads wait on the partition already (see `local`).
+    #[error("RESOURCE_EXHAUSTED: partition {part} has {queued} reads waiting; refused instead of queued")]
+    Overloaded { part: Part, queued: usize },
 }
 
 /// What a read stage asks of one partition.
