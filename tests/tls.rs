@@ -15,7 +15,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 use recsys::api::pb;
 use recsys::api::pb::admin_client::AdminClient;
 use recsys::api::pb::recommender_client::RecommenderClient;
-use recsys::auth::{unix_now, ClusterKey, INTERNAL_HEADER};
+use recsys::auth::{unary_body_digest, unix_now, ClusterKey, INTERNAL_HEADER};
 use recsys::cli::load::{load_world_with, synthetic_spec};
 use recsys::cli::{connect_with, ClientTls, OperatorToken};
 use recsys::transport::pb as ipb;
@@ -80,7 +80,8 @@ async fn internal_digests(addr: &str, tls: Option<&ClientTls>, sign: bool) -> Re
     let mut r = tonic::Request::new(digests_request());
     r.set_timeout(Duration::from_secs(5));
     if sign {
-        let h = ClusterKey::new(SECRET).header("n2", "n1", "/recsys.internal.v1.Internal/Digests", unix_now());
+        let body = unary_body_digest(&digests_request());
+        let h = ClusterKey::new(SECRET).header("n2", "n1", "/recsys.internal.v1.Internal/Digests", unix_now(), &body);
         r.metadata_mut().insert(INTERNAL_HEADER, h.parse().unwrap());
     }
     InternalClient::new(ch).digests(r).await.map(|_| ())
