@@ -26,6 +26,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub store: StoreConfig,
     pub chaos: ChaosConfig,
+    /// TLS on the gRPC port and for calls to peers (off unless `cert`, `key` and `ca` are set).
+    pub tls: TlsConfig,
     /// Feature declarations (name, source, default), in the order they are logged.
     pub features: Vec<FeatureDecl>,
 }
@@ -220,6 +222,34 @@ pub struct ChaosConfig {
     pub enabled: bool,
     /// Longest a delay or RPC-failure fault may last; longer requests are refused.
     pub max_duration_ms: u64,
+}
+
+/// TLS (rustls) on the one gRPC port, client and internal API alike; see `transport::tls` and
+/// docs/cluster.md (TLS). All of `cert`, `key` and `ca` or none: with them the port serves TLS
+/// only and peers are dialled over https, their certificates checked against `ca`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain this node presents (leaf first).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert` (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// PEM certificate(s) of the CA that signs every node's certificate: peers are verified
+    /// against it (and, with `mutual`, the client certificates of callers).
+    pub ca: Option<PathBuf>,
+    /// Mutual TLS between nodes: this node presents `cert` to its peers, the handshake asks
+    /// callers for a certificate (optionally: Recommend clients need none), and every internal
+    /// call without a client certificate verified against `ca` is refused (UNAUTHENTICATED).
+    pub mutual: bool,
+    /// The name a peer's certificate must carry. Empty: the host of the address the peer is
+    /// dialled at (its advertise address: an IP SAN or a DNS name), as https checks it.
+    pub server_name: String,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some() || self.ca.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -474,12 +504,40 @@ impl Config {
                 return bad("features", &format!("feature `{}` declared twice", f.name));
             }
         }
+        self.validate_tls()?;
         let s = &self.serving.stage_share;
         let total = s.profile + s.retrieval + s.filtering + s.features + s.scoring + s.ranking;
         if !(0.5..=1.0001).contains(&total) {
             return bad("serving.stage_share", "shares must add up to between 0.5 and 1.0");
         }
         self.validate_limits()
+    }
+
+    /// All of `tls.cert`, `tls.key`, `tls.ca` or none (a half-configured TLS is refused rather
+    /// than served in plaintext); the files themselves are read and checked at node start.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let t = &self.tls;
+        let bad = |key: &str, message: String| Err(ConfigError::Invalid { key: key.to_string(), message });
+        if !t.enabled() {
+            if t.mutual {
+                return bad("tls.mutual", "needs tls.cert, tls.key and tls.ca".into());
+            }
+            if !t.server_name.is_empty() {
+                return bad("tls.server_name", "needs tls.cert, tls.key and tls.ca".into());
+            }
+            return Ok(());
+        }
+        for (key, v) in [("tls.cert", &t.cert), ("tls.key", &t.key), ("tls.ca", &t.ca)] {
+            match v {
+                None => return bad(key, "missing: TLS needs tls.cert, tls.key and tls.ca together".into()),
+                Some(p) if p.as_os_str().is_empty() => return bad(key, "is empty (a PEM file path)".into()),
+                Some(_) => {}
+            }
+        }
+        if t.server_name.contains(char::is_whitespace) {
+            return bad("tls.server_name", format!("`{}` is not a host name", t.server_name));
+        }
+        Ok(())
     }
 
     /// Settings with which a node would start but could not work (every call refused, every
@@ -592,6 +650,21 @@ mod tests {
         }
         assert!(load("[serving]\nmax_in_flight = 1\n").is_ok());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tls_is_all_or_nothing() {
+        let parse =
+            |t: &str| Config::parse(&format!("{t}\n[[features]]\nname = \"a\"\nsource = \"x\"\n"), Path::new("t"));
+        let err = parse("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n").unwrap_err().to_string();
+        assert!(err.contains("tls.ca") && err.contains("missing"), "{err}");
+        let err = parse("[tls]\nmutual = true\n").unwrap_err().to_string();
+        assert!(err.contains("tls.mutual"), "{err}");
+        let err = parse("[tls]\ncert = \"\"\nkey = \"k\"\nca = \"c\"\n").unwrap_err().to_string();
+        assert!(err.contains("tls.cert") && err.contains("empty"), "{err}");
+        let ok = parse("[tls]\ncert = \"c\"\nkey = \"k\"\nca = \"a\"\nmutual = true\n").unwrap();
+        assert!(ok.tls.enabled() && ok.tls.mutual);
+        assert!(!parse("").unwrap().tls.enabled());
     }
 
     #[test]

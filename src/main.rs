@@ -86,6 +86,8 @@ enum Cmd {
         /// The node to ask (gRPC address).
         #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
+        #[command(flatten)]
+        tls: cli::TlsArgs,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long, default_value_t = 100_000)]
@@ -116,6 +118,8 @@ enum Cmd {
         /// The node to ask (gRPC address).
         #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
+        #[command(flatten)]
+        tls: cli::TlsArgs,
         /// The user to recommend for (an unknown user gets a cold-start answer from trending).
         #[arg(long)]
         user: String,
@@ -145,6 +149,8 @@ enum Cmd {
         /// The node to ask (gRPC address).
         #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
+        #[command(flatten)]
+        tls: cli::TlsArgs,
         /// Keep asking until SERVING, for up to this many seconds (0: ask once).
         #[arg(long, default_value_t = 0)]
         wait_secs: u64,
@@ -154,6 +160,8 @@ enum Cmd {
         /// The node to ask (gRPC address).
         #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
+        #[command(flatten)]
+        tls: cli::TlsArgs,
         /// Operator token for Ingest/Admin calls (a cluster with cluster.operator_token set).
         #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -163,6 +171,8 @@ enum Cmd {
         /// The node to ask (gRPC address).
         #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
+        #[command(flatten)]
+        tls: cli::TlsArgs,
         /// The node to drain (its id).
         #[arg(long)]
         node: String,
@@ -180,6 +190,8 @@ enum Cmd {
         /// The node to ask (gRPC address).
         #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
+        #[command(flatten)]
+        tls: cli::TlsArgs,
         #[arg(long)]
         node: String,
         #[arg(long)]
@@ -195,6 +207,8 @@ enum Cmd {
         /// The node to ask (gRPC address).
         #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
+        #[command(flatten)]
+        tls: cli::TlsArgs,
         /// Directory with manifest.json and the ONNX files, as the node sees it; empty: the node's
         /// configured scoring.models_dir.
         #[arg(long, default_value = "")]
@@ -208,6 +222,8 @@ enum Cmd {
         /// The node to ask (gRPC address).
         #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
+        #[command(flatten)]
+        tls: cli::TlsArgs,
         /// Operator token for Admin calls (a cluster with cluster.operator_token set).
         #[arg(long, env = "RECSYS_OPERATOR_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -219,6 +235,8 @@ enum Cmd {
         /// The node to ask (gRPC address).
         #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
+        #[command(flatten)]
+        tls: cli::TlsArgs,
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
         /// Requests per second (open loop); omit for closed loop at --concurrency.
@@ -245,6 +263,8 @@ enum Cmd {
         /// The node to ask (gRPC address).
         #[arg(long, default_value = cli::DEFAULT_ADDR, env = "RECSYS_ADDR")]
         addr: String,
+        #[command(flatten)]
+        tls: cli::TlsArgs,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long, default_value_t = 100_000)]
@@ -337,7 +357,30 @@ fn main() -> ExitCode {
     }
 }
 
+impl Cmd {
+    /// The TLS flags of a client command (None: a command that runs nodes, configured by `[tls]`).
+    fn tls(&self) -> Option<&cli::TlsArgs> {
+        match self {
+            Cmd::Node { .. } | Cmd::Demo { .. } => None,
+            Cmd::Load { tls, .. }
+            | Cmd::Recommend { tls, .. }
+            | Cmd::Health { tls, .. }
+            | Cmd::Status { tls, .. }
+            | Cmd::Drain { tls, .. }
+            | Cmd::Remove { tls, .. }
+            | Cmd::Reload { tls, .. }
+            | Cmd::Fault { tls, .. }
+            | Cmd::Bench { tls, .. }
+            | Cmd::Simulate { tls, .. } => Some(tls),
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Client commands dial over TLS with --tls-ca (every connection this process makes).
+    if let Some(t) = cli.cmd.tls() {
+        t.install()?;
+    }
     match cli.cmd {
         Cmd::Node {
             config,
@@ -401,7 +444,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
         }
-        Cmd::Load { addr, seed, items, users, events, batch, items_file, users_file, events_file, quiet, token } => {
+        Cmd::Load {
+            addr,
+            seed,
+            items,
+            users,
+            events,
+            batch,
+            items_file,
+            users_file,
+            events_file,
+            quiet,
+            token,
+            ..
+        } => {
             let token = cli::token(token.as_deref())?;
             cli::wait_serving(&addr, Duration::from_secs(120)).await?;
             let ch = cli::connect(&addr).await?;
@@ -423,7 +479,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.seconds
             );
         }
-        Cmd::Recommend { addr, user, k, surface, geo, page_token, explain, deadline_ms } => {
+        Cmd::Recommend { addr, user, k, surface, geo, page_token, explain, deadline_ms, .. } => {
             let ch = cli::connect(&addr).await?;
             let mut c = pb::recommender_client::RecommenderClient::new(ch);
             let mut req = tonic::Request::new(pb::RecommendRequest {
@@ -442,11 +498,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(s) => return Err(output::status_error(s)),
             }
         }
-        Cmd::Health { addr, wait_secs } => {
+        Cmd::Health { addr, wait_secs, .. } => {
             let status = cli::health(&addr, Duration::from_secs(wait_secs)).await?;
             outln!("{addr}: {status}");
         }
-        Cmd::Status { addr, token } => {
+        Cmd::Status { addr, token, .. } => {
             let token = cli::token(token.as_deref())?;
             let ch = cli::connect(&addr).await?;
             let s = match cli::admin_client(ch, &token).cluster_status(pb::ClusterStatusRequest {}).await {
@@ -455,13 +511,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             cli::print_status(&s);
         }
-        Cmd::Drain { addr, node, wait, wait_seconds, token } => {
+        Cmd::Drain { addr, node, wait, wait_seconds, token, .. } => {
             membership_change(&addr, token, &node, wait, wait_seconds, true).await?
         }
-        Cmd::Remove { addr, node, wait, wait_seconds, token } => {
+        Cmd::Remove { addr, node, wait, wait_seconds, token, .. } => {
             membership_change(&addr, token, &node, wait, wait_seconds, false).await?
         }
-        Cmd::Reload { addr, models_dir, token } => {
+        Cmd::Reload { addr, models_dir, token, .. } => {
             let token = cli::token(token.as_deref())?;
             let ch = cli::connect(&addr).await?;
             let req = pb::ReloadModelsRequest { models_dir };
@@ -474,7 +530,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(s) => return Err(output::status_error(s)),
             }
         }
-        Cmd::Fault { addr, token, fault } => {
+        Cmd::Fault { addr, token, fault, .. } => {
             let token = cli::token(token.as_deref())?;
             let ch = cli::connect(&addr).await?;
             let mut req = tonic::Request::new(fault.request());
@@ -490,7 +546,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(s) => return Err(output::status_error(s)),
             }
         }
-        Cmd::Bench { addr, concurrency, rate, requests, max_seconds, users, k, deadline_ms, warmup, token } => {
+        Cmd::Bench { addr, concurrency, rate, requests, max_seconds, users, k, deadline_ms, warmup, token, .. } => {
             let token = cli::token(token.as_deref())?;
             cli::wait_serving(&addr, Duration::from_secs(120)).await?;
             let r = cli::bench::run(cli::bench::BenchSpec {
@@ -508,7 +564,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             out!("{}", r.text);
         }
-        Cmd::Simulate { addr, seed, items, users, requests, k } => {
+        Cmd::Simulate { addr, seed, items, users, requests, k, .. } => {
             cli::wait_serving(&addr, Duration::from_secs(120)).await?;
             let r = cli::demo::simulate(cli::demo::SimSpec { addr, seed, items, users, requests, k })
                 .await

@@ -20,8 +20,8 @@ type Client = pb::internal_client::InternalClient<crate::auth::Signed<tonic::tra
 
 /// An internal-API client for `node`, signed with the secret when there is one ("verify" calls).
 async fn internal_client(node: &str, addr: &str, secret: Option<&str>) -> Result<Client, String> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
+    // https with this process's TLS when it has one (`--tls-ca`, transport/tls.rs).
+    let ch = crate::transport::tls::endpoint(addr)?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await

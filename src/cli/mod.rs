@@ -4,15 +4,18 @@ pub mod demo;
 pub mod load;
 pub mod output;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::api::pb;
 pub use crate::auth::OperatorToken;
 use crate::outln;
+pub use crate::transport::tls::ClientTls;
+use crate::transport::tls::FLAG_KEYS;
 
 /// Where client commands go without `--addr` (or `RECSYS_ADDR`): n1 of `scripts/demo.sh` and of
 /// `cluster/local.sh`, the clusters a newcomer starts first.
@@ -35,24 +38,78 @@ pub fn token(flag: Option<&str>) -> anyhow::Result<OperatorToken> {
     OperatorToken::new(flag).map_err(|e| anyhow::anyhow!("--token: {e}"))
 }
 
+/// How client commands dial a node that serves TLS (`[tls]` on the node): the CA its
+/// certificate must chain to, and a certificate to present (needed only for the internal API of
+/// a node with `tls.mutual`; Recommend, Ingest and Admin need none).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// PEM CA certificate the node's certificate must chain to: dial over TLS (https).
+    #[arg(long, env = "RECSYS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate to present (with --tls-key).
+    #[arg(long, env = "RECSYS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "RECSYS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the node's certificate must carry (default: the host of --addr).
+    #[arg(long, env = "RECSYS_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The flags' TLS settings, files read and checked (None: no --tls-ca, plaintext).
+    pub fn load(&self) -> anyhow::Result<Option<ClientTls>> {
+        let Some(ca) = &self.tls_ca else {
+            if self.tls_cert.is_some() || self.tls_server_name.is_some() {
+                anyhow::bail!("--tls-cert, --tls-key and --tls-server-name need --tls-ca (RECSYS_TLS_CA)");
+            }
+            return Ok(None);
+        };
+        let server_name = self.tls_server_name.clone().filter(|n| !n.is_empty());
+        let t = ClientTls::from_files(FLAG_KEYS, ca, self.tls_cert.as_deref(), self.tls_key.as_deref(), server_name)?;
+        Ok(Some(t))
+    }
+
+    /// Sets the TLS of every connection this process makes ([`connect`]).
+    pub fn install(&self) -> anyhow::Result<()> {
+        if let Some(t) = self.load()? {
+            crate::transport::tls::install(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// A channel to the node at `addr` (`host:port`), over TLS when this process has TLS settings
+/// (`--tls-ca`, [`TlsArgs::install`]).
 pub async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    let url = if addr.starts_with("http") { addr.to_string() } else { format!("http://{addr}") };
-    Endpoint::from_shared(url.clone())?
-        .connect_timeout(Duration::from_secs(3))
+    connect_with(addr, crate::transport::tls::outbound()).await
+}
+
+/// [`connect`] with explicit TLS settings (None: plaintext).
+pub async fn connect_with(addr: &str, tls: Option<&ClientTls>) -> anyhow::Result<Channel> {
+    let ep = crate::transport::tls::endpoint_with(addr, tls).map_err(anyhow::Error::msg)?;
+    let url = ep.uri().to_string();
+    ep.connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .initial_connection_window_size(Some(4 * 1024 * 1024))
         .initial_stream_window_size(Some(2 * 1024 * 1024))
         .connect()
         .await
-        .with_context(|| format!("connecting to {url}"))
+        .with_context(|| format!("connecting to {}", url.trim_end_matches('/')))
 }
 
 /// Waits until the node's health check says SERVING, up to `limit`.
 pub async fn wait_serving(addr: &str, limit: Duration) -> anyhow::Result<()> {
+    wait_serving_with(addr, crate::transport::tls::outbound(), limit).await
+}
+
+/// [`wait_serving`] with explicit TLS settings (None: plaintext).
+pub async fn wait_serving_with(addr: &str, tls: Option<&ClientTls>, limit: Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + limit;
     let mut backoff = Duration::from_millis(20);
     loop {
-        if let Ok(ch) = connect(addr).await {
+        if let Ok(ch) = connect_with(addr, tls).await {
             let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
             let r = h.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
             if let Ok(r) = r {

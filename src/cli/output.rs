@@ -50,12 +50,29 @@ macro_rules! out {
 
 /// A gRPC error as people read it: `INVALID_ARGUMENT: k: must be at least 1`.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    // A plaintext client at a port serving TLS: the server drops the connection during the
+    // HTTP/2 handshake, seen as one of these depending on timing.
+    let tls_hint = if crate::transport::tls::outbound().is_none() {
+        "; if the node serves TLS, pass --tls-ca or set RECSYS_TLS_CA"
+    } else {
+        ""
+    };
     if s.code() == tonic::Code::Unknown && s.message() == "transport error" {
         // What a client sees when the server closes the connection under it, e.g. at the metrics
         // port, which speaks HTTP/1.
         return anyhow::anyhow!(
             "UNKNOWN: transport error: the server closed the connection (is that a node's gRPC address? \
-             the metrics port speaks plain HTTP)"
+             the metrics port speaks plain HTTP{tls_hint})"
+        );
+    }
+    let dropped = (s.code() == tonic::Code::Cancelled && s.message() == "operation was canceled")
+        || s.message().starts_with("h2 protocol error");
+    if dropped && !tls_hint.is_empty() {
+        return anyhow::anyhow!(
+            "{}: {}: the server dropped the connection ({})",
+            code_name(s.code()),
+            s.message(),
+            tls_hint.trim_start_matches("; ")
         );
     }
     anyhow::anyhow!("{}: {}", code_name(s.code()), s.message())

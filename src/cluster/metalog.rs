@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::{Part, RingSpec};
 use crate::auth::{ClusterKey, InternalAuth};
@@ -468,7 +468,7 @@ impl MetaLog {
         if let Some(x) = c.get(&k) {
             return Some(x.clone());
         }
-        let ep = Endpoint::from_shared(format!("http://{addr}")).ok()?.connect_timeout(Duration::from_millis(500));
+        let ep = crate::transport::tls::endpoint(addr).ok()?.connect_timeout(Duration::from_millis(500));
         let auth = InternalAuth::new(self.key.clone(), &self.me).to(node);
         let client = InternalClient::new(auth.sign(ep.connect_lazy()));
         c.insert(k, client.clone());

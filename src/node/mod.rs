@@ -120,6 +120,14 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     if cfg.cluster.join && cfg.node.seeds.is_empty() {
         return Err(err("--join needs seeds: the addresses of nodes of the running cluster".into()));
     }
+    // TLS (transport/tls.rs): its files are read and checked before anything is served.
+    let tls = {
+        let c = cfg.clone();
+        tokio::task::spawn_blocking(move || crate::transport::tls::for_node(&c))
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(format!("refusing to start: {e}")))?
+    };
 
     std::fs::create_dir_all(&cfg.node.data_dir)
         .map_err(|e| err(format!("data dir {}: {e}", cfg.node.data_dir.display())))?;
@@ -196,8 +204,16 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let cluster_key = crate::auth::cluster_secret(&cfg).map(|s| crate::auth::ClusterKey::new(&s));
     let meta_cell: Arc<OnceLock<Arc<MetaLog>>> = Arc::new(OnceLock::new());
-    let server_task =
-        servers::serve(&cfg, &handles, meta_cell.clone(), cluster_key.clone(), listener, health_service, shutdown_rx)?;
+    let server_task = servers::serve(
+        &cfg,
+        &handles,
+        meta_cell.clone(),
+        cluster_key.clone(),
+        tls.as_ref(),
+        listener,
+        health_service,
+        shutdown_rx,
+    )?;
     tracing::info!(%local, node = %me, "listening (NOT_SERVING while loading)");
 
     // Gossip on the same port, over UDP.

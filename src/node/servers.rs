@@ -19,11 +19,13 @@ use crate::transport::server::InternalService;
 
 /// Starts serving on `listener` until `rx` turns true. Called before the node has loaded: the
 /// services answer UNAVAILABLE (internal: until the ring formed) until `handles` are filled.
+#[allow(clippy::too_many_arguments)] // the parts of the node its port needs, named at the one call site
 pub(super) fn serve<H: Health>(
     cfg: &Config,
     handles: &NodeHandles,
     meta: Arc<OnceLock<Arc<MetaLog>>>,
     cluster_key: Option<ClusterKey>,
+    tls: Option<&crate::transport::tls::NodeTls>,
     listener: tokio::net::TcpListener,
     health_service: HealthServer<H>,
     mut rx: tokio::sync::watch::Receiver<bool>,
@@ -58,7 +60,9 @@ pub(super) fn serve<H: Health>(
         tracing::info!("cluster.operator_token is empty: Ingest and Admin calls are not authenticated");
     }
     let operator = || crate::auth::Check::Operator(token.clone().map(String::into_bytes));
-    let server = tonic::transport::Server::builder()
+    // TLS only when `[tls]` is set (transport/tls.rs).
+    let server = crate::transport::tls::server_builder(tls)
+        .map_err(|e| err(format!("refusing to start: {e}")))?
         .layer(crate::metrics::GrpcMetricsLayer)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .initial_connection_window_size(Some(8 * 1024 * 1024))
@@ -82,12 +86,16 @@ pub(super) fn serve<H: Health>(
             pb::admin_server::AdminServer::new(AdminService { state: handles.admin.clone() }),
             operator(),
         )))
-        .add_service(SpecCodes(Guard::new(
-            ipb::internal_server::InternalServer::new(internal)
-                .max_decoding_message_size(max_msg)
-                .max_encoding_message_size(max_msg),
-            crate::auth::Check::Internal(cluster_key.clone(), cfg.node.node_id.clone()),
-        )));
+        // With mutual TLS, an internal call also needs a verified client certificate.
+        .add_service(crate::transport::tls::RequireClientCert::new(
+            SpecCodes(Guard::new(
+                ipb::internal_server::InternalServer::new(internal)
+                    .max_decoding_message_size(max_msg)
+                    .max_encoding_message_size(max_msg),
+                crate::auth::Check::Internal(cluster_key.clone(), cfg.node.node_id.clone()),
+            )),
+            tls.is_some_and(|t| t.mutual),
+        ));
     // Small replies on a persistent connection: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     Ok(tokio::spawn(async move {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::local::ApplyResults;
 use super::pb::internal_client::InternalClient;
@@ -134,7 +134,8 @@ impl Transport {
                 return Some(c.clone());
             }
         }
-        let ep = Endpoint::from_shared(format!("http://{addr}"))
+        // https with this node's TLS when it has one (transport/tls.rs).
+        let ep = super::tls::endpoint(&addr)
             .ok()?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)

@@ -10,6 +10,7 @@ pub mod hedge;
 pub mod hints;
 pub mod local;
 pub mod server;
+pub mod tls;
 
 use std::sync::Arc;
 

@@ -183,18 +183,26 @@ pub struct Cluster {
     config: PathBuf,
     /// Nodes n1..n{initial} formed the first ring; later ones were started with `--join`.
     initial: usize,
+    /// A config file laid over `overrides` for one node only (per-node TLS certificates).
+    node_configs: Vec<Option<PathBuf>>,
 }
 
 impl Cluster {
     /// `overrides` is TOML laid over config/node.toml for every node (small worlds, one scorer).
     pub fn start(name: &str, n: usize, overrides: &str) -> Cluster {
+        Self::start_with(name, n, overrides, |_| None)
+    }
+
+    /// [`Cluster::start`] with a TOML laid over `overrides` for some nodes (`per_node(i)` for n{i+1}).
+    pub fn start_with(name: &str, n: usize, overrides: &str, per_node: impl Fn(usize) -> Option<String>) -> Cluster {
         let dir = temp_dir(name);
         let config = dir.join("overrides.toml");
         std::fs::write(&config, overrides).unwrap();
         let ids: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
         let addrs: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let metrics: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let mut c = Cluster { dir, ids, addrs, metrics, nodes: Vec::new(), config, initial: n };
+        let node_configs = (0..n).map(|i| per_node(i).map(|t| write_node_config(&dir, &ids[i], &t))).collect();
+        let mut c = Cluster { dir, ids, addrs, metrics, nodes: Vec::new(), config, initial: n, node_configs };
         for i in 0..n {
             let p = c.spawn(i).unwrap_or_else(|e| panic!("node n{} did not start: {e}", i + 1));
             c.nodes.push(Some(p));
@@ -209,6 +217,7 @@ impl Cluster {
             .current_dir(repo())
             .args(["node", "--config", "config/node.toml", "--config"])
             .arg(&self.config)
+            .args(self.node_configs.get(i).cloned().flatten().map(|p| vec!["--config".into(), p]).unwrap_or_default())
             .args(["--node-id", &self.ids[i], "--listen", &self.addrs[i], "--data-dir"])
             .arg(&data)
             .args(["--seeds", &seeds.join(","), "--initial-nodes", &self.ids[..self.initial].join(",")])
@@ -253,8 +262,15 @@ impl Cluster {
     /// Starts one more node, n{N+1}, with `--join` (its partitions are streamed to it before it
     /// serves); returns its index.
     pub fn join(&mut self) -> usize {
+        self.join_with(None)
+    }
+
+    /// [`Cluster::join`] with a TOML laid over `overrides` for the new node only.
+    pub fn join_with(&mut self, node_toml: Option<&str>) -> usize {
         let i = self.ids.len();
         self.ids.push(format!("n{}", i + 1));
+        let cfg = node_toml.map(|t| write_node_config(&self.dir, &self.ids[i], t));
+        self.node_configs.push(cfg);
         self.addrs.push(format!("127.0.0.1:{}", free_port()));
         self.metrics.push(format!("127.0.0.1:{}", free_port()));
         let p = self.spawn(i).unwrap_or_else(|e| panic!("node n{} did not start: {e}", i + 1));
@@ -292,6 +308,12 @@ impl Drop for Cluster {
         }
         // The nodes are stopped; `dir` is removed when the fields drop.
     }
+}
+
+fn write_node_config(dir: &Path, id: &str, toml: &str) -> PathBuf {
+    let p = dir.join(format!("{id}.toml"));
+    std::fs::write(&p, toml).unwrap();
+    p
 }
 
 /// Waits (bounded, polling health, never a blind sleep) until the node at `addr` is SERVING.
