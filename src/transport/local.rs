@@ -20,7 +20,7 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reads waiting on one partition's actor at once. Beyond it a read is refused at once
 /// (RESOURCE_EXHAUSTED: the coordinator goes to a replica or degrades) instead of queueing
 /// behind work whose callers may have given up: a slow partition's mailbox stays bounded.
-pub const MAX_QUEUED_READS: usize = 128;
+pub const MAX_QUEUED_READS: usize = 1024;
 
 /// Per-partition admission of reads: a count of the reads each partition's actor owes.
 struct ReadSlots(Vec<AtomicUsize>);
