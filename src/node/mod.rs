@@ -10,7 +10,7 @@ mod background;
 mod servers;
 mod supervisor;
 
-pub use supervisor::{failure, loaders, PartitionSupervisor, PartitionSupervisorArgs, PartitionSupervisorState};
+pub use supervisor::{loaders, PartitionSupervisor, PartitionSupervisorArgs, PartitionSupervisorState};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,8 +23,9 @@ use crate::api::admin::AdminState;
 use crate::cluster::changes::{Controller, MoveSettings};
 use crate::cluster::membership::MembershipSettings;
 use crate::cluster::metalog::MetaLog;
-use crate::cluster::{replication, MemberState, Membership, Part, Ring, RingSpec, Role};
+use crate::cluster::{replication, MemberState, Membership, Ring, RingSpec};
 use crate::config::Config;
+use crate::domain::{Part, Role};
 use crate::features::FeaturePlan;
 use crate::ingest::{self, Writer};
 use crate::logging::FeatureLogger;

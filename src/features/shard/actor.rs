@@ -8,9 +8,8 @@ use super::super::ItemFeat;
 use super::extract::{BriefWants, ItemBrief, ItemFeatureRows};
 use super::profile::UserSnapshot;
 use super::state::{FeatureShardState, ShardCounts};
+use crate::domain::{LoggedOp, Op};
 use crate::ids::Key;
-use crate::ingest::ops::Op;
-use crate::store::LoggedOp;
 
 pub enum FeatureMsg {
     /// Ops to log (those whose ids the partition has not seen) and apply; replies per op
@@ -56,7 +55,7 @@ pub struct FeatureShard;
 /// The actor's state: the partition and where its op log lives.
 pub struct FeatureActorState {
     pub state: FeatureShardState,
-    log: Option<(crate::store::Store, crate::cluster::Part)>,
+    log: Option<(crate::store::Store, crate::domain::Part)>,
     partition: u32,
     load: Arc<dyn Fn(u32) -> FeatureShardState + Send + Sync>,
     /// When the state was last rebuilt for `needs_rebuild` (rebuilds are spaced by
@@ -73,13 +72,13 @@ fn observe_versions(ops: &[LoggedOp]) {
     let wall =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     if let Some((at, seq, _)) = ops.iter().filter_map(Op::version).max() {
-        crate::ingest::ops::CLOCK.observe(wall, at, seq);
+        crate::domain::ops::CLOCK.observe(wall, at, seq);
     }
 }
 
 /// Logs the new ops (blocking sled work, moved off the async worker) and returns the new flags.
 pub(crate) fn log_ops(
-    log: &Option<(crate::store::Store, crate::cluster::Part)>,
+    log: &Option<(crate::store::Store, crate::domain::Part)>,
     ops: &[LoggedOp],
 ) -> Result<Vec<bool>, String> {
     match log {
@@ -98,7 +97,7 @@ impl Actor for FeatureShard {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let log = args.log.map(|s| (s, crate::cluster::Part::new(crate::cluster::Role::Feature, args.partition)));
+        let log = args.log.map(|s| (s, crate::domain::Part::new(crate::domain::Role::Feature, args.partition)));
         let (partition, load) = (args.partition, args.load.clone());
         let state = match args.initial {
             Some(state) => state,

@@ -8,8 +8,8 @@ use super::super::ItemFeat;
 use super::profile::{UserSnapshot, EMB_SCALE};
 use super::state::*;
 use crate::counters::{self, Window};
+use crate::domain::Action;
 use crate::ids::Key;
-use crate::store::Action;
 
 /// What filters and the ingest path need to know about an item.
 #[derive(Debug, Clone, Serialize, Deserialize)]
