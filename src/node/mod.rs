@@ -163,7 +163,9 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let metrics = match &cfg.node.metrics_listen {
         Some(addr) => {
             let addr: SocketAddr = addr.parse().map_err(|e| err(format!("metrics_listen `{addr}`: {e}")))?;
-            Some((addr, crate::metrics::install().map_err(|e| err(e.to_string()))?))
+            let handle = crate::metrics::install().map_err(|e| err(e.to_string()))?;
+            crate::pipeline::register_zero_series();
+            Some((addr, handle))
         }
         None => None,
     };
