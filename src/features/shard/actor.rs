@@ -67,7 +67,7 @@ pub struct FeatureActorState {
 /// partition's log): a burst of promotions costs one rebuild, not one each.
 const REBUILD_SPACING: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Moves the node's clock past the upsert versions a replica applies (see `ingest::ops::Hlc`).
+/// Moves the node's clock past the upsert versions a replica applies (see `domain::ops::Hlc`).
 fn observe_versions(ops: &[LoggedOp]) {
     let wall =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
