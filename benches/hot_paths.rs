@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use criterion::Criterion;
 use recsys::config::Config;
+use recsys::domain::{Action, ItemRecord};
 use recsys::features::shard::{FeatureShardState, ShardSettings};
 use recsys::features::FeaturePlan;
 use recsys::ranking::{diversify, Scored};
 use recsys::scoring::{self, Manifest, ScorerPool, Stage};
-use recsys::store::{Action, ItemRecord};
 
 mod common;
 use common::summary;

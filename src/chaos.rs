@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::cluster::Part;
+use crate::domain::Part;
 
 /// Active faults kept at once (older ones must expire before more are added).
 const MAX_ACTIVE: usize = 64;
@@ -201,7 +201,7 @@ impl Faults {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Role;
+    use crate::domain::Role;
 
     #[test]
     fn refused_unless_enabled_and_validated() {

@@ -48,6 +48,15 @@ pub const AUTHOR: &str = "author";
 pub const GEO: &str = "geo";
 pub const COENGAGED: &str = "coengaged";
 
+/// A stable 64-bit mix (splitmix64's finaliser): ranks for order-free sampling.
+pub(crate) fn mix(mut h: u64) -> u64 {
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -277,7 +277,8 @@ fn describe() {
 }
 
 /// Touches every series whose labels are known up front, so each metric is exported (at zero)
-/// from start-up; series with labels only known later (peers) start without those labels.
+/// from start-up; series with labels only known later (peers) start without those labels. A room
+/// whose labels come from its own lists registers those itself (`pipeline::register_zero_series`).
 fn register_zeros() {
     use metrics::{counter, gauge, histogram};
     for s in STAGES {
@@ -289,12 +290,6 @@ fn register_zeros() {
     for m in PUBLIC_METHODS {
         counter!("recsys_grpc_requests_total", "method" => m, "code" => "OK").absolute(0);
         let _ = histogram!("recsys_grpc_seconds", "method" => m);
-    }
-    for (g, _) in crate::pipeline::GENERATORS {
-        counter!("recsys_generator_candidates_total", "generator" => g).absolute(0);
-    }
-    for f in crate::pipeline::FILTERS {
-        counter!("recsys_filter_removed_total", "filter" => f).absolute(0);
     }
     for f in FALLBACKS {
         counter!("recsys_fallbacks_total", "fallback" => f).absolute(0);

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use crate::cluster::{Part, Role};
+use crate::domain::{Part, Role};
 use crate::ids::{key_of, partition_of, ITEM};
 use crate::transport::pb;
 

@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal, Zipf};
 
-use crate::store::{Action, EventRecord, ItemRecord, UserRecord};
+use crate::domain::{Action, EventRecord, ItemRecord, UserRecord};
 
 pub const GEOS: [&str; 8] = ["us", "de", "in", "br", "jp", "fr", "uk", "mx"];
 

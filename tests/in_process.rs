@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use ractor::Actor;
 use recsys::cluster::membership::MembershipSettings;
-use recsys::cluster::{MemberState, Membership, Part, Ring, Role};
+use recsys::cluster::{MemberState, Membership, Ring};
 use recsys::config::Config;
+use recsys::domain::{Part, Role};
 use recsys::features::shard::FeatureMsg;
 use recsys::features::FeaturePlan;
 use recsys::ids::{self, key_of, partition_of};
@@ -125,9 +126,10 @@ async fn missing_partitions_degrade_instead_of_failing() {
     let gone = partition_of(ids::ITEM, key_of(&ok.items[0].1.item), r.partitions);
     r.local.set_feature(gone, None);
     // One shard of the global trending list.
-    let geo =
-        recsys::ingest::ops::global_trending_partitions(r.pipeline.cfg.retrieval.global_trending_shards, r.partitions)
-            [0];
+    let geo = recsys::domain::placement::global_trending_partitions(
+        r.pipeline.cfg.retrieval.global_trending_shards,
+        r.partitions,
+    )[0];
     r.local.set_generator(geo, None);
     let d = r.pipeline.recommend(req(&user), Duration::from_millis(500)).await.unwrap();
     assert!(d.coverage.degraded);

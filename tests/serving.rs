@@ -13,7 +13,7 @@ use recsys::api::pb::admin_client::AdminClient;
 use recsys::api::pb::ingest_client::IngestClient;
 use recsys::api::pb::recommender_client::RecommenderClient;
 use recsys::cli::load::{load_world, synthetic_spec, to_pb_event};
-use recsys::store::Action;
+use recsys::domain::Action;
 use recsys::world::World;
 use tonic::Code;
 

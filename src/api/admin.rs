@@ -6,10 +6,10 @@ use tonic::{Request, Response, Status};
 use super::pb;
 use crate::chaos::ChaosError;
 use crate::cluster::changes::{Change, ChangeError};
-use crate::cluster::{MemberState, Part, Role};
+use crate::cluster::MemberState;
+use crate::domain::{quote, Part, Role};
 use crate::features::shard::{FeatureMsg, ShardCounts};
 use crate::features::FeaturePlan;
-use crate::ingest::validate::quote;
 use crate::scoring::paths::{self, PathError};
 use crate::scoring::{Models, ScoringError};
 use crate::transport::Transport;
@@ -195,13 +195,13 @@ impl pb::admin_server::Admin for AdminService {
                     .iter()
                     .map(|n| {
                         if *n == t.node_id {
-                            t.local.is_ready(crate::cluster::Part::new(role, p))
+                            t.local.is_ready(crate::domain::Part::new(role, p))
                         } else {
                             t.membership.is_routable(n)
                         }
                     })
                     .collect();
-                let part = crate::cluster::Part::new(role, p);
+                let part = crate::domain::Part::new(role, p);
                 let (ops_here, fingerprint_here) = if ring.owns(role, p, &t.node_id) {
                     let d = t.local.store.digest(part);
                     let fp = d

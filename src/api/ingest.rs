@@ -4,9 +4,9 @@ use tonic::{Request, Response, Status};
 
 use super::pb;
 use super::recommender::ready;
+use crate::domain::{EventRecord, ItemRecord, UserRecord};
 use crate::ingest::{validate, WriteOutcome, Writer};
 use crate::logging::{EventRow, FeatureLogger, LogLine};
-use crate::store::{EventRecord, ItemRecord, UserRecord};
 
 pub struct IngestService {
     pub writer: Arc<OnceLock<Arc<Writer>>>,

@@ -8,10 +8,7 @@ use std::time::Duration;
 
 use tonic::Status;
 
-pub mod pb {
-    tonic::include_proto!("recsys.v1");
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("recsys_descriptor");
-}
+pub use crate::proto::public as pb;
 
 use crate::ingest::IngestError;
 use crate::pipeline::PipelineError;

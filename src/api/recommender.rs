@@ -4,8 +4,9 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::pb;
+use crate::domain::quote;
 use crate::features;
-use crate::ingest::validate::{check_id, quote, MAX_GEO_BYTES, MAX_ID_BYTES};
+use crate::ingest::validate::{check_id, MAX_GEO_BYTES, MAX_ID_BYTES};
 use crate::pipeline::{self, Pipeline};
 
 pub struct RecommenderService {

@@ -355,9 +355,9 @@ pub async fn simulate(spec: SimSpec) -> anyhow::Result<SimReport> {
             let Some(item) = world.items.get(idx) else { continue };
             for (j, a) in world.react(&mut rng, u, item).into_iter().enumerate() {
                 match a {
-                    crate::store::Action::Impression => rep.impressions += 1,
-                    crate::store::Action::Click => rep.clicks += 1,
-                    crate::store::Action::Like => rep.likes += 1,
+                    crate::domain::Action::Impression => rep.impressions += 1,
+                    crate::domain::Action::Click => rep.clicks += 1,
+                    crate::domain::Action::Like => rep.likes += 1,
                     _ => {}
                 }
                 pending.push(pb::Event {

@@ -7,7 +7,7 @@ use tonic::transport::Channel;
 
 use super::OperatorToken;
 use crate::api::pb;
-use crate::store::{Action, EventRecord, ItemRecord, UserRecord};
+use crate::domain::{Action, EventRecord, ItemRecord, UserRecord};
 use crate::world::{World, WorldSpec};
 
 pub fn to_pb_item(i: &ItemRecord) -> pb::Item {

@@ -27,10 +27,11 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use super::{Part, RingSpec};
+use super::RingSpec;
 use crate::auth::{ClusterKey, InternalAuth};
-use crate::transport::pb;
-use crate::transport::pb::internal_client::InternalClient;
+use crate::domain::Part;
+use crate::proto::internal as pb;
+use crate::proto::internal::internal_client::InternalClient;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum MetaError {

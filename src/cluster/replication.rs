@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::Part;
-use crate::store::{Digest, LoggedOp, Store, StoreError, BUCKETS};
+use crate::domain::{LoggedOp, Part};
+use crate::store::{Digest, Store, StoreError, BUCKETS};
 use crate::transport::client::ask;
 use crate::transport::{decode, encode, pb, Transport};
 
@@ -320,8 +320,7 @@ pub async fn hand_off(t: &Arc<Transport>, part: Part, owners: &[String], timeout
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Role;
-    use crate::ingest::ops::Op;
+    use crate::domain::{Op, Role};
     use crate::store::bucket_of;
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use std::path::Path;
 use consistent_hash::{DefaultHash, Node, StaticHashRing};
 use serde::{Deserialize, Serialize};
 
-use super::{Part, Role};
+use crate::domain::{Part, Role};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {

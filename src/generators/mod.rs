@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Key, KeyMap};
-use crate::ingest::ops::Op;
-use crate::store::{Action, LoggedOp};
+use crate::domain::{Action, LoggedOp, Op};
+use crate::ids::{mix, Key, KeyMap};
 
 /// A candidate from one generator: item, source bit, and the generator's own score.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -87,15 +86,6 @@ impl TrendRing {
         }
         total as f32 / 10.0
     }
-}
-
-/// A stable 64-bit mix (splitmix64's finaliser): ranks for order-free sampling.
-pub(crate) fn mix(mut h: u64) -> u64 {
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
 }
 
 /// Co-engagement pair ops kept per neighbour slot of an item (the sample is this many times the
@@ -403,7 +393,7 @@ pub struct GeneratorShard;
 
 pub struct GeneratorActorState {
     pub state: GeneratorState,
-    log: Option<(crate::store::Store, crate::cluster::Part)>,
+    log: Option<(crate::store::Store, crate::domain::Part)>,
 }
 
 impl Actor for GeneratorShard {
@@ -416,7 +406,7 @@ impl Actor for GeneratorShard {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let log = args.log.map(|s| (s, crate::cluster::Part::new(crate::cluster::Role::Generator, args.partition)));
+        let log = args.log.map(|s| (s, crate::domain::Part::new(crate::domain::Role::Generator, args.partition)));
         if let Some(state) = args.initial {
             return Ok(GeneratorActorState { state, log });
         }

@@ -10,15 +10,14 @@ pub mod validate;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{Part, Role};
 use crate::config::Config;
+use crate::domain::ops::CLOCK;
+use crate::domain::{Action, EventRecord, ItemRecord, Part, Plan, Role, UserRecord};
 use crate::features::shard::{BriefWants, FeatureShardState, ItemBrief, ShardSettings};
 use crate::generators::{GeneratorSettings, GeneratorState};
 use crate::ids::{self, key_of, Key, KeyMap};
-use crate::store::{Action, EventRecord, ItemRecord, Store, StoreError, UserRecord};
+use crate::store::{Store, StoreError};
 use crate::transport::{ReadQuery, ReadReply, Transport, WriteError};
-
-pub use ops::GLOBAL_GEO;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -154,7 +153,7 @@ impl Writer {
     }
 
     /// Sends the batch's ops to their replicas; the outcome gets the slowest replica's flush.
-    async fn commit(&self, plan: ops::Plan, out: &mut WriteOutcome) -> Result<(), IngestError> {
+    async fn commit(&self, plan: Plan, out: &mut WriteOutcome) -> Result<(), IngestError> {
         let w = self.transport.write(plan, self.timeout()).await?;
         out.flush_micros = w.flush_micros;
         Ok(())
@@ -166,7 +165,7 @@ impl Writer {
         let mut planner = self.planner();
         let wall = now_ms();
         // One version per record, in batch order: of two records for one item the later wins.
-        let (at, seq0) = ops::CLOCK.tick(wall, items.len() as u32);
+        let (at, seq0) = CLOCK.tick(wall, items.len() as u32);
         let lim = validate::Limits::new(&self.cfg, wall);
         for (i, it) in items.into_iter().enumerate() {
             match validate::item(i, &it, &lim) {
@@ -190,7 +189,7 @@ impl Writer {
         let mut out = WriteOutcome::default();
         let mut planner = self.planner();
         let wall = now_ms();
-        let (at, seq0) = ops::CLOCK.tick(wall, users.len() as u32);
+        let (at, seq0) = CLOCK.tick(wall, users.len() as u32);
         let lim = validate::Limits::new(&self.cfg, wall);
         for (i, u) in users.into_iter().enumerate() {
             match validate::user(i, &u, &lim) {
@@ -219,9 +218,9 @@ impl Writer {
         // (finding 4 of issue 15: a delete through a node behind lost to an earlier upsert).
         let wall = now_ms();
         for b in known.values() {
-            ops::CLOCK.observe(wall, b.version.0, b.version.1);
+            CLOCK.observe(wall, b.version.0, b.version.1);
         }
-        let (at, seq0) = ops::CLOCK.tick(wall, ids_in.len() as u32);
+        let (at, seq0) = CLOCK.tick(wall, ids_in.len() as u32);
         for (i, (id, k)) in ids_in.iter().zip(&keys).enumerate() {
             if let Err(e) = validate::item_id(i, id) {
                 out.reject(e.to_string());

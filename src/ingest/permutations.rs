@@ -9,12 +9,12 @@ use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use super::ops::{Hlc, Planner};
-use crate::cluster::{Part, Role};
+use super::ops::Planner;
+use crate::domain::ops::Hlc;
+use crate::domain::{Action, EventRecord, ItemRecord, LoggedOp, Part, Role, UserRecord};
 use crate::features::shard::{FeatureShardState, ItemBrief, ShardSettings};
 use crate::generators::{GeneratorSettings, GeneratorState};
 use crate::ids::key_of;
-use crate::store::{Action, EventRecord, ItemRecord, LoggedOp, UserRecord};
 
 fn shard_settings(unknown_cap: usize) -> ShardSettings {
     // Small caps, so eviction and bounded lists are exercised by small op sets.

@@ -2,7 +2,7 @@
 //! before anything is planned, deduplicated or stored. The ranges are documented in
 //! `proto/recsys/v1/recsys.proto` and the README ("Input ranges"); keep the three in step.
 use crate::config::Config;
-use crate::store::{Action, EventRecord, ItemRecord, UserRecord};
+use crate::domain::{Action, EventRecord, ItemRecord, UserRecord};
 
 /// 2000-01-01T00:00:00Z: no item or account of this service is older.
 pub const EARLIEST_SECS: i64 = 946_684_800;
@@ -15,29 +15,6 @@ pub const MAX_PRICE: f32 = 1e9;
 pub const MAX_DURATION_SECS: f32 = 86_400.0;
 pub const MAX_EMBEDDING_ABS: f32 = 1e3;
 pub const MAX_FOLLOWS: usize = 10_000;
-
-/// Characters of a caller's value an error message quotes at most.
-pub const QUOTE_CHARS: usize = 64;
-
-/// A caller's value as error messages quote it: at most `QUOTE_CHARS` characters, control
-/// characters escaped, and the full size named when it was cut (`abc… (102400 bytes)`). A bad
-/// value is never echoed whole: a 100 KB one would otherwise come back in the status message and
-/// break the reply's metadata limit, and escape codes would reach logs and terminals.
-pub fn quote(s: &str) -> String {
-    let mut out = String::new();
-    let mut cut = false;
-    for (n, c) in s.chars().enumerate() {
-        if n == QUOTE_CHARS {
-            cut = true;
-            break;
-        }
-        out.extend(c.escape_debug());
-    }
-    if cut {
-        out.push_str(&format!("… ({} bytes)", s.len()));
-    }
-    out
-}
 
 /// One rejected record: the record and field it names, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -181,7 +158,7 @@ pub fn item_id(index: usize, id: &str) -> Result<(), Rejection> {
 
 /// The wire action of an event: unspecified and unknown values are rejected.
 pub fn action(index: usize, raw: i32) -> Result<Action, Rejection> {
-    use crate::api::pb::Action as P;
+    use crate::proto::public::Action as P;
     let a = match P::try_from(raw) {
         Ok(P::Impression) => Action::Impression,
         Ok(P::Click) => Action::Click,
@@ -335,17 +312,6 @@ mod tests {
                 Err(r) => prop_assert!(names_field(&r, "events", i, EVENT_FIELDS), "{r}"),
             }
         }
-    }
-
-    #[test]
-    fn quotes_are_short_and_escaped() {
-        assert_eq!(quote("home"), "home");
-        assert_eq!(quote("a\u{1b}[31m"), "a\\u{1b}[31m");
-        let big = "x".repeat(100 * 1024);
-        let q = quote(&big);
-        assert!(q.len() < 100, "{q}");
-        assert!(q.ends_with("… (102400 bytes)"), "{q}");
-        assert_eq!(quote(&"é".repeat(64)), "é".repeat(64), "64 characters are quoted whole");
     }
 
     #[test]

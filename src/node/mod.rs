@@ -10,7 +10,7 @@ mod background;
 mod servers;
 mod supervisor;
 
-pub use supervisor::{failure, loaders, PartitionSupervisor, PartitionSupervisorArgs, PartitionSupervisorState};
+pub use supervisor::{loaders, PartitionSupervisor, PartitionSupervisorArgs, PartitionSupervisorState};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,8 +23,9 @@ use crate::api::admin::AdminState;
 use crate::cluster::changes::{Controller, MoveSettings};
 use crate::cluster::membership::MembershipSettings;
 use crate::cluster::metalog::MetaLog;
-use crate::cluster::{replication, MemberState, Membership, Part, Ring, RingSpec, Role};
+use crate::cluster::{replication, MemberState, Membership, Ring, RingSpec};
 use crate::config::Config;
+use crate::domain::{Part, Role};
 use crate::features::FeaturePlan;
 use crate::ingest::{self, Writer};
 use crate::logging::FeatureLogger;
@@ -169,7 +170,9 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let metrics = match &cfg.node.metrics_listen {
         Some(addr) => {
             let addr: SocketAddr = addr.parse().map_err(|e| err(format!("metrics_listen `{addr}`: {e}")))?;
-            Some((addr, crate::metrics::install().map_err(|e| err(e.to_string()))?))
+            let handle = crate::metrics::install().map_err(|e| err(e.to_string()))?;
+            crate::pipeline::register_zero_series();
+            Some((addr, handle))
         }
         None => None,
     };

@@ -6,12 +6,13 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::cluster::changes::PartitionCmd;
-use crate::cluster::Role;
 use crate::config::Config;
+use crate::domain::Role;
 use crate::features::shard::{FeatureShard, FeatureShardArgs, FeatureShardState};
 use crate::generators::{GeneratorArgs, GeneratorShard, GeneratorState};
 use crate::ingest;
 use crate::store::Store;
+use crate::supervision::failure;
 use crate::transport::LocalPartitions;
 
 type FeatureLoader = Arc<dyn Fn(u32) -> FeatureShardState + Send + Sync>;
@@ -166,7 +167,7 @@ impl Actor for PartitionSupervisor {
         metrics::counter!("recsys_actor_restarts_total", "role" => role.as_str()).increment(1);
         // Out of service while it rebuilds: reads go to its replicas, writes to it are refused
         // (and reach it later by hinted handoff or anti-entropy).
-        let part = crate::cluster::Part::new(role, p);
+        let part = crate::domain::Part::new(role, p);
         let was_ready = st.local.is_ready(part);
         st.local.set_ready(part, false);
         match role {
@@ -176,16 +177,6 @@ impl Actor for PartitionSupervisor {
         st.spawn(&me, role, p, None, None).await?;
         st.local.set_ready(part, was_ready);
         Ok(())
-    }
-}
-
-/// A child that failed, or was killed (`ActorRef::kill`, as `Admin.InjectFault` does): both are
-/// restarted. A child stopped cleanly is the node shutting down.
-pub fn failure(ev: SupervisionEvent) -> Option<(ractor::ActorCell, String)> {
-    match ev {
-        SupervisionEvent::ActorFailed(cell, err) => Some((cell, err.to_string())),
-        SupervisionEvent::ActorTerminated(cell, _, Some(reason)) if reason == "killed" => Some((cell, reason)),
-        _ => None,
     }
 }
 

@@ -13,7 +13,6 @@ mod ranking;
 mod retrieval;
 mod scoring;
 
-// Label values the metrics module registers at zero from start-up.
 pub use filtering::FILTERS;
 pub use retrieval::GENERATORS;
 
@@ -31,6 +30,17 @@ use crate::logging::FeatureLogger;
 use crate::ranking::{PageCache, PageTokens, RankedList, Scored};
 use crate::scoring::Models;
 use crate::transport::Transport;
+
+/// Exports the pipeline's own labelled series at zero from start-up, one per generator and per
+/// filter (the lists live here; `metrics::install` registers the series it knows itself).
+pub fn register_zero_series() {
+    for (g, _) in GENERATORS {
+        metrics::counter!("recsys_generator_candidates_total", "generator" => g).absolute(0);
+    }
+    for f in FILTERS {
+        metrics::counter!("recsys_filter_removed_total", "filter" => f).absolute(0);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use super::{Coverage, Pipeline};
-use crate::cluster::{Part, Role};
+use crate::domain::{Part, Role};
 use crate::features::shard::UserSnapshot;
 use crate::ids::{self, key_of, partition_of};
 use crate::transport::{ReadQuery, ReadReply};

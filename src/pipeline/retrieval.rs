@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Coverage, Pipeline, Request};
-use crate::cluster::{Part, Role};
+use crate::domain::placement::{global_trending_partitions, GLOBAL_GEO};
+use crate::domain::{Part, Role};
 use crate::features::shard::UserSnapshot;
 use crate::features::{self};
 use crate::generators::{Candidate, RetrieveQuery};
 use crate::ids::{self, key_of, partition_of, KeyMap};
-use crate::ingest::ops::{global_trending_partitions, GLOBAL_GEO};
 use crate::transport::{ReadQuery, ReadReply};
 
 /// The generators, in merge order: (name, source bit).

@@ -7,8 +7,8 @@ use serde::Deserialize;
 use super::trees::TreeEnsemble;
 use super::ScoringError;
 use crate::config::Stage1Engine;
+use crate::domain::quote;
 use crate::features::FeaturePlan;
-use crate::ingest::validate::quote;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

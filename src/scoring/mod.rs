@@ -637,7 +637,7 @@ impl Actor for ScorerSupervisor {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         // Only failures restart: a clean stop is the node shutting down.
-        if let Some((cell, _)) = crate::node::failure(ev) {
+        if let Some((cell, _)) = crate::supervision::failure(ev) {
             let Some(pool) = st.pool.upgrade() else { return Ok(()) };
             if let Some(i) = st.children.remove(&cell.get_id()) {
                 tracing::warn!(scorer = i, "scorer failed; restarting");

@@ -10,8 +10,8 @@ use super::local::ApplyResults;
 use super::pb::internal_client::InternalClient;
 use super::{decode, encode, pb, CallError, LocalPartitions, ReadQuery, ReadReply};
 use crate::auth::InternalAuth;
-use crate::cluster::{Membership, Part, Ring, Role};
-use crate::store::LoggedOp;
+use crate::cluster::{Membership, Ring};
+use crate::domain::{LoggedOp, Part, Role};
 
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// Ops a coordinator holds on disk for one peer that missed them (~100 bytes each): beyond it,

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{CallError, ReadQuery, ReadReply, Transport};
-use crate::cluster::{Part, Ring, Role};
+use crate::cluster::Ring;
+use crate::domain::{LoggedOp, Part, Plan, Role};
 use crate::features::shard::{BriefWants, ItemBrief};
 use crate::ids::{self, partition_of, Key, KeyMap};
-use crate::ingest::ops::Plan;
-use crate::store::LoggedOp;
 
 /// What one stage asked and got, for the reply's coverage.
 #[derive(Debug, Default, Clone)]

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{decode, encode, Transport};
-use crate::cluster::{Part, Role};
-use crate::store::{LoggedOp, Store, StoreError};
+use crate::domain::{LoggedOp, Part, Role};
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HintError {
@@ -211,7 +211,7 @@ impl Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::ops::Op;
+    use crate::domain::Op;
 
     #[tokio::test]
     async fn hints_survive_a_reopen_and_are_bounded_per_peer() {

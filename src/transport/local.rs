@@ -9,10 +9,10 @@ use ractor::rpc::CallResult;
 use ractor::{ActorRef, RpcReplyPort};
 
 use super::{CallError, ReadQuery, ReadReply};
-use crate::cluster::{Part, Role};
+use crate::domain::{LoggedOp, Part, Role};
 use crate::features::shard::FeatureMsg;
 use crate::generators::GeneratorMsg;
-use crate::store::{LoggedOp, Store};
+use crate::store::Store;
 
 /// Applying logged ops to an actor is local work; a generous bound only guards a wedged actor.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -20,15 +20,13 @@ pub use client::{NodeClient, Transport};
 pub use fanout::{ReadOutcome, StageCoverage, WriteError, WriteResult};
 pub use local::LocalPartitions;
 
-use crate::cluster::Part;
+use crate::domain::Part;
 use crate::features::shard::{BriefWants, ItemBrief, ItemFeatureRows, UserSnapshot};
 use crate::features::ItemFeat;
 use crate::generators::{Candidate, RetrieveQuery};
 use crate::ids::Key;
 
-pub mod pb {
-    tonic::include_proto!("recsys.internal.v1");
-}
+pub use crate::proto::internal as pb;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum CallError {

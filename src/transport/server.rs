@@ -10,9 +10,8 @@ use super::{decode, encode, pb, ReadQuery, Transport};
 use crate::auth::ClusterKey;
 use crate::cluster::metalog::{MetaLog, MetaMsg};
 use crate::cluster::replication::{self, PullAsk};
-use crate::cluster::Part;
+use crate::domain::{LoggedOp, Part};
 use crate::pipeline::Pipeline;
-use crate::store::LoggedOp;
 
 pub struct InternalService {
     pub transport: Arc<OnceLock<Arc<Transport>>>,

@@ -4,8 +4,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::super::{replication, Part, Ring, RingSpec};
+use super::super::{replication, Ring, RingSpec};
 use super::{ChangeError, Controller};
+use crate::domain::Part;
 
 impl Controller {
     /// Adopts the ring the metadata log ends with, when newer than the one in effect.

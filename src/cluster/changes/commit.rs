@@ -2,8 +2,8 @@
 use std::collections::BTreeSet;
 
 use super::super::metalog::{Entry, MetaMsg, MetaReply};
-use super::super::Part;
 use super::Controller;
+use crate::domain::Part;
 
 impl Controller {
     /// The lowest-id live node of the change commits it once every new owner is done.

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use ractor::ActorRef;
 
 use super::metalog::{MetaError, MetaLog};
-use super::{Part, Role};
+use crate::domain::{Part, Role};
 use crate::transport::Transport;
 
 use moves::Throttle;

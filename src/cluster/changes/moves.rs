@@ -3,10 +3,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::super::{replication, Part};
+use super::super::replication;
 use super::progress::MoveReport;
 use super::Controller;
-use crate::store::LoggedOp;
+use crate::domain::{LoggedOp, Part};
 use crate::transport::{decode, pb};
 
 /// A shared token bucket over the bytes this node streams in.

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::super::Part;
 use super::Controller;
+use crate::domain::Part;
 
 /// One move in progress, as published by gossip and shown by status.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -93,7 +93,7 @@ fn parse_done(s: &str, epoch: u64, partitions: u32) -> Option<BTreeSet<Part>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Role;
+    use crate::domain::Role;
 
     #[test]
     fn done_sets_round_trip_and_ignore_other_epochs() {

@@ -3,8 +3,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use super::super::{replication, Part, Ring, Role};
+use super::super::{replication, Ring};
 use super::{Controller, PartitionCmd};
+use crate::domain::{Part, Role};
 
 impl Controller {
     /// Opens the partitions this node must hold; drops those it no longer owns once every live

@@ -8,9 +8,8 @@ use super::super::ItemFeat;
 use super::extract::{BriefWants, ItemBrief, ItemFeatureRows};
 use super::profile::UserSnapshot;
 use super::state::{FeatureShardState, ShardCounts};
+use crate::domain::{LoggedOp, Op};
 use crate::ids::Key;
-use crate::ingest::ops::Op;
-use crate::store::LoggedOp;
 
 pub enum FeatureMsg {
     /// Ops to log (those whose ids the partition has not seen) and apply; replies per op
@@ -56,7 +55,7 @@ pub struct FeatureShard;
 /// The actor's state: the partition and where its op log lives.
 pub struct FeatureActorState {
     pub state: FeatureShardState,
-    log: Option<(crate::store::Store, crate::cluster::Part)>,
+    log: Option<(crate::store::Store, crate::domain::Part)>,
     partition: u32,
     load: Arc<dyn Fn(u32) -> FeatureShardState + Send + Sync>,
     /// When the state was last rebuilt for `needs_rebuild` (rebuilds are spaced by
@@ -68,17 +67,17 @@ pub struct FeatureActorState {
 /// partition's log): a burst of promotions costs one rebuild, not one each.
 const REBUILD_SPACING: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Moves the node's clock past the upsert versions a replica applies (see `ingest::ops::Hlc`).
+/// Moves the node's clock past the upsert versions a replica applies (see `domain::ops::Hlc`).
 fn observe_versions(ops: &[LoggedOp]) {
     let wall = crate::clock::unix_ms();
     if let Some((at, seq, _)) = ops.iter().filter_map(Op::version).max() {
-        crate::ingest::ops::CLOCK.observe(wall, at, seq);
+        crate::domain::ops::CLOCK.observe(wall, at, seq);
     }
 }
 
 /// Logs the new ops (blocking sled work, moved off the async worker) and returns the new flags.
 pub(crate) fn log_ops(
-    log: &Option<(crate::store::Store, crate::cluster::Part)>,
+    log: &Option<(crate::store::Store, crate::domain::Part)>,
     ops: &[LoggedOp],
 ) -> Result<Vec<bool>, String> {
     match log {
@@ -97,7 +96,7 @@ impl Actor for FeatureShard {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let log = args.log.map(|s| (s, crate::cluster::Part::new(crate::cluster::Role::Feature, args.partition)));
+        let log = args.log.map(|s| (s, crate::domain::Part::new(crate::domain::Role::Feature, args.partition)));
         let (partition, load) = (args.partition, args.load.clone());
         let state = match args.initial {
             Some(state) => state,

@@ -2,27 +2,11 @@
 //! engagements into counters and profiles, the unknown-user cap, and building from a whole op set.
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 use super::profile::{new_user, rank, AUTHOR_AFFINITY_CAP, EMB_SCALE};
 use super::state::*;
 use crate::counters;
+use crate::domain::{Action, ItemRecord, LoggedOp, Op, UserEvent, UserRecord, Version};
 use crate::ids::{key_of, Key, KeyMap};
-use crate::ingest::ops::{Op, Version};
-use crate::store::{Action, ItemRecord, LoggedOp, UserRecord};
-
-/// One engagement as it lands on the user's partition, with the item facts it needs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UserEvent {
-    pub user: Key,
-    pub user_id: String,
-    pub item: Key,
-    pub author_key: Key,
-    pub topic: u32,
-    pub embedding: Arc<[f32]>,
-    pub action: Action,
-    pub ts: i64,
-}
 
 impl FeatureShardState {
     /// The state of a whole op set (replay, rebuild): the unknown users kept are decided from the

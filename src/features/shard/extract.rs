@@ -8,8 +8,8 @@ use super::super::ItemFeat;
 use super::profile::{UserSnapshot, EMB_SCALE};
 use super::state::*;
 use crate::counters::{self, Window};
+use crate::domain::Action;
 use crate::ids::Key;
-use crate::store::Action;
 
 /// What filters and the ingest path need to know about an item.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,7 +24,7 @@ pub struct ItemBrief {
     /// Item id and author name, only when asked for (the final re-filter of the ranked list).
     pub names: Option<(Arc<str>, Arc<str>)>,
     /// (`at` ms, `seq`) of the upsert the item's row comes from: a coordinator deleting the
-    /// item observes it first (`ingest::ops::Hlc`), so the delete's version is above the upsert
+    /// item observes it first (`domain::ops::Hlc`), so the delete's version is above the upsert
     /// it saw even when its own clock is behind the clock that versioned the upsert.
     pub version: (i64, u32),
 }

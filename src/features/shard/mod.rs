@@ -14,7 +14,6 @@ mod state;
 
 pub(crate) use actor::log_ops;
 pub use actor::{FeatureActorState, FeatureMsg, FeatureShard, FeatureShardArgs};
-pub use apply::UserEvent;
 pub use extract::{BriefWants, ItemBrief, ItemFeatureRows, ItemMeta};
 pub use profile::{UserSnapshot, UserState, AUTHOR_AFFINITY_CAP, EMB_SCALE};
 pub use seen::{SeenFilter, SEEN_GENERATION_SECS};

@@ -7,9 +7,9 @@ use super::super::UserFeat;
 use super::seen::SeenFilter;
 use super::state::ShardSettings;
 use crate::counters::{self, Window};
-use crate::generators::mix;
+use crate::domain::Action;
+use crate::ids::mix;
 use crate::ids::{Key, KeyMap};
-use crate::store::Action;
 
 pub struct UserState {
     pub id: String,

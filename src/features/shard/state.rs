@@ -6,9 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::profile::UserState;
 use crate::counters;
+use crate::domain::{Action, Version};
 use crate::ids::{Key, KeyMap};
-use crate::ingest::ops::Version;
-use crate::store::Action;
 
 /// Fixed item attributes before the embedding, in `attrs` row order.
 pub(super) const A_PRICE: usize = 0;

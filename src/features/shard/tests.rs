@@ -3,10 +3,9 @@ use std::sync::Arc;
 use super::profile::rank;
 use super::*;
 use crate::counters::Window;
+use crate::domain::{Action, ItemRecord, LoggedOp, Op, UserEvent, UserRecord};
 use crate::features::{ItemFeat, UserFeat};
 use crate::ids::key_of;
-use crate::ingest::ops::Op;
-use crate::store::{Action, ItemRecord, LoggedOp, UserRecord};
 
 fn settings() -> ShardSettings {
     ShardSettings { emb_dim: 4, topics: 3, recent_likes: 2, seen_capacity: 4, seen_fp: 0.01, unknown_cap: 3 }
@@ -108,7 +107,7 @@ fn the_later_record_of_a_batch_wins_whatever_the_ids() {
 #[test]
 fn a_delete_from_a_clock_behind_still_follows_the_upsert_it_saw() {
     let t = 1_800_000_000_000i64;
-    let ahead = crate::ingest::ops::Hlc::new();
+    let ahead = crate::domain::ops::Hlc::new();
     let (at, seq) = ahead.tick(t + 2000, 1);
     let up = LoggedOp { id: 5, at, op: Op::UpsertItem { item: item("i1"), seq } };
     let mut s = FeatureShardState::new(settings());
@@ -116,7 +115,7 @@ fn a_delete_from_a_clock_behind_still_follows_the_upsert_it_saw() {
     let k = key_of("i1");
     let seen = s.brief(k, BriefWants::default()).unwrap().version;
     assert_eq!(seen, (at, seq));
-    let behind = crate::ingest::ops::Hlc::new();
+    let behind = crate::domain::ops::Hlc::new();
     behind.observe(t, seen.0, seen.1);
     let (dat, dseq) = behind.tick(t, 1);
     let del = LoggedOp { id: 1, at: dat, op: Op::DeleteItem { item: k, seq: dseq } };
@@ -126,7 +125,7 @@ fn a_delete_from_a_clock_behind_still_follows_the_upsert_it_saw() {
         assert!(r.brief(k, BriefWants::default()).unwrap().deleted, "the delete wins");
     }
     // Without observing, the node behind stamps a version below the upsert's: it loses.
-    let (lat, lseq) = crate::ingest::ops::Hlc::new().tick(t, 1);
+    let (lat, lseq) = crate::domain::ops::Hlc::new().tick(t, 1);
     assert!((lat, lseq) < (at, seq));
 }
 
