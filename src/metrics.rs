@@ -138,6 +138,18 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Ops this coordinator keeps on disk for one peer that did not take them (bounded per peer)",
     ),
     (
+        "recsys_partition_reads_shed_total",
+        Kind::Counter,
+        None,
+        "Reads refused at once (RESOURCE_EXHAUSTED) because too many already waited on the partition's actor, per role",
+    ),
+    (
+        "recsys_partition_reads_skipped_total",
+        Kind::Counter,
+        None,
+        "Reads a partition's actor skipped because their caller had already given up (deadline passed or gone), per role",
+    ),
+    (
         "recsys_hints_refused_total",
         Kind::Counter,
         None,
@@ -357,7 +369,11 @@ fn register_zeros() {
     for r in ["feature", "generator", "scorer"] {
         counter!("recsys_actor_restarts_total", "role" => r).absolute(0);
     }
-    for k in ["kill_actor", "delay_partition", "fail_rpcs"] {
+    for r in ["feature", "generator"] {
+        counter!("recsys_partition_reads_shed_total", "role" => r).absolute(0);
+        counter!("recsys_partition_reads_skipped_total", "role" => r).absolute(0);
+    }
+    for k in ["kill_actor", "delay_partition", "fail_rpcs", "clock_offset"] {
         counter!("recsys_faults_injected_total", "kind" => k).absolute(0);
     }
     for o in ["deployed", "rejected"] {

@@ -433,6 +433,9 @@ impl Actor for GeneratorShard {
                 let _ = reply.send(res);
             }
             GeneratorMsg::Retrieve(q, reply) => {
+                if crate::supervision::caller_gone(&reply, "generator") {
+                    return Ok(());
+                }
                 let mut out = Vec::new();
                 for (g, group, limit) in &q.trending_geos {
                     out.extend(st.trending(*g, q.now, *limit).into_iter().map(|c| Candidate { group: *group, ..c }));

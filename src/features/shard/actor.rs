@@ -152,15 +152,27 @@ impl Actor for FeatureShard {
                 }
             }
             FeatureMsg::Briefs(keys, wants, reply) => {
+                if crate::supervision::caller_gone(&reply, "feature") {
+                    return Ok(());
+                }
                 let _ = reply.send(keys.iter().map(|k| st.brief(*k, wants)).collect());
             }
             FeatureMsg::RecentLikes(users, reply) => {
+                if crate::supervision::caller_gone(&reply, "feature") {
+                    return Ok(());
+                }
                 let _ = reply.send(users.iter().map(|u| st.timed_likes(*u)).collect());
             }
             FeatureMsg::Profile(user, reply) => {
+                if crate::supervision::caller_gone(&reply, "feature") {
+                    return Ok(());
+                }
                 let _ = reply.send(st.snapshot(user));
             }
             FeatureMsg::Hydrate { keys, feats, user_emb, now, reply } => {
+                if crate::supervision::caller_gone(&reply, "feature") {
+                    return Ok(());
+                }
                 let briefs = keys.iter().map(|k| st.brief(*k, BriefWants::default())).collect();
                 let _ = reply.send((briefs, st.item_features(&keys, &feats, &user_emb, now)));
             }
