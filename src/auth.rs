@@ -1,8 +1,8 @@
 //! Who may call what. Two credentials, both optional (a laptop cluster runs without them):
 //! - the **cluster secret** (`cluster.secret`, env `RECSYS_CLUSTER_SECRET`) guards the internal
 //!   service (`recsys.internal.v1.Internal`): a caller sends `x-recsys-auth: <unix seconds>.<hex
-//!   HMAC-SHA256(secret, "internal" ‖ from_node ‖ to_node ‖ method ‖ unix seconds ‖ SHA-256 of the
-//!   request body)>.<from_node>`, never the secret itself; a node accepts it within ±5 minutes of
+//!   SHA-256 of the request body>.<hex HMAC-SHA256(secret, "internal" ‖ from_node ‖ to_node ‖ method
+//!   ‖ unix seconds ‖ that digest)>.<from_node>`, never the secret itself; a node accepts it within ±5 minutes of
 //!   its own clock (checked in constant time), only for the method and body it was made for and
 //!   only when addressed to this node, so a captured header works neither for another method (a
 //!   Read's header as an Apply or Stream), nor with another body (a captured Apply's header
@@ -12,8 +12,9 @@
 //!   `recsys.v1.Ingest` and `recsys.v1.Admin`: `authorization: Bearer <token>`.
 //!
 //! `Recommender`, health and reflection stay open. The checks run in a tower wrapper around a
-//! generated service (`Guard`): the header's form and time before the body is read, the MAC
-//! once the (size-bounded) body is in.
+//! generated service (`Guard`): the header's form, time and MAC before the body is read (a
+//! caller without the secret makes the node read nothing), then the (size-bounded) body against
+//! the digest the MAC covers.
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -92,6 +93,8 @@ pub enum AuthError {
     NotHeaderSafe { what: &'static str },
     #[error("internal call from {node}: body larger than {MAX_INTERNAL_BODY} bytes or cut off: {reason}")]
     Body { node: String, reason: String },
+    #[error("internal call from {node}: the body is not the one its x-recsys-auth was signed for")]
+    BodyMismatch { node: String },
 }
 
 /// The env var when set and non-empty, else the config value; None when both are empty.
@@ -163,16 +166,20 @@ impl ClusterKey {
     /// The `x-recsys-auth` value `from_node` sends to `to_node` for `method` (the gRPC path,
     /// `/recsys.internal.v1.Internal/Read`) at `ts`, with a request body of digest `body`.
     pub fn header(&self, from_node: &str, to_node: &str, method: &str, ts: i64, body: &BodyDigest) -> String {
-        format!("{ts}.{}.{from_node}", hex(&self.mac(from_node, to_node, method, ts, body).finalize().into_bytes()))
+        let tag = self.mac(from_node, to_node, method, ts, body).finalize().into_bytes();
+        format!("{ts}.{}.{}.{from_node}", hex(body), hex(&tag))
     }
 
-    /// A MAC over a reply body sent to `to_node` in answer to the request of digest `request`
-    /// (metadata protocol replies).
-    pub fn sign_body(&self, to_node: &str, request: &BodyDigest, body: &[u8]) -> Vec<u8> {
+    /// A MAC over a reply body that `from_node` sends to `to_node` in answer to the request of
+    /// digest `request` (metadata protocol replies): one voter's reply cannot stand in for
+    /// another's, nor answer another request.
+    pub fn sign_body(&self, to_node: &str, from_node: &str, request: &BodyDigest, body: &[u8]) -> Vec<u8> {
         let mut m = self.keyed();
         m.update(b"reply\0");
-        m.update(to_node.as_bytes());
-        m.update(b"\0");
+        for f in [to_node, from_node] {
+            m.update(f.as_bytes());
+            m.update(b"\0");
+        }
         m.update(request);
         m.update(body);
         m.finalize().into_bytes().to_vec()
@@ -191,8 +198,8 @@ impl ClusterKey {
         hex(&m.finalize().into_bytes()[..16])
     }
 
-    pub fn verify_body(&self, to_node: &str, request: &BodyDigest, body: &[u8], tag: &[u8]) -> bool {
-        ct_eq(&self.sign_body(to_node, request, body), tag)
+    pub fn verify_body(&self, to_node: &str, from_node: &str, request: &BodyDigest, body: &[u8], tag: &[u8]) -> bool {
+        ct_eq(&self.sign_body(to_node, from_node, request, body), tag)
     }
 
     /// Checks a received `x-recsys-auth` for a call of `method` to this node (`me`) at our
@@ -206,15 +213,18 @@ impl ClusterKey {
         body: &BodyDigest,
     ) -> Result<String, AuthError> {
         let h = SignedHeader::parse(value, now)?;
-        h.verify(self, me, method, body)
+        let node = h.verify(self, me, method)?;
+        h.check_body(body)?;
+        Ok(node)
     }
 }
 
-/// A received `x-recsys-auth`, well formed and within the clock window: what can be checked
-/// before the body is read.
+/// A received `x-recsys-auth`, well formed and within the clock window: its MAC is checked
+/// before the body is read, the body against `digest` after.
 #[derive(Debug)]
 pub struct SignedHeader {
     ts: i64,
+    digest: BodyDigest,
     tag: Vec<u8>,
     pub node: String,
 }
@@ -222,12 +232,13 @@ pub struct SignedHeader {
 impl SignedHeader {
     pub fn parse(value: Option<&str>, now: i64) -> Result<Self, AuthError> {
         let v = value.ok_or(AuthError::MissingInternal)?;
-        let mut it = v.splitn(3, '.');
-        let (Some(ts), Some(tag), Some(node)) = (it.next(), it.next(), it.next()) else {
+        let mut it = v.splitn(4, '.');
+        let (Some(ts), Some(digest), Some(tag), Some(node)) = (it.next(), it.next(), it.next(), it.next()) else {
             return Err(AuthError::Malformed);
         };
         let ts: i64 = ts.parse().map_err(|_| AuthError::Malformed)?;
-        let tag = unhex(tag).ok_or(AuthError::Malformed)?;
+        let digest: BodyDigest = unhex(digest).and_then(|d| d.try_into().ok()).ok_or(AuthError::Malformed)?;
+        let tag = unhex(tag).filter(|t| t.len() == 32).ok_or(AuthError::Malformed)?;
         if node.is_empty() {
             return Err(AuthError::Malformed);
         }
@@ -235,15 +246,25 @@ impl SignedHeader {
         if skew.unsigned_abs() > MAX_SKEW_SECS as u64 {
             return Err(AuthError::Skew { node: node.to_string(), skew });
         }
-        Ok(Self { ts, tag, node: node.to_string() })
+        Ok(Self { ts, digest, tag, node: node.to_string() })
     }
 
-    /// The MAC check (constant time, by `verify_slice`); returns the caller's node id.
-    pub fn verify(&self, key: &ClusterKey, me: &str, method: &str, body: &BodyDigest) -> Result<String, AuthError> {
-        key.mac(&self.node, me, method, self.ts, body)
+    /// The MAC check (constant time, by `verify_slice`) over the header alone, the body digest
+    /// it names included; returns the caller's node id.
+    pub fn verify(&self, key: &ClusterKey, me: &str, method: &str) -> Result<String, AuthError> {
+        key.mac(&self.node, me, method, self.ts, &self.digest)
             .verify_slice(&self.tag)
             .map_err(|_| AuthError::WrongSecret { node: self.node.clone() })?;
         Ok(self.node.clone())
+    }
+
+    /// The body received is the one the MAC covers.
+    pub fn check_body(&self, body: &BodyDigest) -> Result<(), AuthError> {
+        if ct_eq(&self.digest, body) {
+            Ok(())
+        } else {
+            Err(AuthError::BodyMismatch { node: self.node.clone() })
+        }
     }
 }
 
@@ -451,21 +472,23 @@ where
         let (Some(header), Check::Internal(Some(key), me)) = (header, &*self.check) else {
             return Box::pin(inner.call(req));
         };
-        let (key, me) = (key.clone(), me.clone());
+        // The MAC first: a caller without the secret makes this node read no body at all.
+        let node = match header.verify(key, me, req.uri().path()) {
+            Ok(node) => node,
+            Err(e) => return Box::pin(async move { refuse(e) }),
+        };
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();
             let bytes = match Limited::new(body, MAX_INTERNAL_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
-                Err(e) => return refuse(AuthError::Body { node: header.node.clone(), reason: e.to_string() }),
+                Err(e) => return refuse(AuthError::Body { node, reason: e.to_string() }),
             };
             let digest = body_digest(&bytes);
-            match header.verify(&key, &me, parts.uri.path(), &digest) {
-                Ok(node) => {
-                    parts.extensions.insert(Caller { node, body: digest });
-                    inner.call(http::Request::from_parts(parts, Body::new(Full::new(bytes)))).await
-                }
-                Err(e) => refuse(e),
+            if let Err(e) = header.check_body(&digest) {
+                return refuse(e);
             }
+            parts.extensions.insert(Caller { node, body: digest });
+            inner.call(http::Request::from_parts(parts, Body::new(Full::new(bytes)))).await
         })
     }
 }
@@ -485,7 +508,7 @@ mod tests {
         assert_eq!(k.verify(Some(&h), "n2", read, now + 10, &b).unwrap(), "n1");
         assert_eq!(k.verify(None, "n2", read, now, &b), Err(AuthError::MissingInternal));
         assert_eq!(k.verify(Some("garbage"), "n2", read, now, &b), Err(AuthError::Malformed));
-        let far = format!("{}.00.n1", i64::MIN);
+        let far = format!("{}.{}.{}.n1", i64::MIN, hex(&b), "00".repeat(32));
         assert!(matches!(k.verify(Some(&far), "n2", read, now, &b), Err(AuthError::Skew { .. })));
         assert!(matches!(k.verify(Some(&h), "n2", read, now + 301, &b), Err(AuthError::Skew { .. })));
         assert!(matches!(k.verify(Some(&h), "n2", read, now - 301, &b), Err(AuthError::Skew { .. })));
@@ -501,12 +524,20 @@ mod tests {
         }
         assert!(matches!(k.verify(Some(&h), "n3", read, now, &b), Err(AuthError::WrongSecret { .. })));
         let other_body = body_digest(b"an apply's body");
-        assert!(matches!(k.verify(Some(&h), "n2", read, now, &other_body), Err(AuthError::WrongSecret { .. })));
+        assert!(matches!(k.verify(Some(&h), "n2", read, now, &other_body), Err(AuthError::BodyMismatch { .. })));
+        // A header naming another body's digest under the captured MAC fails the MAC itself.
+        let swapped = h.replacen(&hex(&b), &hex(&other_body), 1);
+        assert!(matches!(k.verify(Some(&swapped), "n2", read, now, &other_body), Err(AuthError::WrongSecret { .. })));
+        // A tag that is not a whole HMAC is malformed.
+        let short = format!("{now}.{}.ab.n1", hex(&b));
+        assert_eq!(k.verify(Some(&short), "n2", read, now, &b), Err(AuthError::Malformed));
         // A reply is bound to its receiver and to the request it answers.
-        let tag = k.sign_body("n1", &b, b"body");
-        assert!(k.verify_body("n1", &b, b"body", &tag));
-        assert!(!k.verify_body("n1", &b, b"bodY", &tag) && !k.verify_body("n3", &b, b"body", &tag));
-        assert!(!k.verify_body("n1", &other_body, b"body", &tag));
+        let tag = k.sign_body("n1", "n2", &b, b"body");
+        assert!(k.verify_body("n1", "n2", &b, b"body", &tag));
+        assert!(!k.verify_body("n1", "n2", &b, b"bodY", &tag) && !k.verify_body("n3", "n2", &b, b"body", &tag));
+        assert!(!k.verify_body("n1", "n2", &other_body, b"body", &tag));
+        // Nor can one responder's reply pass as another's.
+        assert!(!k.verify_body("n1", "n3", &b, b"body", &tag));
     }
 
     #[test]

@@ -35,7 +35,8 @@ impl Clock {
             return 0;
         }
         if since_start_ms() >= self.until_ms.load(Ordering::Acquire) {
-            self.offset_ms.store(0, Ordering::Release);
+            // Only this offset ends: a step set meanwhile stays.
+            let _ = self.offset_ms.compare_exchange(off, 0, Ordering::AcqRel, Ordering::Acquire);
             return 0;
         }
         off

@@ -138,6 +138,12 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Ops this coordinator keeps on disk for one peer that did not take them (bounded per peer)",
     ),
     (
+        "recsys_ingest_lookup_retries_total",
+        Kind::Counter,
+        None,
+        "Item lookups of a write asked again because a partition's replicas had not answered (catching up, shed)",
+    ),
+    (
         "recsys_partition_reads_shed_total",
         Kind::Counter,
         None,
@@ -360,6 +366,7 @@ fn register_zeros() {
         "recsys_gossip_rejected_total",
         "recsys_anti_entropy_partitions_compared_total",
         "recsys_hints_refused_total",
+        "recsys_ingest_lookup_retries_total",
     ] {
         counter!(c).absolute(0);
     }

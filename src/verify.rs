@@ -168,7 +168,7 @@ pub async fn metadata(nodes: &[(String, String)], secret: Option<&str>) -> Resul
         let err = |m: String| VerifyError::Node { node: node.clone(), message: m };
         let mut c = internal_client(node, addr, secret).await.map_err(err)?;
         let body = serde_json::to_vec(&MetaMsg::Read { after: 0 }).map_err(|e| err(e.to_string()))?;
-        let mut r = tonic::Request::new(pb::MetaRequest { from_node: "verify".into(), body });
+        let mut r = tonic::Request::new(pb::MetaRequest { from_node: "verify".into(), body, nonce: vec![] });
         r.set_timeout(Duration::from_secs(5));
         let reply = c.meta(r).await.map_err(|s| err(format!("Meta: {:?}: {}", s.code(), s.message())))?;
         match serde_json::from_slice::<MetaReply>(&reply.into_inner().body).map_err(|e| err(e.to_string()))? {
@@ -185,13 +185,27 @@ pub async fn metadata(nodes: &[(String, String)], secret: Option<&str>) -> Resul
         }
     }
     let mut last = 0u64;
+    let mut page_keys = 0;
     for d in longest {
-        if let Entry::Ring(r) = &d.proposal.entry {
-            if r.epoch <= last {
-                out.problems.push(format!("ring epoch {} decided again or out of order at entry {}", r.epoch, d.index));
+        match &d.proposal.entry {
+            Entry::Ring(r) => {
+                if r.epoch <= last {
+                    out.problems
+                        .push(format!("ring epoch {} decided again or out of order at entry {}", r.epoch, d.index));
+                }
+                last = r.epoch;
+                out.epochs += 1;
             }
-            last = r.epoch;
-            out.epochs += 1;
+            Entry::Addr { node, .. } if *node != d.proposal.by => {
+                out.problems.push(format!("entry {}: {} logged the address of {node}", d.index, d.proposal.by));
+            }
+            Entry::Addr { .. } => {}
+            Entry::PageKey { .. } => {
+                page_keys += 1;
+                if page_keys > 1 {
+                    out.problems.push(format!("entry {}: a second page-token key was decided", d.index));
+                }
+            }
         }
     }
     Ok(out)

@@ -32,8 +32,13 @@ const MAX_IN_FLIGHT: usize = 512;
 const FAULT_TAIL: Duration = Duration::from_secs(5);
 const COVERAGE_LIMIT: Duration = Duration::from_secs(120);
 
+/// The checkout whose `target/release/recsys`, scenarios and configs a run uses: this crate's,
+/// or `RECSYS_CHAOS_REPO` (a frozen copy, so a long run is not cut by a rebuild of the checkout).
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    match std::env::var_os("RECSYS_CHAOS_REPO") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
 }
 
 struct Args {

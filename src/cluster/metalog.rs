@@ -246,6 +246,11 @@ impl MetaLog {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// This node's id (the responder named in its signed replies).
+    pub fn node_id(&self) -> &str {
+        &self.me
+    }
+
     /// Index of the last decided entry (0: the genesis only).
     pub fn last(&self) -> u64 {
         self.lock().p.log.len() as u64
@@ -307,7 +312,10 @@ impl MetaLog {
             }
             let key: String = (0..32).map(|_| format!("{:02x}", rand::rng().random::<u8>())).collect();
             match self.propose(Entry::PageKey { key }, "page-token key", None).await {
-                Ok(_) | Err(MetaError::Conflict { .. }) => continue,
+                Ok(_) => continue,
+                // Another key won the slot: it is in the log now (learned), unless learning
+                // failed; a pause keeps that case from spinning rounds against the quorum.
+                Err(MetaError::Conflict { .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
                 Err(e) => {
                     if last_log.elapsed() > Duration::from_secs(5) {
                         tracing::warn!(error = %e, "waiting for a quorum to decide the page-token key");
@@ -491,14 +499,15 @@ impl MetaLog {
         };
         let client = self.client(node, &addr).ok_or_else(|| format!("{node}: bad address {addr}"))?;
         let body = serde_json::to_vec(&msg).map_err(|e| e.to_string())?;
-        let request = pb::MetaRequest { from_node: self.me.clone(), body };
+        let nonce: Vec<u8> = (0..16).map(|_| rand::rng().random::<u8>()).collect();
+        let request = pb::MetaRequest { from_node: self.me.clone(), body, nonce };
         // The reply's MAC covers the request it answers: an old reply cannot be replayed.
         let request_digest = crate::auth::unary_body_digest(&request);
         let mut req = tonic::Request::new(request);
         req.set_timeout(self.call_timeout);
         let reply = client.clone().meta(req).await.map_err(|s| format!("{node}: {}", s.message()))?.into_inner();
         if let Some(k) = &self.key {
-            if !k.verify_body(&self.me, &request_digest, &reply.body, &reply.mac) {
+            if !k.verify_body(&self.me, node, &request_digest, &reply.body, &reply.mac) {
                 return Err(format!("{node}: reply not signed with the cluster secret"));
             }
         }

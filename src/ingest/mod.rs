@@ -238,16 +238,25 @@ impl Writer {
     }
 
     /// Looks items up in their feature partitions (validation and the user-side update). A
-    /// partition no replica answers for fails the batch: its events cannot be checked.
+    /// partition no replica answers for is asked again a few times within the write's deadline
+    /// (a copy catching up after a start or a freeze answers a moment later); still missing, it
+    /// fails the batch: its events cannot be checked.
     async fn briefs(&self, keys: &[Key], wants: BriefWants) -> Result<KeyMap<ItemBrief>, IngestError> {
         let deadline = Instant::now() + self.timeout();
-        let (found, cov) = self.transport.briefs("ingest", keys, wants, deadline).await;
-        if let Some(p) = cov.missing.first() {
-            return Err(IngestError::Unavailable(format!(
-                "partition feature/{p}: no replica answered the item lookup of this batch"
-            )));
+        let mut attempt = 0u32;
+        loop {
+            let (found, cov) = self.transport.briefs("ingest", keys, wants, deadline).await;
+            let Some(p) = cov.missing.first() else { return Ok(found) };
+            attempt += 1;
+            let pause = Duration::from_millis(50 * u64::from(attempt));
+            if attempt >= 5 || Instant::now() + pause >= deadline {
+                return Err(IngestError::Unavailable(format!(
+                    "partition feature/{p}: no replica answered the item lookup of this batch"
+                )));
+            }
+            metrics::counter!("recsys_ingest_lookup_retries_total").increment(1);
+            tokio::time::sleep(pause).await;
         }
-        Ok(found)
     }
 
     /// Per user, the recent likes as (event time s, item), newest first.

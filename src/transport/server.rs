@@ -213,6 +213,7 @@ impl pb::internal_server::Internal for InternalService {
         let caller = req.extensions().get::<crate::auth::Caller>().cloned();
         let req = req.into_inner();
         let log = self.meta.get().ok_or_else(|| Status::unavailable("node is starting: no metadata log yet"))?.clone();
+        let me = log.node_id().to_string();
         let msg: MetaMsg = serde_json::from_slice(&req.body)
             .map_err(|e| Status::invalid_argument(format!("body: not a metadata message ({e})")))?;
         let reply = tokio::task::spawn_blocking(move || log.handle(msg))
@@ -221,7 +222,7 @@ impl pb::internal_server::Internal for InternalService {
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let body = serde_json::to_vec(&reply).map_err(|e| Status::internal(e.to_string()))?;
         let mac = match (&self.key, &caller) {
-            (Some(k), Some(c)) => k.sign_body(&c.node, &c.body, &body),
+            (Some(k), Some(c)) => k.sign_body(&c.node, &me, &c.body, &body),
             (Some(_), None) => return Err(Status::unauthenticated("metadata call without an authenticated caller")),
             (None, _) => vec![],
         };
