@@ -382,3 +382,45 @@ async fn the_minority_side_cannot_remove_a_node() {
     assert_eq!(s.ring_epoch, before.ring_epoch, "the ring did not change");
     assert!(s.nodes.iter().any(|n| n.node_id == "n1" && n.live), "{:?}", s.nodes);
 }
+
+/// Whether `node`'s address is decided in the metadata log persisted in `data_dir`.
+fn logged_addr_of(data_dir: &std::path::Path, node: &str) -> bool {
+    let Ok(bytes) = std::fs::read(data_dir.join("meta.json")) else { return false };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return false };
+    v["log"].as_array().is_some_and(|log| log.iter().any(|d| d["proposal"]["entry"]["Addr"]["node"] == node))
+}
+
+/// A node that lost its data dir must not vote again with no memory of its votes (a voter that
+/// forgot an accepted value lets a later proposer decide another in the same slot). Restarted
+/// empty, n3 would form the same genesis as before and vote; it is refused, naming the cause and
+/// the fix, whether it starts plainly or with --join, and persists no log (a second plain start
+/// is refused too). Before this check, n3 formed the genesis again and served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_data_dir_is_refused_a_vote() {
+    let mut cluster = Cluster::start("cp-lost-dir", 3, &overrides(Some("cp-lost-dir")));
+    cluster.wait_serving().await;
+    let n1_dir = cluster.dir.join("n1");
+    let end = Instant::now() + Duration::from_secs(30);
+    while !logged_addr_of(&n1_dir, "n3") {
+        assert!(Instant::now() < end, "n3's address never reached n1's metadata log");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.kill9(2);
+    let n3_dir = cluster.dir.join("n3");
+    std::fs::remove_dir_all(&n3_dir).unwrap();
+    for join in [false, true, false] {
+        if join {
+            cluster.restart_joining(2);
+        } else {
+            cluster.restart(2);
+        }
+        let line = cluster.wait_line(2, "data dir was lost or replaced", Duration::from_secs(60));
+        let line = line.unwrap_or_else(|| panic!("n3 (join: {join}) was not refused for its lost data dir"));
+        assert!(line.contains("recsys remove n3") && line.contains("--join"), "{line}");
+        let st = cluster.wait_exit(2, Duration::from_secs(30)).await;
+        assert!(!st.success(), "n3 exits with an error");
+        assert!(!n3_dir.join("meta.json").exists(), "the refused node persisted a metadata log");
+    }
+    // The others go on serving the ring they had.
+    common::wait_health(&cluster.addrs[0], Duration::from_secs(10)).await;
+}

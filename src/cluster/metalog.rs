@@ -44,6 +44,14 @@ pub enum MetaError {
     Persist { path: String, message: String },
     #[error("metadata log: {0}")]
     Invalid(String),
+    /// This node starts without a log the cluster knows it had: it may have voted, and a voter
+    /// that forgot its votes can decide two values for one slot.
+    #[error(
+        "this node `{node}` starts without a metadata log, but {peer}'s log (entry {index}) shows it had one: \
+         its data dir was lost or replaced. A node that forgot its votes must not vote again: remove it \
+         (`recsys remove {node}` through another node), then start it with an empty data dir and --join"
+    )]
+    Forgotten { node: String, peer: String, index: u64 },
 }
 
 /// One decided change.
@@ -146,7 +154,9 @@ type MetaClient = InternalClient<crate::auth::Signed<Channel>>;
 
 struct State {
     p: Persisted,
-    /// `p.genesis.digest()`, kept: every Prepare and Accept is checked against it.
+    /// The cluster's name and `p.genesis.digest()`, hashed (`genesis_digest`): every Prepare and
+    /// Accept is checked against it, so two clusters formed from equal configs never vote in
+    /// each other's logs.
     genesis_digest: String,
     /// Addresses decided in the log.
     addrs: BTreeMap<String, String>,
@@ -178,6 +188,7 @@ impl MetaLog {
     /// and no genesis yet: `open` returns None and the caller learns the log from its seeds).
     pub fn open(
         me: &str,
+        cluster: &str,
         path: &Path,
         genesis: Option<RingSpec>,
         key: Option<ClusterKey>,
@@ -193,12 +204,12 @@ impl MetaLog {
             (None, Some(g)) => Persisted { genesis: g, log: vec![], slots: BTreeMap::new() },
             (None, None) => return Ok(None),
         };
-        let log = Self::with_state(me, path, p, key);
+        let log = Self::with_state(me, cluster, path, p, key);
         log.persist()?;
         Ok(Some(log))
     }
 
-    fn with_state(me: &str, path: &Path, p: Persisted, key: Option<ClusterKey>) -> Arc<Self> {
+    fn with_state(me: &str, cluster: &str, path: &Path, p: Persisted, key: Option<ClusterKey>) -> Arc<Self> {
         let mut addrs = BTreeMap::new();
         for d in &p.log {
             if let Entry::Addr { node, addr } = &d.proposal.entry {
@@ -210,7 +221,7 @@ impl MetaLog {
         Arc::new(Self {
             me: me.to_string(),
             path: path.to_path_buf(),
-            state: Mutex::new(State { genesis_digest: p.genesis.digest(), p, addrs, max_round: 0 }),
+            state: Mutex::new(State { genesis_digest: genesis_digest(cluster, &p.genesis), p, addrs, max_round: 0 }),
             key,
             grown,
             gossip_addr: OnceLock::new(),
@@ -223,12 +234,13 @@ impl MetaLog {
     /// A log learned from a peer (a node joining with an empty data dir).
     pub fn from_learned(
         me: &str,
+        cluster: &str,
         path: &Path,
         genesis: RingSpec,
         entries: Vec<Decided>,
         key: Option<ClusterKey>,
     ) -> Result<Arc<Self>, MetaError> {
-        let log = Self::with_state(me, path, Persisted { genesis, log: vec![], slots: BTreeMap::new() }, key);
+        let log = Self::with_state(me, cluster, path, Persisted { genesis, log: vec![], slots: BTreeMap::new() }, key);
         log.learn(entries)?;
         log.persist()?;
         Ok(log)
@@ -742,11 +754,49 @@ impl MetaLog {
         }
     }
 
+    /// Before a node with no metadata log forms the genesis ring (a cluster's first start),
+    /// asks the `peers` (node id and address) that answer within the call timeout whether their
+    /// logs already hold an address this node logged: then it had a log and lost it, and it is
+    /// refused (`Forgotten`) before it persists anything or votes. Best effort: peers that do
+    /// not answer are not waited for (on a cluster's first start none may be up yet).
+    pub async fn check_not_forgotten(
+        me: &str,
+        cluster: &str,
+        genesis: &RingSpec,
+        peers: Vec<(String, String)>,
+        key: Option<ClusterKey>,
+    ) -> Result<(), MetaError> {
+        let probe = Self::with_state(
+            me,
+            cluster,
+            Path::new("/nonexistent/probe-meta.json"),
+            Persisted { genesis: genesis.clone(), log: vec![], slots: BTreeMap::new() },
+            key,
+        );
+        let calls = peers.iter().map(|(node, addr)| {
+            let probe = probe.clone();
+            async move { (node.clone(), probe.call(node, Some(addr), MetaMsg::Read { after: 0 }).await) }
+        });
+        for (peer, reply) in futures::future::join_all(calls).await {
+            let Ok(MetaReply::Log { genesis: theirs, entries, .. }) = reply else { continue };
+            if theirs != *genesis {
+                continue;
+            }
+            if let Some(d) = entries.iter().find(|d| matches!(&d.proposal.entry, Entry::Addr { node, .. } if node == me)) {
+                return Err(MetaError::Forgotten { node: me.to_string(), peer, index: d.index });
+            }
+        }
+        Ok(())
+    }
+
     /// Learns the log of the cluster this node joins from the nodes gossip shows alive
     /// (`peers()`: node id and address; with a secret those entries are signed, and the call is
     /// signed for that node id, as every internal call is).
+    /// A node the learned ring still names as a member (or a change's target) lost the log it
+    /// voted with: it is refused (`Forgotten`) before anything is persisted.
     pub async fn learn_from_peers(
         me: &str,
+        cluster: &str,
         path: &Path,
         peers: impl Fn() -> Vec<(String, String)>,
         key: Option<ClusterKey>,
@@ -754,6 +804,7 @@ impl MetaLog {
         // A placeholder log to make the calls with (its genesis is replaced by the seed's).
         let probe = Self::with_state(
             me,
+            cluster,
             path,
             Persisted { genesis: RingSpec::new(0, &[], 1, 1, 1), log: vec![], slots: BTreeMap::new() },
             key.clone(),
@@ -769,10 +820,14 @@ impl MetaLog {
                 match probe.call(&node, Some(&addr), MetaMsg::Read { after: 0 }).await {
                     Ok(MetaReply::Log { genesis, entries, .. }) if !genesis.members.is_empty() => {
                         tracing::info!(peer = %node, entries = entries.len(), "learned the cluster's metadata log");
-                        let (me, path, key) = (me.to_string(), path.to_path_buf(), key.clone());
+                        let ring = ring_of(&Persisted { genesis: genesis.clone(), log: entries.clone(), slots: BTreeMap::new() });
+                        if ring.members.iter().chain(ring.target.iter().flatten()).any(|m| m == me) {
+                            return Err(MetaError::Forgotten { node: me.to_string(), peer: node, index: entries.len() as u64 });
+                        }
+                        let (me, cluster, path, key) = (me.to_string(), cluster.to_string(), path.to_path_buf(), key.clone());
                         // Writing the learned log fsyncs: off the async workers.
                         return tokio::task::spawn_blocking(move || {
-                            Self::from_learned(&me, &path, genesis, entries, key)
+                            Self::from_learned(&me, &cluster, &path, genesis, entries, key)
                         })
                         .await
                         .map_err(|e| MetaError::Invalid(format!("learning stopped: {e}")))?;
@@ -847,6 +902,11 @@ enum Retry {
     Done(Result<Decided, MetaError>),
 }
 
+/// What a Prepare or Accept names its log by: the cluster's name and its genesis ring.
+fn genesis_digest(cluster: &str, genesis: &RingSpec) -> String {
+    format!("{:016x}", crate::ids::key_of(&format!("{cluster}\0{}", genesis.digest())))
+}
+
 fn ring_of(p: &Persisted) -> RingSpec {
     p.log
         .iter()
@@ -883,12 +943,15 @@ mod tests {
     fn an_acceptor_keeps_its_promises_across_restarts() {
         let d = tmp("acceptor");
         let path = d.join("meta.json");
-        let log = MetaLog::open("a", &path, Some(genesis()), None).unwrap().unwrap();
+        let log = MetaLog::open("a", "test", &path, Some(genesis()), None).unwrap().unwrap();
         let b = |r: u64, n: &str| Ballot { round: r, node: n.into() };
-        let g = genesis().digest();
-        // A proposer whose log starts from another genesis is refused outright.
-        let other = RingSpec::new(1, &["a".into(), "b".into()], 8, 2, 16).digest();
+        let g = genesis_digest("test", &genesis());
+        // A proposer whose log starts from another genesis, or from this genesis in another
+        // cluster, is refused outright.
+        let other = genesis_digest("test", &RingSpec::new(1, &["a".into(), "b".into()], 8, 2, 16));
         assert!(log.handle(MetaMsg::Prepare { genesis: other, index: 1, ballot: b(2, "b") }).is_err());
+        let elsewhere = genesis_digest("another", &genesis());
+        assert!(log.handle(MetaMsg::Prepare { genesis: elsewhere, index: 1, ballot: b(2, "b") }).is_err());
         assert!(matches!(
             log.handle(MetaMsg::Prepare { genesis: g.clone(), index: 1, ballot: b(2, "b") }).unwrap(),
             MetaReply::Promise { ok: true, .. }
@@ -899,7 +962,7 @@ mod tests {
         assert!(matches!(r, MetaReply::Accepted { ok: true, .. }));
         drop(log);
         // Restarted: a lower ballot is refused, and a higher one is told what was accepted.
-        let log = MetaLog::open("a", &path, None, None).unwrap().unwrap();
+        let log = MetaLog::open("a", "test", &path, None, None).unwrap().unwrap();
         assert!(matches!(
             log.handle(MetaMsg::Prepare { genesis: g.clone(), index: 1, ballot: b(1, "z") }).unwrap(),
             MetaReply::Promise { ok: false, .. }
@@ -919,7 +982,7 @@ mod tests {
     #[test]
     fn learning_refuses_a_different_entry_for_a_decided_slot_and_stale_epochs() {
         let d = tmp("learn");
-        let log = MetaLog::open("a", &d.join("meta.json"), Some(genesis()), None).unwrap().unwrap();
+        let log = MetaLog::open("a", "test", &d.join("meta.json"), Some(genesis()), None).unwrap().unwrap();
         assert!(log.learn(vec![Decided { index: 1, proposal: prop("drain c", 2) }]).unwrap());
         assert_eq!(log.ring().epoch, 2);
         assert!(log.learn(vec![Decided { index: 1, proposal: prop("remove b", 2) }]).is_err());
@@ -927,7 +990,7 @@ mod tests {
         // A gap is not filled from a later entry.
         assert!(!log.learn(vec![Decided { index: 5, proposal: prop("later", 9) }]).unwrap());
         assert_eq!(log.last(), 1);
-        let g = genesis().digest();
+        let g = genesis_digest("test", &genesis());
         match log
             .handle(MetaMsg::Prepare { genesis: g, index: 1, ballot: Ballot { round: 9, node: "z".into() } })
             .unwrap()
@@ -951,7 +1014,7 @@ mod tests {
     async fn a_single_voter_decides_alone_and_a_second_proposal_for_the_slot_loses() {
         let d = tmp("single");
         let g = RingSpec::new(1, &["a".into()], 8, 1, 16);
-        let log = MetaLog::open("a", &d.join("meta.json"), Some(g.clone()), None).unwrap().unwrap();
+        let log = MetaLog::open("a", "test", &d.join("meta.json"), Some(g.clone()), None).unwrap().unwrap();
         let mut next = g.clone();
         next.epoch = 2;
         let won = log.propose(Entry::Ring(next.clone()), "join b", Some(1)).await.unwrap();

@@ -259,7 +259,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let legacy = if meta_path.exists() { None } else { RingSpec::load(&table).map_err(|e| err(e.to_string()))? };
     let fresh = !meta_path.exists() && legacy.is_none() && !cfg.cluster.join;
     let mut joining = false;
-    let meta = match MetaLog::open(&me, &meta_path, legacy, cluster_key.clone()).map_err(|e| err(e.to_string()))? {
+    let meta = match MetaLog::open(&me, &cfg.cluster.name, &meta_path, legacy, cluster_key.clone()).map_err(|e| err(e.to_string()))? {
         Some(m) => {
             let _ = meta_cell.set(m.clone());
             let weak = Arc::downgrade(&membership);
@@ -277,7 +277,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
                     g.members().into_iter().filter(|m| m.live && m.node_id != g.node_id && !m.grpc_addr.is_empty());
                 live.map(|m| (m.node_id, m.grpc_addr)).collect::<Vec<_>>()
             };
-            let m = MetaLog::learn_from_peers(&me, &meta_path, peers, cluster_key.clone())
+            let m = MetaLog::learn_from_peers(&me, &cfg.cluster.name, &meta_path, peers, cluster_key.clone())
                 .await
                 .map_err(|e| err(e.to_string()))?;
             let _ = meta_cell.set(m.clone());
@@ -288,7 +288,18 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
         }
         None => {
             let g = form_ring(&cfg, &membership).await;
-            let m = MetaLog::open(&me, &meta_path, Some(g.clone()), cluster_key.clone())
+            // A node that lost its data dir must not form the genesis again and vote with no
+            // memory of its votes: asked first, the peers' logs say whether it had one.
+            let peers: Vec<(String, String)> = membership
+                .members()
+                .into_iter()
+                .filter(|m| m.live && m.node_id != me && !m.grpc_addr.is_empty())
+                .map(|m| (m.node_id, m.grpc_addr))
+                .collect();
+            MetaLog::check_not_forgotten(&me, &cfg.cluster.name, &g, peers, cluster_key.clone())
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let m = MetaLog::open(&me, &cfg.cluster.name, &meta_path, Some(g.clone()), cluster_key.clone())
                 .map_err(|e| err(e.to_string()))?
                 .ok_or_else(|| err("metadata log: no genesis".into()))?;
             let _ = meta_cell.set(m.clone());

@@ -211,6 +211,10 @@ impl Cluster {
     }
 
     fn spawn(&self, i: usize) -> Result<NodeProc, String> {
+        self.spawn_as(i, i >= self.initial)
+    }
+
+    fn spawn_as(&self, i: usize, join: bool) -> Result<NodeProc, String> {
         let seeds: Vec<&str> = self.addrs.iter().filter(|a| **a != self.addrs[i]).map(|a| a.as_str()).collect();
         let data = self.dir.join(&self.ids[i]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_recsys"))
@@ -222,7 +226,7 @@ impl Cluster {
             .arg(&data)
             .args(["--seeds", &seeds.join(","), "--initial-nodes", &self.ids[..self.initial].join(",")])
             .args(["--metrics-listen", &self.metrics[i]])
-            .args(if i >= self.initial { &["--join"][..] } else { &[][..] })
+            .args(if join { &["--join"][..] } else { &[][..] })
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -257,6 +261,17 @@ impl Cluster {
     pub fn restart(&mut self, i: usize) {
         assert!(self.nodes[i].is_none(), "node n{} still running", i + 1);
         self.nodes[i] = Some(self.spawn(i).expect("node restarts"));
+    }
+
+    /// Starts node i again on its port and data dir, with `--join`.
+    pub fn restart_joining(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node n{} still running", i + 1);
+        self.nodes[i] = Some(self.spawn_as(i, true).expect("node restarts"));
+    }
+
+    /// Output lines of node i (bounded wait) until one contains `needle`.
+    pub fn wait_line(&self, i: usize, needle: &str, limit: Duration) -> Option<String> {
+        self.nodes[i].as_ref().expect("node running").wait_line(needle, limit)
     }
 
     /// Starts one more node, n{N+1}, with `--join` (its partitions are streamed to it before it
