@@ -207,6 +207,10 @@ pub struct IngestConfig {
     /// partition; beyond it the oldest such profile is forgotten. Bounds memory under a stream of
     /// unknown ids.
     pub unknown_users_per_partition: usize,
+    /// Owners of a partition that must take a write before it is acknowledged (capped at the
+    /// partition's owner count). 1: one owner, with a durable hint on the coordinator for every
+    /// owner that did not take it (two disks when R >= 2); R: every owner, no hint stands in.
+    pub write_quorum: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -370,6 +374,7 @@ impl Default for IngestConfig {
             max_event_skew_ms: 300_000,
             max_event_age_ms: 30 * 86_400_000,
             unknown_users_per_partition: 1000,
+            write_quorum: 1,
         }
     }
 }
@@ -488,6 +493,15 @@ impl Config {
         }
         if self.ingest.unknown_users_per_partition > 1_000_000 {
             return bad("ingest.unknown_users_per_partition", "must be at most 1000000");
+        }
+        if self.ingest.write_quorum == 0 || self.ingest.write_quorum > self.cluster.replication_factor as usize {
+            return Err(ConfigError::Invalid {
+                key: "ingest.write_quorum".into(),
+                message: format!(
+                    "is {}; must be in 1..=cluster.replication_factor ({})",
+                    self.ingest.write_quorum, self.cluster.replication_factor
+                ),
+            });
         }
         if self.ingest.max_batch == 0 {
             return bad("ingest.max_batch", "must be at least 1");
@@ -636,6 +650,8 @@ mod tests {
             ("[ingest]\nreplica_timeout_ms = 0\n", "ingest.replica_timeout_ms", "0 is below 1"),
             ("[scoring]\nqueue_per_scorer = 0\n", "scoring.queue_per_scorer", "0 is below 1"),
             ("[filters]\nseen_bloom_fp_rate = 1.5\n", "filters.seen_bloom_fp_rate", "1.5 is outside"),
+            ("[ingest]\nwrite_quorum = 3\n", "ingest.write_quorum", "is 3; must be in 1..=cluster.replication_factor (2)"),
+            ("[ingest]\nwrite_quorum = 0\n", "ingest.write_quorum", "is 0"),
         ];
         let dir = std::env::temp_dir().join(format!("recsys-cfg-limits-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -649,6 +665,7 @@ mod tests {
             assert!(err.contains(key) && err.contains(value), "{text}: {err}");
         }
         assert!(load("[serving]\nmax_in_flight = 1\n").is_ok());
+        assert!(load("[ingest]\nwrite_quorum = 2\n").is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -424,3 +424,42 @@ async fn a_node_that_lost_its_data_dir_is_refused_a_vote() {
     // The others go on serving the ring they had.
     common::wait_health(&cluster.addrs[0], Duration::from_secs(10)).await;
 }
+
+/// `ingest.write_quorum = 2` with R = 2: a write is acknowledged only when both owners of each
+/// partition took it; no hint stands in. With n1 frozen and seen down, a batch touching its
+/// partitions is refused (UNAVAILABLE naming the partition and the setting); once n1 is back
+/// the same batch is acknowledged and every copy holds it (read-only check). With the default
+/// (1) the same situation acknowledges on one owner plus a durable hint (the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_quorum_of_two_refuses_what_one_owner_alone_took() {
+    let cluster = Cluster::start("dp-write-quorum", 3, &format!("{}write_quorum = 2\n", overrides(None)));
+    cluster.wait_serving().await;
+    let world = Arc::new(World::generate(synthetic_spec(43, 1000, 100, 2000)));
+    load_world(recsys::cli::connect(&cluster.addrs[2]).await.unwrap(), world.clone(), 2000, true).await.unwrap();
+    cluster.signal(0, "STOP");
+    let end = Instant::now() + Duration::from_secs(30);
+    while status(&cluster.addrs[2]).await.nodes.iter().any(|n| n.node_id == "n1" && n.live) {
+        assert!(Instant::now() < end, "n3 never saw n1 down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ing = IngestClient::new(recsys::cli::connect(&cluster.addrs[2]).await.unwrap());
+    let evs = common::ledger_events(&world, "dp-write-quorum", 0);
+    let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
+    r.set_timeout(Duration::from_secs(10));
+    let e = ing.log_events(r).await.expect_err("one owner alone must not acknowledge with write_quorum = 2");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("write_quorum") && e.message().contains("partition"), "{}", e.message());
+    cluster.signal(0, "CONT");
+    let end = Instant::now() + Duration::from_secs(30);
+    while !status(&cluster.addrs[2]).await.nodes.iter().any(|n| n.node_id == "n1" && n.live) {
+        assert!(Instant::now() < end, "n3 never saw n1 back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
+    r.set_timeout(Duration::from_secs(10));
+    ing.log_events(r).await.expect("both owners up: acknowledged");
+    let nodes: Vec<(String, String)> = cluster.ids.iter().cloned().zip(cluster.addrs.iter().cloned()).collect();
+    let check = recsys::verify::ledger(&nodes, evs.iter(), PARTITIONS, 2, None).await.unwrap();
+    assert_eq!(check.missing, 0, "{:?}", check.problems.iter().take(3).collect::<Vec<_>>());
+    assert!(check.problems.is_empty(), "{:?}", check.problems.iter().take(3).collect::<Vec<_>>());
+}

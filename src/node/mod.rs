@@ -413,6 +413,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             .map_err(|e| err(e.to_string()))?
             .with_cluster_key(cluster_key)
             .with_meta(meta.clone())
+            .with_write_quorum(cfg.ingest.write_quorum)
             .with_hedging(cfg.serving.hedge_max_ratio, Duration::from_millis(cfg.serving.hedge_min_delay_ms)),
     );
     let _ = handles.transport.set(transport.clone());

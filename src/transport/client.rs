@@ -38,6 +38,9 @@ pub struct Transport {
     pub hedge: super::hedge::Policy,
     /// The metadata log: where each member runs (gossip's address only for nodes it lacks).
     meta: std::sync::OnceLock<Arc<crate::cluster::metalog::MetaLog>>,
+    /// Owners of a partition that must take a write before it is acknowledged
+    /// (`ingest.write_quorum`; hints stand in for the others).
+    pub write_quorum: usize,
 }
 
 pub enum NodeClient<'a> {
@@ -74,7 +77,14 @@ impl Transport {
             auth: InternalAuth::none(),
             hedge: super::hedge::Policy::new(0.05, Duration::from_millis(2)),
             meta: std::sync::OnceLock::new(),
+            write_quorum: 1,
         })
+    }
+
+    /// Owners that must take a write before it is acknowledged (`ingest.write_quorum`).
+    pub fn with_write_quorum(mut self, w: usize) -> Self {
+        self.write_quorum = w.max(1);
+        self
     }
 
     pub fn with_meta(self, meta: Arc<crate::cluster::metalog::MetaLog>) -> Self {

@@ -325,10 +325,10 @@ impl Transport {
     }
 
     /// Sends each partition's ops to every replica that takes writes. Per partition, the result
-    /// is durable on every replica that answered and on at least one, and every owner that did
-    /// not take it (down, or it failed) has a durable hint on this node: an acknowledged write
-    /// is on two disks when R >= 2. `new` says per op whether any replica had not seen it before
-    /// (false on all: a retried duplicate).
+    /// is durable on every replica that answered and on at least `write_quorum` of them (capped at
+    /// the owner count), and every owner that did not take it (down, or it failed) has a durable
+    /// hint on this node: an acknowledged write is on two disks when R >= 2. `new` says per op
+    /// whether any replica had not seen it before (false on all: a retried duplicate).
     pub async fn write(&self, plan: Plan, timeout: Duration) -> Result<WriteResult, WriteError> {
         let mut by_node: BTreeMap<String, NodeOps> = BTreeMap::new();
         let mut state: BTreeMap<Part, PartWrite> = BTreeMap::new();
@@ -352,7 +352,8 @@ impl Transport {
                 by_node.entry(t.clone()).or_default().push((part, ops.clone()));
             }
             owed.extend(down.into_iter().map(|d| (d.clone(), part, ops.clone())));
-            state.insert(part, PartWrite { new: vec![false; n], ok: 0, errors: vec![] });
+            let need = self.write_quorum.min(owners.len()).max(1) as u32;
+            state.insert(part, PartWrite { new: vec![false; n], ok: 0, need, errors: vec![] });
         }
         let calls = by_node.into_iter().map(|(node, asks)| async move {
             let parts: Vec<(Part, Arc<Vec<LoggedOp>>)> = asks.iter().map(|(p, o)| (*p, o.clone())).collect();
@@ -406,9 +407,17 @@ impl Transport {
             metrics::counter!("recsys_replica_write_failures_total").increment(u64::from(replica_failures));
         }
         let mut new = BTreeMap::new();
+        let mut short = None;
         for (part, s) in state {
             if s.ok == 0 {
                 return Err(WriteError::Unavailable { part, reason: s.errors.join("; ") });
+            }
+            if s.ok < s.need {
+                let why = if s.errors.is_empty() { "the others are down".to_string() } else { s.errors.join("; ") };
+                short = short.or(Some((
+                    part,
+                    format!("{} of the {} owners ingest.write_quorum asks for took the write ({why})", s.ok, s.need),
+                )));
             }
             new.insert(part, s.new);
         }
@@ -438,6 +447,11 @@ impl Transport {
                 .await
                 .map_err(|e| WriteError::Unavailable { part: first, reason: format!("flushing hints: {e}") })?;
         }
+        // Not acknowledged, but what owners took stays (a retry of the same events is a no-op
+        // there) and the others' hints are kept: replicas converge either way.
+        if let Some((part, reason)) = short {
+            return Err(WriteError::Unavailable { part, reason });
+        }
         Ok(WriteResult { new, flush_micros, replica_failures })
     }
 }
@@ -451,6 +465,8 @@ type NodeOps = Vec<(Part, Arc<Vec<LoggedOp>>)>;
 struct PartWrite {
     new: Vec<bool>,
     ok: u32,
+    /// Owners that must take it (`write_quorum`, capped at the owner count).
+    need: u32,
     errors: Vec<String>,
 }
 
