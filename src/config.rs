@@ -650,7 +650,11 @@ mod tests {
             ("[ingest]\nreplica_timeout_ms = 0\n", "ingest.replica_timeout_ms", "0 is below 1"),
             ("[scoring]\nqueue_per_scorer = 0\n", "scoring.queue_per_scorer", "0 is below 1"),
             ("[filters]\nseen_bloom_fp_rate = 1.5\n", "filters.seen_bloom_fp_rate", "1.5 is outside"),
-            ("[ingest]\nwrite_quorum = 3\n", "ingest.write_quorum", "is 3; must be in 1..=cluster.replication_factor (2)"),
+            (
+                "[ingest]\nwrite_quorum = 3\n",
+                "ingest.write_quorum",
+                "is 3; must be in 1..=cluster.replication_factor (2)",
+            ),
             ("[ingest]\nwrite_quorum = 0\n", "ingest.write_quorum", "is 0"),
         ];
         let dir = std::env::temp_dir().join(format!("recsys-cfg-limits-{}", std::process::id()));

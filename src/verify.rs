@@ -2,7 +2,8 @@
 //! lost"): each copy of a partition is asked, read-only (`Internal.Holds`), which op ids it holds.
 //! Nothing is written or re-sent, so a check can fail: a repair (anti-entropy, a re-sent ledger)
 //! would make the copies agree and hide a loss. Op ids are content-addressed by the write path,
-//! so two copies holding the same ids hold the same ops.
+//! so two copies holding the same ids hold the same ops; copies holding the same ops are then
+//! compared by a hash of their whole state (`Internal.StateHashes`).
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -75,6 +76,53 @@ pub async fn copies(
     Ok(out)
 }
 
+/// A hash of the whole state of each copy of `parts` each node holds (`Internal.StateHashes`,
+/// read-only). A node without a copy answers "not open" and is left out.
+pub async fn state_hashes(
+    nodes: &[(String, String)],
+    parts: &[Part],
+    secret: Option<&str>,
+) -> Result<BTreeMap<Part, Vec<(String, [u8; 32])>>, VerifyError> {
+    let mut out: BTreeMap<Part, Vec<(String, [u8; 32])>> = BTreeMap::new();
+    for (node, addr) in nodes {
+        let err = |m: String| VerifyError::Node { node: node.clone(), message: m };
+        let mut c = internal_client(node, addr, secret).await.map_err(err)?;
+        let asks = parts
+            .iter()
+            .map(|p| pb::PartitionAsk { role: p.role as u32, partition: p.partition, body: vec![] })
+            .collect();
+        let env = pb::Envelope { from_node: "verify".into(), epoch: 0, digest: String::new(), deadline_ms: 20_000 };
+        let mut r = tonic::Request::new(pb::DigestsRequest { envelope: Some(env), asks });
+        r.set_timeout(Duration::from_secs(20));
+        let reply =
+            c.state_hashes(r).await.map_err(|s| err(format!("StateHashes: {:?}: {}", s.code(), s.message())))?;
+        for res in reply.into_inner().results {
+            let Some(role) = Role::from_u32(res.role) else { continue };
+            let Ok(hash) = <[u8; 32]>::try_from(res.body.as_slice()) else { continue };
+            if res.error.is_empty() {
+                out.entry(Part::new(role, res.partition)).or_default().push((node.clone(), hash));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Partitions whose copies hash differently (each with its copies' short hashes), from
+/// [`state_hashes`]: copies holding one op set must not.
+pub fn differing_states(hashes: &BTreeMap<Part, Vec<(String, [u8; 32])>>) -> Vec<String> {
+    hashes
+        .iter()
+        .filter(|(_, copies)| copies.windows(2).any(|w| w[0].1 != w[1].1))
+        .map(|(part, copies)| {
+            let each: Vec<String> = copies
+                .iter()
+                .map(|(n, h)| format!("{n}={}", h[..4].iter().map(|b| format!("{b:02x}")).collect::<String>()))
+                .collect();
+            format!("{part}: {}", each.join(" "))
+        })
+        .collect()
+}
+
 /// A read-only ledger check's result.
 #[derive(Debug, Default)]
 pub struct LedgerCheck {
@@ -126,7 +174,9 @@ pub async fn ledger<'a>(
     Ok(out)
 }
 
-/// Partitions whose copies hold different op sets (compared whole, read-only). Empty: converged.
+/// Partitions whose copies hold different op sets (compared whole, read-only), then, of those
+/// whose op sets agree, the ones whose copies' full states hash differently (one op set must
+/// give one state, whatever the order it arrived in). Empty: converged.
 pub async fn divergent(
     nodes: &[(String, String)],
     partitions: u32,
@@ -135,15 +185,23 @@ pub async fn divergent(
     let parts: Vec<Part> = Role::ALL.iter().flat_map(|r| (0..partitions).map(move |p| Part::new(*r, p))).collect();
     let held = copies(nodes, &parts, secret).await?;
     let mut out = Vec::new();
+    let mut same_ops = Vec::new();
     for (part, copies) in held {
-        if let Some((first, ids)) = copies.first() {
-            for (node, other) in &copies[1..] {
-                if other != ids {
-                    let (a, b) = (ids.difference(other).count(), other.difference(ids).count());
-                    out.push(format!("{part}: {first} has {a} ops {node} lacks, {node} has {b} {first} lacks"));
-                }
+        let Some((first, ids)) = copies.first() else { continue };
+        let before = out.len();
+        for (node, other) in &copies[1..] {
+            if other != ids {
+                let (a, b) = (ids.difference(other).count(), other.difference(ids).count());
+                out.push(format!("{part}: {first} has {a} ops {node} lacks, {node} has {b} {first} lacks"));
             }
         }
+        if out.len() == before && copies.len() > 1 {
+            same_ops.push(part);
+        }
+    }
+    if !same_ops.is_empty() {
+        let hashes = state_hashes(nodes, &same_ops, secret).await?;
+        out.extend(differing_states(&hashes).into_iter().map(|d| format!("same ops, different state: {d}")));
     }
     Ok(out)
 }
@@ -209,4 +267,21 @@ pub async fn metadata(nodes: &[(String, String)], secret: Option<&str>) -> Resul
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_that_hash_differently_are_named() {
+        let p = Part::new(Role::Feature, 3);
+        let mut h: BTreeMap<Part, Vec<(String, [u8; 32])>> = BTreeMap::new();
+        h.insert(p, vec![("n1".into(), [1; 32]), ("n2".into(), [1; 32])]);
+        assert!(differing_states(&h).is_empty());
+        h.get_mut(&p).unwrap().push(("n3".into(), [2; 32]));
+        let d = differing_states(&h);
+        assert_eq!(d.len(), 1);
+        assert!(d[0].contains("n1=01010101") && d[0].contains("n3=02020202"), "{}", d[0]);
+    }
 }

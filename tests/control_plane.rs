@@ -462,4 +462,19 @@ async fn write_quorum_of_two_refuses_what_one_owner_alone_took() {
     let check = recsys::verify::ledger(&nodes, evs.iter(), PARTITIONS, 2, None).await.unwrap();
     assert_eq!(check.missing, 0, "{:?}", check.problems.iter().take(3).collect::<Vec<_>>());
     assert!(check.problems.is_empty(), "{:?}", check.problems.iter().take(3).collect::<Vec<_>>());
+    // The copies converge to one op set and, per partition, one full state (read-only checks).
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = recsys::verify::divergent(&nodes, PARTITIONS, None).await.unwrap();
+        if d.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < end, "copies never converged: {:?}", d.iter().take(3).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let parts: Vec<recsys::domain::Part> =
+        (0..PARTITIONS).map(|p| recsys::domain::Part::new(recsys::domain::Role::Feature, p)).collect();
+    let hashes = recsys::verify::state_hashes(&nodes, &parts, None).await.unwrap();
+    assert!(hashes.values().all(|c| c.len() == 2), "every feature partition has its two copies hashed: {hashes:?}");
+    assert!(recsys::verify::differing_states(&hashes).is_empty());
 }

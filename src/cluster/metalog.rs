@@ -782,7 +782,9 @@ impl MetaLog {
             if theirs != *genesis {
                 continue;
             }
-            if let Some(d) = entries.iter().find(|d| matches!(&d.proposal.entry, Entry::Addr { node, .. } if node == me)) {
+            if let Some(d) =
+                entries.iter().find(|d| matches!(&d.proposal.entry, Entry::Addr { node, .. } if node == me))
+            {
                 return Err(MetaError::Forgotten { node: me.to_string(), peer, index: d.index });
             }
         }
@@ -820,11 +822,20 @@ impl MetaLog {
                 match probe.call(&node, Some(&addr), MetaMsg::Read { after: 0 }).await {
                     Ok(MetaReply::Log { genesis, entries, .. }) if !genesis.members.is_empty() => {
                         tracing::info!(peer = %node, entries = entries.len(), "learned the cluster's metadata log");
-                        let ring = ring_of(&Persisted { genesis: genesis.clone(), log: entries.clone(), slots: BTreeMap::new() });
+                        let ring = ring_of(&Persisted {
+                            genesis: genesis.clone(),
+                            log: entries.clone(),
+                            slots: BTreeMap::new(),
+                        });
                         if ring.members.iter().chain(ring.target.iter().flatten()).any(|m| m == me) {
-                            return Err(MetaError::Forgotten { node: me.to_string(), peer: node, index: entries.len() as u64 });
+                            return Err(MetaError::Forgotten {
+                                node: me.to_string(),
+                                peer: node,
+                                index: entries.len() as u64,
+                            });
                         }
-                        let (me, cluster, path, key) = (me.to_string(), cluster.to_string(), path.to_path_buf(), key.clone());
+                        let (me, cluster, path, key) =
+                            (me.to_string(), cluster.to_string(), path.to_path_buf(), key.clone());
                         // Writing the learned log fsyncs: off the async workers.
                         return tokio::task::spawn_blocking(move || {
                             Self::from_learned(&me, &cluster, &path, genesis, entries, key)

@@ -364,6 +364,8 @@ pub enum GeneratorMsg {
     /// Ops to log (those not seen before) and apply; replies per op whether it was new.
     Apply(Arc<Vec<LoggedOp>>, RpcReplyPort<Result<Vec<bool>, String>>),
     Retrieve(Arc<RetrieveQuery>, RpcReplyPort<Vec<Candidate>>),
+    /// A hash of the whole partition state (`GeneratorState::state_hash`), for read-only checks.
+    StateHash(RpcReplyPort<[u8; 32]>),
     Crash,
 }
 
@@ -443,6 +445,9 @@ impl Actor for GeneratorShard {
                 out.extend(st.author_items(&q.authors, q.per_author, q.now));
                 out.extend(st.coengaged(&q.seeds, q.per_seed));
                 let _ = reply.send(out);
+            }
+            GeneratorMsg::StateHash(reply) => {
+                let _ = reply.send(st.state_hash());
             }
             GeneratorMsg::Crash => panic!("crash requested for a supervision test"),
         }

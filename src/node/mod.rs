@@ -259,7 +259,9 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let legacy = if meta_path.exists() { None } else { RingSpec::load(&table).map_err(|e| err(e.to_string()))? };
     let fresh = !meta_path.exists() && legacy.is_none() && !cfg.cluster.join;
     let mut joining = false;
-    let meta = match MetaLog::open(&me, &cfg.cluster.name, &meta_path, legacy, cluster_key.clone()).map_err(|e| err(e.to_string()))? {
+    let meta = match MetaLog::open(&me, &cfg.cluster.name, &meta_path, legacy, cluster_key.clone())
+        .map_err(|e| err(e.to_string()))?
+    {
         Some(m) => {
             let _ = meta_cell.set(m.clone());
             let weak = Arc::downgrade(&membership);

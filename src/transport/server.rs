@@ -229,6 +229,23 @@ impl pb::internal_server::Internal for InternalService {
         Ok(Response::new(pb::MetaReply { body, mac }))
     }
 
+    async fn state_hashes(&self, req: Request<pb::DigestsRequest>) -> Result<Response<pb::DigestsReply>, Status> {
+        let req = req.into_inner();
+        let (t, budget) = self.check(req.envelope.as_ref())?;
+        let parts = parts_of(&req.asks)?;
+        let timeout = budget.min(Duration::from_secs(10));
+        let calls = parts.into_iter().map(|part| {
+            let t = t.clone();
+            async move {
+                match t.local.state_hash(part, timeout).await {
+                    Ok(h) => done(part, h.to_vec()),
+                    Err(e) => failed(part, e.to_string()),
+                }
+            }
+        });
+        Ok(Response::new(pb::DigestsReply { results: futures::future::join_all(calls).await }))
+    }
+
     async fn holds(&self, req: Request<pb::DigestsRequest>) -> Result<Response<pb::DigestsReply>, Status> {
         let req = req.into_inner();
         let (t, _) = self.check(req.envelope.as_ref())?;

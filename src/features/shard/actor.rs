@@ -35,6 +35,9 @@ pub enum FeatureMsg {
     },
     /// Records held by the partition and its unknown-user bookkeeping.
     Counts(RpcReplyPort<ShardCounts>),
+    /// A hash of the whole partition state (`FeatureShardState::state_hash`), after a pending
+    /// rebuild: copies holding one op set answer the same (read-only checks compare them).
+    StateHash(RpcReplyPort<[u8; 32]>),
     /// Test hook for supervision: the handler panics, the supervisor restarts the partition.
     Crash,
 }
@@ -83,6 +86,19 @@ pub(crate) fn log_ops(
     match log {
         None => Ok(vec![true; ops.len()]),
         Some((store, part)) => tokio::task::block_in_place(|| store.append(*part, ops)).map_err(|e| e.to_string()),
+    }
+}
+
+impl FeatureActorState {
+    /// Rebuilds the state from the partition's op log. The log holds every op applied (logged
+    /// before applying): the rebuilt state is this op set's, as any replica holding it has.
+    fn rebuild(&mut self) {
+        metrics::counter!("recsys_partition_rebuilds_total").increment(1);
+        let (load, p) = (self.load.clone(), self.partition);
+        let fresh = tokio::task::block_in_place(|| load(p));
+        metrics::gauge!("recsys_unknown_users").increment(fresh.unknown_live as f64 - self.state.unknown_live as f64);
+        self.state = fresh;
+        self.rebuilt_at = Some(std::time::Instant::now());
     }
 }
 
@@ -140,15 +156,7 @@ impl Actor for FeatureShard {
                         .increment(st.unknown_evicted.saturating_sub(before.1));
                 }
                 if st.needs_rebuild() && actor.rebuilt_at.is_none_or(|t| t.elapsed() >= REBUILD_SPACING) {
-                    // The log holds every op applied (logged before applying): the rebuilt state
-                    // is this op set's, as any replica holding it has.
-                    metrics::counter!("recsys_partition_rebuilds_total").increment(1);
-                    let (load, p) = (actor.load.clone(), actor.partition);
-                    let fresh = tokio::task::block_in_place(|| load(p));
-                    metrics::gauge!("recsys_unknown_users")
-                        .increment(fresh.unknown_live as f64 - st.unknown_live as f64);
-                    *st = fresh;
-                    actor.rebuilt_at = Some(std::time::Instant::now());
+                    actor.rebuild();
                 }
             }
             FeatureMsg::Briefs(keys, wants, reply) => {
@@ -178,6 +186,12 @@ impl Actor for FeatureShard {
             }
             FeatureMsg::Counts(reply) => {
                 let _ = reply.send(st.counts());
+            }
+            FeatureMsg::StateHash(reply) => {
+                if st.needs_rebuild() {
+                    actor.rebuild();
+                }
+                let _ = reply.send(actor.state.state_hash());
             }
             FeatureMsg::Crash => panic!("crash requested for a supervision test"),
         }
