@@ -2,7 +2,8 @@
 //! (probed every 200 ms) and the errors its own calls get — never what the runner did to a node.
 //! A node whose health is not SERVING, or whose last call failed at the transport (refused,
 //! reset, timed out), is skipped for a second; when every node looks bad the calls go round all
-//! of them anyway. Calls go to every load node, the faulted ones included.
+//! of them anyway. Calls go to every load node, the faulted ones included; a call unanswered by
+//! half its deadline is hedged on another node (a client's hedging policy).
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -87,37 +88,81 @@ impl Balancer {
 }
 
 impl Balancer {
-    /// Calls `call(node, time left)` on the picked node; a call that never reached a server
-    /// (refused, reset, no answer at all) is tried once more on another node within the same
-    /// `deadline`, as gRPC clients retry transparently. The client-side wait is 3 × the deadline.
+    /// The next node to call other than `not` (the same when it is the only one).
+    fn pick_other(&self, not: usize) -> usize {
+        let n = self.channels.len();
+        (0..2 * n).map(|_| self.pick()).find(|k| *k != not).unwrap_or(not)
+    }
+
+    /// Calls `call(node, time left)` on the picked node, as a gRPC client with a hedging
+    /// policy does: when it has not answered by half the `deadline` (a frozen or cut-off node
+    /// gives no sign before then), the same call goes to another node and the first answer
+    /// wins; a call that never reached a server (refused, reset) is tried once more on another
+    /// node within the same `deadline`. The client-side wait is 3 × the deadline. Recommend is a
+    /// read, so sending it twice is safe.
     pub async fn call_twice<T, F, Fut>(&self, deadline: Duration, call: F) -> Result<Result<T, tonic::Status>, Elapsed>
     where
         F: Fn(usize, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let t = Instant::now();
-        let mut last = None;
-        for _try in 0..2 {
-            let left = deadline.saturating_sub(t.elapsed());
-            if left.is_zero() && last.is_some() {
-                break;
+        let k = self.pick();
+        let mut first = Box::pin(tokio::time::timeout(deadline * 3, call(k, deadline)));
+        let got = match tokio::time::timeout(deadline / 2, &mut first).await {
+            Ok(got) => got,
+            Err(_) => {
+                let k2 = self.pick_other(k);
+                let left = deadline.saturating_sub(t.elapsed()).max(Duration::from_millis(1));
+                let mut second = Box::pin(tokio::time::timeout(deadline * 3, call(k2, left)));
+                tokio::select! {
+                    a = &mut first => {
+                        if settled(&a) {
+                            return a;
+                        }
+                        self.failed(k);
+                        let b = second.await;
+                        if !settled(&b) {
+                            self.failed(k2);
+                        }
+                        return b;
+                    }
+                    b = &mut second => {
+                        if settled(&b) {
+                            return b;
+                        }
+                        self.failed(k2);
+                        let a = first.await;
+                        if !settled(&a) {
+                            self.failed(k);
+                        }
+                        return a;
+                    }
+                }
             }
-            let k = self.pick();
-            let got = tokio::time::timeout(deadline * 3, call(k, left.max(Duration::from_millis(1)))).await;
-            let retry = match &got {
-                Ok(Err(e)) => transport_failure(e),
-                Err(_) => true,
-                Ok(Ok(_)) => false,
-            };
-            if retry {
-                self.failed(k);
-            }
-            last = Some(got);
-            if !retry {
-                break;
-            }
+        };
+        if settled(&got) {
+            return got;
         }
-        last.expect("the first try always runs")
+        self.failed(k);
+        let left = deadline.saturating_sub(t.elapsed());
+        if left.is_zero() {
+            return got;
+        }
+        let k2 = self.pick_other(k);
+        let again = tokio::time::timeout(deadline * 3, call(k2, left)).await;
+        if !settled(&again) {
+            self.failed(k2);
+        }
+        again
+    }
+}
+
+/// A server's answer (a reply, or an error a server gave): nothing to retry elsewhere.
+fn settled<T>(r: &Result<Result<T, tonic::Status>, Elapsed>) -> bool {
+    match r {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => !transport_failure(e),
+        Err(_) => false,
     }
 }
 
