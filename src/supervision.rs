@@ -22,3 +22,35 @@ pub fn caller_gone<T>(reply: &ractor::RpcReplyPort<T>, role: &'static str) -> bo
     }
     gone
 }
+
+/// One read admitted to a partition's mailbox (bounded per partition by the transport). It
+/// travels inside the read's message and gives its slot back when the message is handled or
+/// dropped unhandled (the actor stopped), not when the caller stops waiting: the bound counts
+/// what the mailbox holds, so a slow partition's queue cannot grow behind callers that gave up.
+#[derive(Debug)]
+pub struct ReadTicket(Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>);
+
+impl ReadTicket {
+    /// A slot of the partition whose queued reads `queued` counts, or None when `max` are queued.
+    pub fn admit(queued: &std::sync::Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        if queued.fetch_add(1, Ordering::AcqRel) >= max {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(Some(queued.clone())))
+    }
+
+    /// A read outside any bound (tests, tools).
+    pub fn untracked() -> Self {
+        Self(None)
+    }
+}
+
+impl Drop for ReadTicket {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}

@@ -74,6 +74,21 @@ impl TrendRing {
         *slot = slot.saturating_add(w);
     }
 
+    /// The weights of the event hours `newest`, `newest - 1`, … `newest - 23`: all that a read at
+    /// or after the partition's newest event hour can see of this ring. A function of the op set
+    /// (hours this ring dropped or cleared lie at or before `head - 24 <= newest - 24`), where the
+    /// raw slots are not: a copy that pruned and re-created a dead ring holds other stale slots.
+    fn visible(&self, newest: u32) -> [i32; 24] {
+        let mut out = [0; 24];
+        for (k, v) in out.iter_mut().enumerate() {
+            let Some(b) = newest.checked_sub(k as u32) else { break };
+            if b <= self.head && b + 24 > self.head {
+                *v = self.slots[(b % 24) as usize];
+            }
+        }
+        out
+    }
+
     /// Window sum at `now` over `hours`, in weight units (tenths divided out).
     pub fn sum(&self, now: i64, hours: u32) -> f32 {
         let now_b = (now.max(0) / 3600) as u32;
@@ -121,10 +136,20 @@ impl GeoTrending {
         Candidate { item, group: 0, source: crate::features::SRC_TRENDING, score }
     }
 
-    /// Full rebuild for a new hour: every item's window sum, keep the best, forget items whose
-    /// whole window is empty.
+    /// The newest event hour of the geo (a function of its op set: the ring holding it is never
+    /// forgotten).
+    fn newest(&self) -> u32 {
+        self.items.values().map(|r| r.head).max().unwrap_or(0)
+    }
+
+    /// Full rebuild for a new hour: every item's window sum, keep the best, forget items with
+    /// no event in the 25 hours up to the geo's newest event. That is decided by the op set, not
+    /// by when reads came (forgetting by the wall clock made two copies of one op set differ,
+    /// which the chaos suite's state hashes caught); an hour of margin covers events dated a few
+    /// minutes ahead.
     fn rebuild(&mut self, now: i64, hours: u32) {
-        self.items.retain(|_, ring| ring.sum(now, 24) != 0.0);
+        let newest = self.newest();
+        self.items.retain(|_, ring| ring.head + 25 > newest);
         let scored: Vec<(Key, f32)> =
             self.items.iter().map(|(k, ring)| (*k, ring.sum(now, hours))).filter(|(_, s)| *s > 0.0).collect();
         self.now = Some(now);
@@ -254,7 +279,8 @@ impl GeneratorState {
     /// A hash of the whole partition state (not of the op ids: two replicas holding the same ids
     /// with different contents, or the same ops applied differently, hash differently). The
     /// trending ranking cache (`best`, `top`) is left out: it is derived from the rings for the
-    /// hour of the last request and rebuilt from them every hour.
+    /// hour of the last request and rebuilt from them every hour. Rings are hashed by what is
+    /// visible from the geo's newest event hour (`TrendRing::visible`), empty ones not at all.
     pub fn state_hash(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
@@ -262,14 +288,20 @@ impl GeneratorState {
         geos.sort_unstable_by_key(|(k, _)| **k);
         h.update(b"trending");
         for (geo, g) in geos {
-            let mut items: Vec<_> = g.items.iter().collect();
-            items.sort_unstable_by_key(|(k, _)| **k);
+            let newest = g.newest();
+            let mut items: Vec<(Key, [i32; 24])> = g
+                .items
+                .iter()
+                .map(|(k, r)| (*k, r.visible(newest)))
+                .filter(|(_, v)| v.iter().any(|x| *x != 0))
+                .collect();
+            items.sort_unstable_by_key(|(k, _)| *k);
             h.update(geo.to_le_bytes());
+            h.update(newest.to_le_bytes());
             h.update((items.len() as u64).to_le_bytes());
-            for (item, ring) in items {
+            for (item, slots) in items {
                 h.update(item.to_le_bytes());
-                h.update(ring.head.to_le_bytes());
-                for v in ring.slots {
+                for v in slots {
                     h.update(v.to_le_bytes());
                 }
             }
@@ -363,7 +395,8 @@ impl GeneratorState {
 pub enum GeneratorMsg {
     /// Ops to log (those not seen before) and apply; replies per op whether it was new.
     Apply(Arc<Vec<LoggedOp>>, RpcReplyPort<Result<Vec<bool>, String>>),
-    Retrieve(Arc<RetrieveQuery>, RpcReplyPort<Vec<Candidate>>),
+    /// The ticket is held until the message is handled (the partition's bounded read queue).
+    Retrieve(Arc<RetrieveQuery>, RpcReplyPort<Vec<Candidate>>, crate::supervision::ReadTicket),
     /// A hash of the whole partition state (`GeneratorState::state_hash`), for read-only checks.
     StateHash(RpcReplyPort<[u8; 32]>),
     Crash,
@@ -434,7 +467,7 @@ impl Actor for GeneratorShard {
                 }
                 let _ = reply.send(res);
             }
-            GeneratorMsg::Retrieve(q, reply) => {
+            GeneratorMsg::Retrieve(q, reply, _ticket) => {
                 if crate::supervision::caller_gone(&reply, "generator") {
                     return Ok(());
                 }
@@ -476,6 +509,31 @@ mod tests {
         let t = g.trending(1, now, 10);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].item, 11);
+    }
+
+    /// Two copies of one op set, one read days later (its rebuild forgets dead rings), the other
+    /// never read: their state hashes agree. With forgetting by the reader's clock and raw rings
+    /// in the hash they did not (a chaos run found generator copies that differed so).
+    #[test]
+    fn reads_at_any_time_leave_the_state_hash_alone() {
+        let now = 1_700_000_000;
+        let (mut a, mut b) = (st(), st());
+        for (item, ago) in [(10, 30 * 3600), (11, 20 * 3600), (12, 3600), (13, 60)] {
+            a.add_engagement(1, item, Action::Like, now - ago);
+            b.add_engagement(1, item, Action::Like, now - ago);
+        }
+        assert_eq!(a.trending(1, now + 3 * 86_400, 10).len(), 0, "nothing is trending days later");
+        assert_eq!(a.state_hash(), b.state_hash());
+        assert_eq!(b.trending(1, now, 10).len(), 3, "item 10 is outside the window at now");
+        assert_eq!(a.state_hash(), b.state_hash());
+        for g in [&mut a, &mut b] {
+            g.add_engagement(1, 10, Action::Like, now - 29 * 3600);
+            g.add_engagement(1, 14, Action::Like, now + 30);
+        }
+        assert_eq!(a.state_hash(), b.state_hash());
+        let mut c = st();
+        c.add_engagement(1, 11, Action::Like, now - 20 * 3600);
+        assert_ne!(a.state_hash(), c.state_hash(), "the hash still sees what the rings hold");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::domain::{LoggedOp, Part, Role};
 use crate::features::shard::FeatureMsg;
 use crate::generators::GeneratorMsg;
 use crate::store::Store;
+use crate::supervision::ReadTicket;
 
 /// Applying logged ops to an actor is local work; a generous bound only guards a wedged actor.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -22,32 +23,19 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// behind work whose callers may have given up: a slow partition's mailbox stays bounded.
 pub const MAX_QUEUED_READS: usize = 1024;
 
-/// Per-partition admission of reads: a count of the reads each partition's actor owes.
-struct ReadSlots(Vec<AtomicUsize>);
-
-/// One admitted read; its slot is given back when the caller is done (answered, timed out or
-/// gone).
-struct ReadSlot<'a>(&'a AtomicUsize);
-
-impl Drop for ReadSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+/// Per-partition admission of reads: a count of the reads each partition's mailbox holds. A
+/// read's `ReadTicket` travels in its message and frees the slot when the actor has handled it
+/// (or skipped it: its caller gave up), so the count is what the mailbox holds.
+struct ReadSlots(Vec<Arc<AtomicUsize>>);
 
 impl ReadSlots {
     fn new(n: usize) -> Self {
-        Self((0..n).map(|_| AtomicUsize::new(0)).collect())
+        Self((0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect())
     }
 
-    /// A slot of partition `i`, or None when `MAX_QUEUED_READS` reads wait on it already.
-    fn admit(&self, i: usize) -> Option<ReadSlot<'_>> {
-        let c = self.0.get(i)?;
-        if c.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_READS {
-            c.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(ReadSlot(c))
+    /// A slot of partition `i`, or None when `MAX_QUEUED_READS` reads are queued on it already.
+    fn admit(&self, i: usize) -> Option<ReadTicket> {
+        ReadTicket::admit(self.0.get(i)?, MAX_QUEUED_READS)
     }
 }
 
@@ -134,7 +122,7 @@ impl LocalPartitions {
             let why = if self.is_open(part) { "catching up" } else { "not open on this node" };
             return Err(CallError::Unavailable { part, reason: format!("{why} ({})", self.node_id) });
         }
-        let Some(_slot) = self.queued.admit(part.index(self.partitions)) else {
+        let Some(ticket) = self.queued.admit(part.index(self.partitions)) else {
             metrics::counter!("recsys_partition_reads_shed_total", "role" => part.role.as_str()).increment(1);
             return Err(CallError::Overloaded { part, queued: MAX_QUEUED_READS });
         };
@@ -150,23 +138,26 @@ impl LocalPartitions {
         let p = part.partition;
         match (part.role, q) {
             (Role::Feature, ReadQuery::Profile(user)) => self
-                .feature(part, timeout, move |rp| FeatureMsg::Profile(user, rp))
+                .feature(part, timeout, move |rp| FeatureMsg::Profile(user, rp, ticket))
                 .await
                 .map(|s| ReadReply::Profile(Box::new(s))),
-            (Role::Feature, ReadQuery::Briefs(keys, wants)) => {
-                self.feature(part, timeout, move |rp| FeatureMsg::Briefs(keys, wants, rp)).await.map(ReadReply::Briefs)
-            }
+            (Role::Feature, ReadQuery::Briefs(keys, wants)) => self
+                .feature(part, timeout, move |rp| FeatureMsg::Briefs(keys, wants, rp, ticket))
+                .await
+                .map(ReadReply::Briefs),
             (Role::Feature, ReadQuery::Hydrate { keys, feats, user_emb, now }) => self
-                .feature(part, timeout, move |reply| FeatureMsg::Hydrate { keys, feats, user_emb, now, reply })
+                .feature(part, timeout, move |reply| FeatureMsg::Hydrate { keys, feats, user_emb, now, reply, ticket })
                 .await
                 .map(|(b, r)| ReadReply::Hydrate(b, r)),
             (Role::Feature, ReadQuery::RecentLikes(users)) => self
-                .feature(part, timeout, move |rp| FeatureMsg::RecentLikes(users, rp))
+                .feature(part, timeout, move |rp| FeatureMsg::RecentLikes(users, rp, ticket))
                 .await
                 .map(ReadReply::RecentLikes),
             (Role::Generator, ReadQuery::Retrieve(q)) => {
                 let actor = self.generator_actor(p).ok_or_else(|| self.not_here(part))?;
-                call(&actor, part, timeout, move |rp| GeneratorMsg::Retrieve(q, rp)).await.map(ReadReply::Retrieve)
+                call(&actor, part, timeout, move |rp| GeneratorMsg::Retrieve(q, rp, ticket))
+                    .await
+                    .map(ReadReply::Retrieve)
             }
             (_, q) => Err(CallError::Unavailable {
                 part,
@@ -277,5 +268,45 @@ mod tests {
         assert_eq!(slots.0[0].load(Ordering::Acquire), 0);
         assert!(slots.admit(0).is_some());
         assert!(slots.admit(7).is_none(), "no such partition");
+    }
+
+    /// An actor that takes 300 ms per message: a read queued on it outlives its caller's wait.
+    struct Slow;
+
+    impl ractor::Actor for Slow {
+        type Msg = (RpcReplyPort<()>, ReadTicket);
+        type State = ();
+        type Arguments = ();
+        async fn pre_start(&self, _: ActorRef<Self::Msg>, _: ()) -> Result<(), ractor::ActorProcessingErr> {
+            Ok(())
+        }
+        async fn handle(
+            &self,
+            _: ActorRef<Self::Msg>,
+            (reply, _ticket): Self::Msg,
+            _: &mut (),
+        ) -> Result<(), ractor::ActorProcessingErr> {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = reply.send(());
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reads_slot_is_held_until_the_partition_handled_it_not_until_its_caller_gave_up() {
+        let slots = ReadSlots::new(1);
+        let (actor, handle) = ractor::Actor::spawn(None, Slow, ()).await.unwrap();
+        let part = Part::new(Role::Feature, 0);
+        let ticket = slots.admit(0).unwrap();
+        let r = call(&actor, part, Duration::from_millis(20), move |rp| (rp, ticket)).await;
+        assert!(matches!(r, Err(CallError::Timeout { .. })), "{r:?}");
+        assert_eq!(slots.0[0].load(Ordering::Acquire), 1, "the caller gave up, the mailbox still holds the read");
+        let end = Instant::now() + Duration::from_secs(5);
+        while slots.0[0].load(Ordering::Acquire) != 0 {
+            assert!(Instant::now() < end, "the slot was never given back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        actor.stop(None);
+        handle.await.unwrap();
     }
 }

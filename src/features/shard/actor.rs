@@ -10,6 +10,7 @@ use super::profile::UserSnapshot;
 use super::state::{FeatureShardState, ShardCounts};
 use crate::domain::{LoggedOp, Op};
 use crate::ids::Key;
+use crate::supervision::ReadTicket;
 
 pub enum FeatureMsg {
     /// Ops to log (those whose ids the partition has not seen) and apply; replies per op
@@ -17,12 +18,12 @@ pub enum FeatureMsg {
     /// them is repaired by the rebuild's replay and nothing else can interleave.
     Apply(Arc<Vec<LoggedOp>>, RpcReplyPort<Result<Vec<bool>, String>>),
     /// Item state per key, with the optional parts asked for.
-    Briefs(Vec<Key>, BriefWants, RpcReplyPort<Vec<Option<ItemBrief>>>),
+    Briefs(Vec<Key>, BriefWants, RpcReplyPort<Vec<Option<ItemBrief>>>, ReadTicket),
     /// Per user, the recent likes with their event times, flattened as
     /// `[item, ts as u64, item, ts, ...]` newest first (`timed_likes`): the write path derives an
     /// event's partners from the likes *older* than it, which a retry derives again.
-    RecentLikes(Vec<Key>, RpcReplyPort<Vec<Vec<Key>>>),
-    Profile(Key, RpcReplyPort<UserSnapshot>),
+    RecentLikes(Vec<Key>, RpcReplyPort<Vec<Vec<Key>>>, ReadTicket),
+    Profile(Key, RpcReplyPort<UserSnapshot>, ReadTicket),
     /// Item state (for the filters) and item feature rows (for the survivors) of the same keys in
     /// one call: the filter and feature stages ask the same partitions for the same candidates.
     Hydrate {
@@ -32,6 +33,8 @@ pub enum FeatureMsg {
         user_emb: Arc<[f32]>,
         now: i64,
         reply: RpcReplyPort<(Vec<Option<ItemBrief>>, ItemFeatureRows)>,
+        /// Held until this message is handled (the partition's bounded read queue).
+        ticket: ReadTicket,
     },
     /// Records held by the partition and its unknown-user bookkeeping.
     Counts(RpcReplyPort<ShardCounts>),
@@ -159,25 +162,25 @@ impl Actor for FeatureShard {
                     actor.rebuild();
                 }
             }
-            FeatureMsg::Briefs(keys, wants, reply) => {
+            FeatureMsg::Briefs(keys, wants, reply, _ticket) => {
                 if crate::supervision::caller_gone(&reply, "feature") {
                     return Ok(());
                 }
                 let _ = reply.send(keys.iter().map(|k| st.brief(*k, wants)).collect());
             }
-            FeatureMsg::RecentLikes(users, reply) => {
+            FeatureMsg::RecentLikes(users, reply, _ticket) => {
                 if crate::supervision::caller_gone(&reply, "feature") {
                     return Ok(());
                 }
                 let _ = reply.send(users.iter().map(|u| st.timed_likes(*u)).collect());
             }
-            FeatureMsg::Profile(user, reply) => {
+            FeatureMsg::Profile(user, reply, _ticket) => {
                 if crate::supervision::caller_gone(&reply, "feature") {
                     return Ok(());
                 }
                 let _ = reply.send(st.snapshot(user));
             }
-            FeatureMsg::Hydrate { keys, feats, user_emb, now, reply } => {
+            FeatureMsg::Hydrate { keys, feats, user_emb, now, reply, ticket: _ticket } => {
                 if crate::supervision::caller_gone(&reply, "feature") {
                     return Ok(());
                 }
