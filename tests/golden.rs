@@ -204,3 +204,36 @@ async fn a_fixed_world_is_served_as_recorded() {
         differ.join("\n")
     );
 }
+
+/// Measurement, not a check: p50/p99 of the retrieval and filtering stages and of the whole
+/// request over the same fixed world (`cargo test --release --test golden stage_timings --
+/// --ignored --nocapture`), for before/after comparisons of the stage code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn stage_timings() {
+    let spec =
+        |events| WorldSpec { seed: 5, items: 1200, users: 120, events, topics: 20, emb_dim: 8, now: PINNED_SECS };
+    let world = World::generate(spec(0));
+    let dir = common::temp_dir("golden-timings");
+    let p = pipeline(&dir, &world, &World::generate(spec(12_000))).await;
+    let mut per_stage: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for round in 0..30 {
+        for u in world.users.iter().take(40) {
+            pin_clock();
+            let t = std::time::Instant::now();
+            let r = p.recommend(request(&u.id, "", ""), Duration::from_secs(5)).await.unwrap();
+            if round < 5 {
+                continue; // warm-up
+            }
+            per_stage.entry("total").or_default().push(t.elapsed().as_secs_f64() * 1e6);
+            for (stage, d) in &r.timings {
+                per_stage.entry(stage).or_default().push(d.as_secs_f64() * 1e6);
+            }
+        }
+    }
+    for (stage, mut v) in per_stage {
+        v.sort_by(f64::total_cmp);
+        let q = |f: f64| v[((v.len() - 1) as f64 * f) as usize];
+        println!("{stage:>10}: p50 {:7.0} µs  p99 {:7.0} µs  (n={})", q(0.5), q(0.99), v.len());
+    }
+}
