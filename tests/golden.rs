@@ -134,7 +134,7 @@ fn record(r: &recsys::pipeline::Reply) -> serde_json::Value {
                 "{rank} {} {} [{}] {}",
                 s.item,
                 s.author,
-                recsys::features::source_names(s.sources).join(","),
+                recsys::pipeline::source_names(s.sources).join(","),
                 s.scored_by
             )
         })
