@@ -150,6 +150,15 @@ pub struct RetrievalConfig {
 pub struct FilterConfig {
     pub seen_bloom_capacity: usize,
     pub seen_bloom_fp_rate: f64,
+    /// A topic is hidden from a user after this many of their hides of its items (0: never).
+    pub hide_topic_after: u32,
+    /// An author is hidden from a user after this many of their hides of the author's items
+    /// (0: never).
+    pub hide_author_after: u32,
+    /// An item is removed as reported/spam when reports / impressions reaches this rate ...
+    pub report_rate_threshold: f64,
+    /// ... and it has at least this many reports (0: the report filter is off).
+    pub report_min_reports: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -338,7 +347,14 @@ impl Default for RetrievalConfig {
 }
 impl Default for FilterConfig {
     fn default() -> Self {
-        Self { seen_bloom_capacity: 2048, seen_bloom_fp_rate: 0.01 }
+        Self {
+            seen_bloom_capacity: 2048,
+            seen_bloom_fp_rate: 0.01,
+            hide_topic_after: 3,
+            hide_author_after: 2,
+            report_rate_threshold: 0.05,
+            report_min_reports: 3,
+        }
     }
 }
 impl Default for ScoringConfig {
@@ -580,6 +596,13 @@ impl Config {
                 message: format!("{fp} is outside (0, 1)"),
             });
         }
+        let rate = self.filters.report_rate_threshold;
+        if !(rate > 0.0 && rate <= 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "filters.report_rate_threshold".into(),
+                message: format!("{rate} is outside (0, 1]"),
+            });
+        }
         Ok(())
     }
 }
@@ -636,6 +659,7 @@ mod tests {
             ("[ingest]\nreplica_timeout_ms = 0\n", "ingest.replica_timeout_ms", "0 is below 1"),
             ("[scoring]\nqueue_per_scorer = 0\n", "scoring.queue_per_scorer", "0 is below 1"),
             ("[filters]\nseen_bloom_fp_rate = 1.5\n", "filters.seen_bloom_fp_rate", "1.5 is outside"),
+            ("[filters]\nreport_rate_threshold = 0.0\n", "filters.report_rate_threshold", "0 is outside"),
         ];
         let dir = std::env::temp_dir().join(format!("recsys-cfg-limits-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

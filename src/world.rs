@@ -86,6 +86,8 @@ impl World {
                 created_at: spec.now - age,
                 embedding: emb,
                 deleted: false,
+                allowed_regions: vec![],
+                blocked_regions: vec![],
             });
         }
         let mut users = Vec::with_capacity(spec.users);
@@ -124,6 +126,7 @@ impl World {
                 signup_at: spec.now - rng.random_range(86_400..400 * 86_400),
                 follows,
                 blocked_authors: blocked,
+                hidden_topics: vec![],
             });
             prefs.push(p);
         }

@@ -164,6 +164,9 @@ mod tests {
             embedding: None,
             names: None,
             version: (0, 0),
+            regions: None,
+            impressions: 0,
+            reports: 0,
         }
     }
 

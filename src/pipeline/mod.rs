@@ -197,6 +197,9 @@ impl Pipeline {
         if r.geo.len() > 64 {
             return bad("context.geo: longer than 64 bytes".into());
         }
+        if r.geo.chars().any(char::is_control) {
+            return bad("context.geo: must not contain control characters".into());
+        }
         if r.k == 0 {
             return bad("k: must be at least 1".into());
         }
@@ -300,8 +303,11 @@ impl Pipeline {
 
         let t = Instant::now();
         let ranking_deadline = budget.until(5).max(Instant::now() + Duration::from_millis(2));
-        let (ranked, relaxed, kept_rows) =
-            self.rank(scored, &rows, ranking_deadline, &mut cov).instrument(tracing::info_span!("ranking")).await;
+        let region = filters::geo_licence::region(geo);
+        let (ranked, relaxed, kept_rows) = self
+            .rank(scored, &rows, region, ranking_deadline, &mut cov)
+            .instrument(tracing::info_span!("ranking"))
+            .await;
         record_stage(&mut timings, "ranking", t);
 
         let (v1, v2, head_names) = match scorers.manifest.as_ref() {
@@ -318,6 +324,7 @@ impl Pipeline {
             head_names: head_names.clone(),
             created: Instant::now(),
             features: kept_rows,
+            region,
         });
         let end = r.k.min(list.items.len());
         let items: Vec<(u32, Scored)> =

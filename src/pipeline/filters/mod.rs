@@ -3,7 +3,11 @@
 //! one, `unverified`, removes those), so each removal is counted by one filter.
 mod blocked_author;
 mod deleted;
+pub mod geo_licence;
+mod hidden_author;
+mod hidden_topic;
 mod out_of_stock;
+pub mod reported;
 mod seen;
 mod unverified;
 
@@ -13,6 +17,10 @@ pub static FILTERS: &[&dyn Filter] = &[
     &seen::Seen,
     &deleted::Deleted,
     &out_of_stock::OutOfStock,
+    &geo_licence::GeoLicence,
     &blocked_author::BlockedAuthor,
+    &hidden_topic::HiddenTopic,
+    &hidden_author::HiddenAuthor,
+    &reported::Reported,
     &unverified::Unverified,
 ];
