@@ -140,6 +140,14 @@ pub struct RetrievalConfig {
     pub coengagement_neighbors: usize,
     /// Recent items kept per author.
     pub author_recent_items: usize,
+    /// Topic freshness: the user's top topics asked (0: the source is off) ...
+    pub topic_fresh_topics: usize,
+    /// ... for this many of each topic's newest items ...
+    pub topic_fresh_per_topic: usize,
+    /// ... of which this many are kept after the merge.
+    pub topic_fresh_limit: usize,
+    /// Newest items kept per topic in the generator partitions.
+    pub topic_recent_items: usize,
     /// The global trending list (hit by every event and request) is spread over this many
     /// generator partitions.
     pub global_trending_shards: u32,
@@ -341,6 +349,10 @@ impl Default for RetrievalConfig {
             coengagement_max_pairs_per_event: 10,
             coengagement_neighbors: 50,
             author_recent_items: 50,
+            topic_fresh_topics: 3,
+            topic_fresh_per_topic: 50,
+            topic_fresh_limit: 150,
+            topic_recent_items: 200,
             global_trending_shards: 8,
         }
     }

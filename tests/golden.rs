@@ -52,6 +52,8 @@ fn config() -> Config {
     cfg.filters.hide_topic_after = 0;
     cfg.filters.hide_author_after = 0;
     cfg.filters.report_min_reports = 0;
+    // Likewise the topic freshness source, added after the recording.
+    cfg.retrieval.topic_fresh_topics = 0;
     cfg
 }
 
@@ -151,7 +153,8 @@ fn record(r: &recsys::pipeline::Reply) -> serde_json::Value {
     let mut removed: Vec<(&str, u32)> =
         r.coverage.filter_removed.iter().copied().filter(|(f, n)| *n > 0 || !ADDED_AFTER.contains(f)).collect();
     removed.sort();
-    let mut generated: Vec<(&str, u32)> = r.coverage.generator_candidates.clone();
+    let mut generated: Vec<(&str, u32)> =
+        r.coverage.generator_candidates.iter().copied().filter(|(g, n)| *n > 0 || *g != "topic_fresh").collect();
     generated.sort();
     serde_json::json!({
         "items": items,

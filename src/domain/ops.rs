@@ -60,6 +60,12 @@ pub enum Op {
         user: UserRecord,
         seq: u32,
     },
+    /// Generator partitions: an item in its topic's freshness list.
+    TopicItem {
+        topic: u32,
+        item: Key,
+        created_at: i64,
+    },
 }
 
 /// One write to one partition, as logged: `id` makes it idempotent (a retried event maps to the

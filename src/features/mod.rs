@@ -197,6 +197,7 @@ impl FeaturePlan {
 pub const SRC_TRENDING: u8 = 1;
 pub const SRC_FOLLOWS: u8 = 2;
 pub const SRC_COENGAGED: u8 = 4;
+pub const SRC_TOPIC_FRESH: u8 = 8;
 
 #[cfg(test)]
 mod tests {

@@ -22,7 +22,12 @@ fn shard_settings(unknown_cap: usize) -> ShardSettings {
 }
 
 fn generator_settings() -> GeneratorSettings {
-    GeneratorSettings { trending_window_hours: 24, author_recent_items: 3, coengagement_neighbors: 2 }
+    GeneratorSettings {
+        trending_window_hours: 24,
+        author_recent_items: 3,
+        topic_recent_items: 3,
+        coengagement_neighbors: 2,
+    }
 }
 
 /// A replica of one partition as the node keeps it: ops deduplicated by id (the store), applied

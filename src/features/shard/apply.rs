@@ -110,7 +110,7 @@ impl FeatureShardState {
                 self.apply_item_event(*item, *action, *ts)
             }
             Op::UserEvent(e) => self.apply_user_event(e),
-            Op::AuthorItem { .. } | Op::Engagement { .. } | Op::Pair { .. } => {
+            Op::AuthorItem { .. } | Op::Engagement { .. } | Op::Pair { .. } | Op::TopicItem { .. } => {
                 debug_assert!(false, "generator op sent to a feature partition");
             }
         }

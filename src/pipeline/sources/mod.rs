@@ -2,8 +2,10 @@
 //! `SOURCES`; its index lives in the generator partitions (`crate::generators`).
 mod coengaged;
 mod follows;
+mod topic_fresh;
 mod trending;
 
 use super::components::Source;
 
-pub static SOURCES: &[&dyn Source] = &[&trending::Trending, &follows::Follows, &coengaged::Coengaged];
+pub static SOURCES: &[&dyn Source] =
+    &[&trending::Trending, &follows::Follows, &coengaged::Coengaged, &topic_fresh::TopicFresh];
