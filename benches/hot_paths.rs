@@ -42,6 +42,8 @@ fn shard_with_items(n: usize) -> FeatureShardState {
             created_at: now - (i as i64 % 86_400),
             embedding: vec![0.1; 8],
             deleted: false,
+            allowed_regions: vec![],
+            blocked_regions: vec![],
         });
         let k = recsys::ids::key_of(&format!("i{i}"));
         for j in 0..10 {

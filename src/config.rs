@@ -140,6 +140,14 @@ pub struct RetrievalConfig {
     pub coengagement_neighbors: usize,
     /// Recent items kept per author.
     pub author_recent_items: usize,
+    /// Topic freshness: the user's top topics asked (0: the source is off) ...
+    pub topic_fresh_topics: usize,
+    /// ... for this many of each topic's newest items ...
+    pub topic_fresh_per_topic: usize,
+    /// ... of which this many are kept after the merge.
+    pub topic_fresh_limit: usize,
+    /// Newest items kept per topic in the generator partitions.
+    pub topic_recent_items: usize,
     /// The global trending list (hit by every event and request) is spread over this many
     /// generator partitions.
     pub global_trending_shards: u32,
@@ -150,6 +158,15 @@ pub struct RetrievalConfig {
 pub struct FilterConfig {
     pub seen_bloom_capacity: usize,
     pub seen_bloom_fp_rate: f64,
+    /// A topic is hidden from a user after this many of their hides of its items (0: never).
+    pub hide_topic_after: u32,
+    /// An author is hidden from a user after this many of their hides of the author's items
+    /// (0: never).
+    pub hide_author_after: u32,
+    /// An item is removed as reported/spam when reports / impressions reaches this rate ...
+    pub report_rate_threshold: f64,
+    /// ... and it has at least this many reports (0: the report filter is off).
+    pub report_min_reports: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -336,13 +353,24 @@ impl Default for RetrievalConfig {
             coengagement_max_pairs_per_event: 10,
             coengagement_neighbors: 50,
             author_recent_items: 50,
+            topic_fresh_topics: 3,
+            topic_fresh_per_topic: 50,
+            topic_fresh_limit: 150,
+            topic_recent_items: 200,
             global_trending_shards: 8,
         }
     }
 }
 impl Default for FilterConfig {
     fn default() -> Self {
-        Self { seen_bloom_capacity: 2048, seen_bloom_fp_rate: 0.01 }
+        Self {
+            seen_bloom_capacity: 2048,
+            seen_bloom_fp_rate: 0.01,
+            hide_topic_after: 3,
+            hide_author_after: 2,
+            report_rate_threshold: 0.05,
+            report_min_reports: 3,
+        }
     }
 }
 impl Default for ScoringConfig {
@@ -594,6 +622,13 @@ impl Config {
                 message: format!("{fp} is outside (0, 1)"),
             });
         }
+        let rate = self.filters.report_rate_threshold;
+        if !(rate > 0.0 && rate <= 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "filters.report_rate_threshold".into(),
+                message: format!("{rate} is outside (0, 1]"),
+            });
+        }
         Ok(())
     }
 }
@@ -656,6 +691,7 @@ mod tests {
                 "is 3; must be in 1..=cluster.replication_factor (2)",
             ),
             ("[ingest]\nwrite_quorum = 0\n", "ingest.write_quorum", "is 0"),
+            ("[filters]\nreport_rate_threshold = 0.0\n", "filters.report_rate_threshold", "0 is outside"),
         ];
         let dir = std::env::temp_dir().join(format!("recsys-cfg-limits-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -47,6 +47,12 @@ pub const USER: &str = "user";
 pub const AUTHOR: &str = "author";
 pub const GEO: &str = "geo";
 pub const COENGAGED: &str = "coengaged";
+pub const TOPIC: &str = "topic";
+
+/// The index key of a topic (its number, in the `TOPIC` space).
+pub fn topic_key(topic: u32) -> Key {
+    u64::from(topic)
+}
 
 /// A stable 64-bit mix (splitmix64's finaliser): ranks for order-free sampling.
 pub(crate) fn mix(mut h: u64) -> u64 {

@@ -44,6 +44,12 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
     ("recsys_grpc_seconds", Kind::Histogram, Some(Unit::Seconds), "gRPC call latency as the server saw it, by method"),
     ("recsys_generator_candidates_total", Kind::Counter, None, "Candidates produced per generator"),
     ("recsys_filter_removed_total", Kind::Counter, None, "Candidates removed per filter"),
+    (
+        "recsys_component_failures_total",
+        Kind::Counter,
+        None,
+        "Pipeline components (sources, hydrators, filters, scorers) dropped from a request because they failed, by stage and component",
+    ),
     ("recsys_fallbacks_total", Kind::Counter, None, "Fallbacks used by requests, per kind"),
     (
         "recsys_partition_misses_total",

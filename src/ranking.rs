@@ -58,6 +58,9 @@ pub struct RankedList {
     pub created: Instant,
     /// The feature row each ranked item was scored with, for logging whichever page is served.
     pub features: Vec<Vec<f32>>,
+    /// The region (`key_of(geo)`) the list was filtered for (None: unknown); later pages are
+    /// re-filtered for it unless their request names its own.
+    pub region: Option<crate::ids::Key>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -341,6 +344,7 @@ mod tests {
                 created: Instant::now(),
                 head_names: Arc::from(Vec::new()),
                 features: vec![],
+                region: None,
             }));
         }
         assert!(c.len() <= 10);

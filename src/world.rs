@@ -29,7 +29,9 @@ pub struct World {
     pub users: Vec<UserRecord>,
     /// Hidden per-user taste (unit vector in embedding space); serving never sees it.
     pub prefs: Vec<Vec<f32>>,
-    author_topics: HashMap<String, u32>,
+    /// Ordered: events pick from it by position, and a `HashMap`'s order differs per process,
+    /// which made the same seed give another event stream in every run.
+    author_topics: std::collections::BTreeMap<String, u32>,
 }
 
 fn unit(v: &mut [f32]) {
@@ -59,7 +61,7 @@ impl World {
         let authors: Vec<(u32, &str)> = (0..n_authors)
             .map(|_| (rng.random_range(0..spec.topics), GEOS[geo_zipf.sample(&mut rng) as usize - 1]))
             .collect();
-        let mut author_topics = HashMap::new();
+        let mut author_topics = std::collections::BTreeMap::new();
         let mut items = Vec::with_capacity(spec.items);
         for i in 0..spec.items {
             let a = author_zipf.sample(&mut rng) as usize - 1;
@@ -84,6 +86,8 @@ impl World {
                 created_at: spec.now - age,
                 embedding: emb,
                 deleted: false,
+                allowed_regions: vec![],
+                blocked_regions: vec![],
             });
         }
         let mut users = Vec::with_capacity(spec.users);
@@ -122,6 +126,7 @@ impl World {
                 signup_at: spec.now - rng.random_range(86_400..400 * 86_400),
                 follows,
                 blocked_authors: blocked,
+                hidden_topics: vec![],
             });
             prefs.push(p);
         }

@@ -44,6 +44,8 @@ impl pb::ingest_server::Ingest for IngestService {
                 created_at: i.created_at,
                 embedding: i.embedding,
                 deleted: false,
+                allowed_regions: i.allowed_regions,
+                blocked_regions: i.blocked_regions,
             })
             .collect();
         Ok(reply(w.upsert_items(items).await?))
@@ -61,6 +63,7 @@ impl pb::ingest_server::Ingest for IngestService {
                 signup_at: u.signup_at,
                 follows: u.follows,
                 blocked_authors: u.blocked_authors,
+                hidden_topics: u.hidden_topics,
             })
             .collect();
         Ok(reply(w.upsert_users(users).await?))

@@ -5,7 +5,6 @@ use tonic::{Request, Response, Status};
 
 use super::pb;
 use crate::domain::quote;
-use crate::features;
 use crate::ingest::validate::{check_id, MAX_GEO_BYTES, MAX_ID_BYTES};
 use crate::pipeline::{self, Pipeline};
 
@@ -71,7 +70,7 @@ impl pb::recommender_server::Recommender for RecommenderService {
                 item_id: s.item.to_string(),
                 score: s.score,
                 rank,
-                sources: features::source_names(s.sources),
+                sources: crate::pipeline::source_names(s.sources),
                 author_id: s.author.to_string(),
                 explanation: explain.then(|| pb::Explanation {
                     stage1_score: s.stage1,

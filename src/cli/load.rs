@@ -23,6 +23,8 @@ pub fn to_pb_item(i: &ItemRecord) -> pb::Item {
         in_stock: i.in_stock,
         created_at: i.created_at,
         embedding: i.embedding.clone(),
+        allowed_regions: i.allowed_regions.clone(),
+        blocked_regions: i.blocked_regions.clone(),
     }
 }
 
@@ -33,6 +35,7 @@ pub fn to_pb_user(u: &UserRecord) -> pb::User {
         signup_at: u.signup_at,
         follows: u.follows.clone(),
         blocked_authors: u.blocked_authors.clone(),
+        hidden_topics: u.hidden_topics.clone(),
     }
 }
 

@@ -10,4 +10,4 @@ pub mod records;
 pub use input::quote;
 pub use ops::{LoggedOp, Op, Plan, UserEvent, Version};
 pub use placement::{Part, Role};
-pub use records::{Action, EventRecord, ItemRecord, UserRecord};
+pub use records::{Action, EventRecord, ItemRecord, ItemRecordV1, UserRecord, UserRecordV1};

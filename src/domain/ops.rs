@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::placement::Part;
-use super::records::{Action, ItemRecord, UserRecord};
+use super::records::{Action, ItemRecord, ItemRecordV1, UserRecord, UserRecordV1};
 use crate::ids::Key;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -15,15 +15,57 @@ pub enum Op {
     // Feature partitions. `seq` is the logical part of the coordinator's hybrid logical clock
     // (`Hlc`): records of one batch take consecutive values, so of two records for one key in one
     // batch the later one wins, and the version (`at`, `seq`, id) is a total order.
-    UpsertItem { item: ItemRecord, seq: u32 },
-    DeleteItem { item: Key, seq: u32 },
-    UpsertUser { user: UserRecord, seq: u32 },
-    ItemEvent { item: Key, action: Action, ts: i64 },
+    /// Read from logs written before items carried regions; never planned now.
+    UpsertItemV1 {
+        item: ItemRecordV1,
+        seq: u32,
+    },
+    DeleteItem {
+        item: Key,
+        seq: u32,
+    },
+    /// Read from logs written before users carried hidden topics; never planned now.
+    UpsertUserV1 {
+        user: UserRecordV1,
+        seq: u32,
+    },
+    ItemEvent {
+        item: Key,
+        action: Action,
+        ts: i64,
+    },
     UserEvent(UserEvent),
     // Generator partitions.
-    AuthorItem { author: Key, item: Key, created_at: i64 },
-    Engagement { geo: Key, item: Key, action: Action, ts: i64 },
-    Pair { a: Key, b: Key },
+    AuthorItem {
+        author: Key,
+        item: Key,
+        created_at: i64,
+    },
+    Engagement {
+        geo: Key,
+        item: Key,
+        action: Action,
+        ts: i64,
+    },
+    Pair {
+        a: Key,
+        b: Key,
+    },
+    // Appended, so the variants above keep their positions in logs written before these existed.
+    UpsertItem {
+        item: ItemRecord,
+        seq: u32,
+    },
+    UpsertUser {
+        user: UserRecord,
+        seq: u32,
+    },
+    /// Generator partitions: an item in its topic's freshness list.
+    TopicItem {
+        topic: u32,
+        item: Key,
+        created_at: i64,
+    },
 }
 
 /// One write to one partition, as logged: `id` makes it idempotent (a retried event maps to the
@@ -65,9 +107,11 @@ impl Op {
     /// The LWW version of an upsert or delete logged as `o`; None for other ops.
     pub fn version(o: &LoggedOp) -> Option<Version> {
         match &o.op {
-            Op::UpsertItem { seq, .. } | Op::DeleteItem { seq, .. } | Op::UpsertUser { seq, .. } => {
-                Some((o.at, *seq, o.id))
-            }
+            Op::UpsertItem { seq, .. }
+            | Op::UpsertItemV1 { seq, .. }
+            | Op::DeleteItem { seq, .. }
+            | Op::UpsertUser { seq, .. }
+            | Op::UpsertUserV1 { seq, .. } => Some((o.at, *seq, o.id)),
             _ => None,
         }
     }
@@ -161,6 +205,48 @@ pub static CLOCK: Hlc = Hlc::new();
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The op enum as it was before items carried regions and users hidden topics.
+    #[derive(Serialize)]
+    enum OpBefore {
+        UpsertItem { item: ItemRecordV1, seq: u32 },
+        DeleteItem { item: Key, seq: u32 },
+        UpsertUser { user: UserRecordV1, seq: u32 },
+    }
+
+    #[test]
+    fn ops_logged_before_the_new_fields_still_decode() {
+        let item = ItemRecordV1 {
+            id: "i1".into(),
+            author: "a".into(),
+            topic: 3,
+            geo: "de".into(),
+            price: 1.0,
+            quality: 0.5,
+            duration_secs: 9.0,
+            is_video: true,
+            in_stock: true,
+            created_at: 1_700_000_000,
+            embedding: vec![0.5, -0.5],
+            deleted: false,
+        };
+        let user = UserRecordV1 {
+            id: "u".into(),
+            geo: "us".into(),
+            signup_at: 5,
+            follows: vec!["a".into()],
+            blocked_authors: vec![],
+        };
+        let old = postcard::to_allocvec(&OpBefore::UpsertItem { item: item.clone(), seq: 4 }).unwrap();
+        let op: Op = postcard::from_bytes(&old).unwrap();
+        assert_eq!(op, Op::UpsertItemV1 { item: item.clone(), seq: 4 });
+        let new = ItemRecord::from(&item);
+        assert!(new.allowed_regions.is_empty() && new.blocked_regions.is_empty() && new.id == "i1");
+        let old = postcard::to_allocvec(&OpBefore::UpsertUser { user: user.clone(), seq: 1 }).unwrap();
+        assert_eq!(postcard::from_bytes::<Op>(&old).unwrap(), Op::UpsertUserV1 { user, seq: 1 });
+        let old = postcard::to_allocvec(&OpBefore::DeleteItem { item: 9, seq: 2 }).unwrap();
+        assert_eq!(postcard::from_bytes::<Op>(&old).unwrap(), Op::DeleteItem { item: 9, seq: 2 });
+    }
 
     #[test]
     fn the_clock_orders_a_batch_and_never_goes_back() {

@@ -19,6 +19,12 @@ pub struct ItemRecord {
     pub embedding: Vec<f32>,
     #[serde(default)]
     pub deleted: bool,
+    /// Geo licensing: when not empty, the item is served only to these regions (request geos).
+    #[serde(default)]
+    pub allowed_regions: Vec<String>,
+    /// Regions the item is never served to.
+    #[serde(default)]
+    pub blocked_regions: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -28,6 +34,71 @@ pub struct UserRecord {
     pub signup_at: i64,
     pub follows: Vec<String>,
     pub blocked_authors: Vec<String>,
+    /// Topics the user asked not to see.
+    #[serde(default)]
+    pub hidden_topics: Vec<u32>,
+}
+
+/// An item as logged before items carried regions: op logs written then still decode (postcard
+/// is positional, so the new fields cannot be appended to the old record).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ItemRecordV1 {
+    pub id: String,
+    pub author: String,
+    pub topic: u32,
+    pub geo: String,
+    pub price: f32,
+    pub quality: f32,
+    pub duration_secs: f32,
+    pub is_video: bool,
+    pub in_stock: bool,
+    pub created_at: i64,
+    pub embedding: Vec<f32>,
+    pub deleted: bool,
+}
+
+impl From<&ItemRecordV1> for ItemRecord {
+    fn from(v: &ItemRecordV1) -> Self {
+        Self {
+            id: v.id.clone(),
+            author: v.author.clone(),
+            topic: v.topic,
+            geo: v.geo.clone(),
+            price: v.price,
+            quality: v.quality,
+            duration_secs: v.duration_secs,
+            is_video: v.is_video,
+            in_stock: v.in_stock,
+            created_at: v.created_at,
+            embedding: v.embedding.clone(),
+            deleted: v.deleted,
+            allowed_regions: vec![],
+            blocked_regions: vec![],
+        }
+    }
+}
+
+/// A user as logged before users carried hidden topics (see `ItemRecordV1`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserRecordV1 {
+    pub id: String,
+    pub geo: String,
+    pub signup_at: i64,
+    pub follows: Vec<String>,
+    pub blocked_authors: Vec<String>,
+}
+
+impl From<&UserRecordV1> for UserRecord {
+    fn from(v: &UserRecordV1) -> Self {
+        Self {
+            id: v.id.clone(),
+            geo: v.geo.clone(),
+            signup_at: v.signup_at,
+            follows: v.follows.clone(),
+            blocked_authors: v.blocked_authors.clone(),
+            hidden_topics: vec![],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -197,20 +197,7 @@ impl FeaturePlan {
 pub const SRC_TRENDING: u8 = 1;
 pub const SRC_FOLLOWS: u8 = 2;
 pub const SRC_COENGAGED: u8 = 4;
-
-pub fn source_names(bits: u8) -> Vec<String> {
-    let mut v = Vec::new();
-    if bits & SRC_TRENDING != 0 {
-        v.push("trending".to_string());
-    }
-    if bits & SRC_FOLLOWS != 0 {
-        v.push("follows".to_string());
-    }
-    if bits & SRC_COENGAGED != 0 {
-        v.push("coengaged".to_string());
-    }
-    v
-}
+pub const SRC_TOPIC_FRESH: u8 = 8;
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,8 @@
 //! indexes for the keys hashed to it:
 //! - trending: per geo, a sliding event-time window (hourly ring) of weighted engagement per item;
 //! - follows: per author, the most recent items;
-//! - co-engagement: per item, the items most often liked by the same users (bounded neighbours).
+//! - co-engagement: per item, the items most often liked by the same users (bounded neighbours);
+//! - topic freshness: per topic, the newest items.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ pub struct Candidate {
 pub struct GeneratorSettings {
     pub trending_window_hours: u32,
     pub author_recent_items: usize,
+    pub topic_recent_items: usize,
     pub coengagement_neighbors: usize,
 }
 
@@ -210,6 +212,9 @@ pub struct GeneratorState {
     trending: KeyMap<GeoTrending>,
     /// Per author: (created_at, item), newest first, ties by item, at most `author_recent_items`.
     authors: KeyMap<Vec<(i64, Key)>>,
+    /// Per topic key (`ids::topic_key`): (created_at, item), newest first, ties by item, at most
+    /// `topic_recent_items` (the same order-free top as `authors`).
+    topics: KeyMap<Vec<(i64, Key)>>,
     /// Per item: a bottom-k sample of the pair ops naming it, by a rank derived from the op id
     /// (which covers the op's content), as (rank, partner) sorted ascending, at most
     /// `PAIR_SAMPLE_FACTOR × coengagement_neighbors`. The k smallest ranks of a set are the same
@@ -221,7 +226,13 @@ pub struct GeneratorState {
 
 impl GeneratorState {
     pub fn new(settings: GeneratorSettings) -> Self {
-        Self { settings, trending: KeyMap::default(), authors: KeyMap::default(), coengaged: KeyMap::default() }
+        Self {
+            settings,
+            trending: KeyMap::default(),
+            authors: KeyMap::default(),
+            topics: KeyMap::default(),
+            coengaged: KeyMap::default(),
+        }
     }
 
     /// Applies one logged op of this partition (live writes, catch-up and replay alike).
@@ -230,6 +241,7 @@ impl GeneratorState {
             Op::AuthorItem { author, item, created_at } => self.add_author_item(*author, *item, *created_at),
             Op::Engagement { geo, item, action, ts } => self.add_engagement(*geo, *item, *action, *ts),
             Op::Pair { a, b } => self.add_pair(*a, *b, mix(o.id)),
+            Op::TopicItem { topic, item, created_at } => self.add_topic_item(*topic, *item, *created_at),
             _ => debug_assert!(false, "feature op sent to a generator partition"),
         }
     }
@@ -246,19 +258,32 @@ impl GeneratorState {
     /// (created_at, item) descending and cut at the cap: the top of a set in a total order.
     pub fn add_author_item(&mut self, author: Key, item: Key, created_at: i64) {
         let cap = self.settings.author_recent_items;
-        let list = self.authors.entry(author).or_default();
-        if let Some(i) = list.iter().position(|(_, k)| *k == item) {
-            if list[i].0 >= created_at {
-                return;
+        newest_first(self.authors.entry(author).or_default(), cap, item, created_at);
+    }
+
+    /// An item in its topic's list: the same order-free newest-first top as the authors'.
+    pub fn add_topic_item(&mut self, topic: u32, item: Key, created_at: i64) {
+        let cap = self.settings.topic_recent_items;
+        newest_first(self.topics.entry(crate::ids::topic_key(topic)).or_default(), cap, item, created_at);
+    }
+
+    /// The newest items of each topic asked, scored by freshness like the follows source.
+    pub fn topic_items(&self, topics: &[Key], per_topic: usize, now: i64) -> Vec<Candidate> {
+        let mut out = Vec::new();
+        for t in topics {
+            if let Some(list) = self.topics.get(t) {
+                for (created, item) in list.iter().take(per_topic) {
+                    let age_h = ((now - created).max(0) as f32) / 3600.0;
+                    out.push(Candidate {
+                        item: *item,
+                        group: 0,
+                        source: crate::features::SRC_TOPIC_FRESH,
+                        score: 1.0 / (1.0 + age_h),
+                    });
+                }
             }
-            list.remove(i);
         }
-        let entry = (created_at, item);
-        let pos = list.partition_point(|e| *e > entry);
-        if pos < cap {
-            list.insert(pos, entry);
-            list.truncate(cap);
-        }
+        out
     }
 
     /// Adds one pair op to `item`'s sample: kept when its rank is among the k smallest.
@@ -314,6 +339,17 @@ impl GeneratorState {
             h.update((list.len() as u64).to_le_bytes());
             for (t, i) in list {
                 h.update(t.to_le_bytes());
+                h.update(i.to_le_bytes());
+            }
+        }
+        h.update(b"topics");
+        let mut topics: Vec<_> = self.topics.iter().collect();
+        topics.sort_unstable_by_key(|(k, _)| **k);
+        for (t, list) in topics {
+            h.update(t.to_le_bytes());
+            h.update((list.len() as u64).to_le_bytes());
+            for (c, i) in list {
+                h.update(c.to_le_bytes());
                 h.update(i.to_le_bytes());
             }
         }
@@ -392,6 +428,24 @@ impl GeneratorState {
     }
 }
 
+/// Keeps, per item, its newest `created_at` (two upserts of one item with different creation
+/// times are two ops: the newer time wins whichever arrives first), ordered by (created_at, item)
+/// descending and cut at `cap`: the top of a set in a total order.
+fn newest_first(list: &mut Vec<(i64, Key)>, cap: usize, item: Key, created_at: i64) {
+    if let Some(i) = list.iter().position(|(_, k)| *k == item) {
+        if list[i].0 >= created_at {
+            return;
+        }
+        list.remove(i);
+    }
+    let entry = (created_at, item);
+    let pos = list.partition_point(|e| *e > entry);
+    if pos < cap {
+        list.insert(pos, entry);
+        list.truncate(cap);
+    }
+}
+
 pub enum GeneratorMsg {
     /// Ops to log (those not seen before) and apply; replies per op whether it was new.
     Apply(Arc<Vec<LoggedOp>>, RpcReplyPort<Result<Vec<bool>, String>>),
@@ -413,6 +467,9 @@ pub struct RetrieveQuery {
     pub per_author: usize,
     pub seeds: Vec<Key>,
     pub per_seed: usize,
+    /// Topic keys (`ids::topic_key`) whose newest items are asked, `per_topic` of each.
+    pub topics: Vec<Key>,
+    pub per_topic: usize,
 }
 
 pub struct GeneratorArgs {
@@ -477,6 +534,7 @@ impl Actor for GeneratorShard {
                 }
                 out.extend(st.author_items(&q.authors, q.per_author, q.now));
                 out.extend(st.coengaged(&q.seeds, q.per_seed));
+                out.extend(st.topic_items(&q.topics, q.per_topic, q.now));
                 let _ = reply.send(out);
             }
             GeneratorMsg::StateHash(reply) => {
@@ -496,6 +554,7 @@ mod tests {
         GeneratorState::new(GeneratorSettings {
             trending_window_hours: 24,
             author_recent_items: 3,
+            topic_recent_items: 3,
             coengagement_neighbors: 2,
         })
     }
@@ -585,6 +644,21 @@ mod tests {
         let c = g.coengaged(&[1], 2);
         assert_eq!(c.len(), 2);
         assert_eq!((c[0].item, c[0].score), (2, 4.0));
+    }
+
+    #[test]
+    fn topic_lists_keep_the_newest_items_in_any_order() {
+        let ops = [(1, 10), (2, 30), (3, 20), (4, 40), (2, 5), (5, 40)];
+        let mut a = st();
+        let mut b = st();
+        ops.iter().for_each(|(i, t)| a.add_topic_item(7, *i, *t));
+        ops.iter().rev().for_each(|(i, t)| b.add_topic_item(7, *i, *t));
+        let items = |g: &GeneratorState| g.topic_items(&[crate::ids::topic_key(7)], 10, 50);
+        let got: Vec<Key> = items(&a).iter().map(|c| c.item).collect();
+        assert_eq!(got, vec![5, 4, 2], "newest first, ties by item, bounded at 3");
+        assert!(items(&a).iter().all(|c| c.source == crate::features::SRC_TOPIC_FRESH));
+        assert_eq!(a.state_hash(), b.state_hash(), "the same list in any order");
+        assert!(a.topic_items(&[crate::ids::topic_key(8)], 10, 50).is_empty());
     }
 
     #[test]

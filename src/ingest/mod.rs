@@ -73,6 +73,7 @@ pub fn generator_settings(cfg: &Config) -> GeneratorSettings {
     GeneratorSettings {
         trending_window_hours: cfg.retrieval.trending_window_hours,
         author_recent_items: cfg.retrieval.author_recent_items,
+        topic_recent_items: cfg.retrieval.topic_recent_items,
         coengagement_neighbors: cfg.retrieval.coengagement_neighbors,
     }
 }

@@ -83,6 +83,9 @@ impl Planner {
             // Same item, author and creation time: the same op, so repeated upserts do not grow
             // the author list; another creation time is another op (the newest wins there).
             self.push(Role::Generator, partition_of(ids::AUTHOR, a, p), event_slot(&it.id, "author", a), at, op);
+            let t = ids::topic_key(it.topic);
+            let op = Op::TopicItem { topic: it.topic, item: k, created_at: it.created_at };
+            self.push(Role::Generator, partition_of(ids::TOPIC, t, p), event_slot(&it.id, "topic", t), at, op);
         }
     }
 
@@ -164,6 +167,9 @@ mod tests {
             embedding: None,
             names: None,
             version: (0, 0),
+            regions: None,
+            impressions: 0,
+            reports: 0,
         }
     }
 

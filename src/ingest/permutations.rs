@@ -22,7 +22,12 @@ fn shard_settings(unknown_cap: usize) -> ShardSettings {
 }
 
 fn generator_settings() -> GeneratorSettings {
-    GeneratorSettings { trending_window_hours: 24, author_recent_items: 3, coengagement_neighbors: 2 }
+    GeneratorSettings {
+        trending_window_hours: 24,
+        author_recent_items: 3,
+        topic_recent_items: 3,
+        coengagement_neighbors: 2,
+    }
 }
 
 /// A replica of one partition as the node keeps it: ops deduplicated by id (the store), applied
@@ -98,6 +103,9 @@ fn op_set(seed: u64) -> BTreeMap<Part, Vec<LoggedOp>> {
         created_at: now - rng.random_range(0..5) * 3600,
         embedding: (0..3).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
         deleted: rng.random_bool(0.1),
+        // Regions and hidden topics are part of the state the hash covers.
+        allowed_regions: if rng.random_bool(0.3) { vec!["de".into()] } else { vec![] },
+        blocked_regions: if rng.random_bool(0.3) { vec!["us".into(), "fr".into()] } else { vec![] },
     };
     for _ in 0..rng.random_range(1..4) {
         // A batch: several records, sometimes two of one item (the later must win).
@@ -121,6 +129,7 @@ fn op_set(seed: u64) -> BTreeMap<Part, Vec<LoggedOp>> {
                 signup_at: now - 86_400,
                 follows: vec![format!("a{}", rng.random_range(0..3))],
                 blocked_authors: vec![],
+                hidden_topics: (0..rng.random_range(0..3)).map(|_| rng.random_range(0..4)).collect(),
             };
             let (at, seq) = clock.tick((now - rng.random_range(0..3)) * 1000, 1);
             planner.user(&rec, at, seq);
@@ -147,6 +156,9 @@ fn op_set(seed: u64) -> BTreeMap<Part, Vec<LoggedOp>> {
             embedding: Some(Arc::from((0..3).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>())),
             names: None,
             version: (0, 0),
+            regions: None,
+            impressions: 0,
+            reports: 0,
         };
         let b = brief(&mut rng);
         planner.event(&ev, &b);

@@ -15,6 +15,7 @@ pub const MAX_PRICE: f32 = 1e9;
 pub const MAX_DURATION_SECS: f32 = 86_400.0;
 pub const MAX_EMBEDDING_ABS: f32 = 1e3;
 pub const MAX_FOLLOWS: usize = 10_000;
+pub const MAX_REGIONS: usize = 256;
 
 /// One rejected record: the record and field it names, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -130,6 +131,17 @@ pub fn item(index: usize, it: &ItemRecord, lim: &Limits) -> Result<(), Rejection
     for (d, v) in it.embedding.iter().enumerate() {
         c.range(&format!("embedding[{d}]"), *v, -MAX_EMBEDDING_ABS, MAX_EMBEDDING_ABS)?;
     }
+    for (field, list) in [("allowed_regions", &it.allowed_regions), ("blocked_regions", &it.blocked_regions)] {
+        if list.len() > MAX_REGIONS {
+            return Err(c.no(field, format!("has {} entries; at most {MAX_REGIONS}", list.len())));
+        }
+        for (j, g) in list.iter().enumerate() {
+            if g.is_empty() {
+                return Err(c.no(format!("{field}[{j}]"), "must not be empty"));
+            }
+            c.geo(&format!("{field}[{j}]"), g)?;
+        }
+    }
     Ok(())
 }
 
@@ -147,6 +159,14 @@ pub fn user(index: usize, u: &UserRecord, lim: &Limits) -> Result<(), Rejection>
         }
         for (j, a) in list.iter().enumerate() {
             c.id(&format!("{field}[{j}]"), a, MAX_ID_BYTES)?;
+        }
+    }
+    if u.hidden_topics.len() > lim.topics as usize {
+        return Err(c.no("hidden_topics", format!("has {} entries; at most {}", u.hidden_topics.len(), lim.topics)));
+    }
+    for (j, t) in u.hidden_topics.iter().enumerate() {
+        if *t >= lim.topics {
+            return Err(c.no(format!("hidden_topics[{j}]"), format!("{t} is outside [0, {})", lim.topics)));
         }
     }
     Ok(())
@@ -214,9 +234,20 @@ mod tests {
         Limits { topics: 20, embedding_dim: 4, max_skew_ms: 300_000, max_age_ms: 30 * 86_400_000, now_ms: NOW }
     }
 
-    const ITEM_FIELDS: &[&str] =
-        &["item_id", "author_id", "geo", "topic", "price", "quality", "duration_secs", "created_at", "embedding"];
-    const USER_FIELDS: &[&str] = &["user_id", "geo", "signup_at", "follows", "blocked_authors"];
+    const ITEM_FIELDS: &[&str] = &[
+        "item_id",
+        "author_id",
+        "geo",
+        "topic",
+        "price",
+        "quality",
+        "duration_secs",
+        "created_at",
+        "embedding",
+        "allowed_regions",
+        "blocked_regions",
+    ];
+    const USER_FIELDS: &[&str] = &["user_id", "geo", "signup_at", "follows", "blocked_authors", "hidden_topics"];
     const EVENT_FIELDS: &[&str] = &["event_id", "user_id", "item_id", "geo", "request_id", "event_time_ms", "action"];
 
     /// The rejection names its record, index and one of the record's fields, in that order.
@@ -251,9 +282,11 @@ mod tests {
         fn any_item()(id in any_string(), author in any_string(), geo in any_string(), topic in 0u32..40,
                       price in any_f32(), quality in any_f32(), duration in any_f32(),
                       created_at in any_time_secs(),
-                      embedding in prop::collection::vec(any_f32(), 0..6)) -> ItemRecord {
+                      embedding in prop::collection::vec(any_f32(), 0..6),
+                      allowed_regions in prop::collection::vec(any_string(), 0..3),
+                      blocked_regions in prop::collection::vec(any_string(), 0..3)) -> ItemRecord {
             ItemRecord { id, author, topic, geo, price, quality, duration_secs: duration, is_video: false,
-                         in_stock: true, created_at, embedding, deleted: false }
+                         in_stock: true, created_at, embedding, deleted: false, allowed_regions, blocked_regions }
         }
     }
 
@@ -279,6 +312,8 @@ mod tests {
                     prop_assert!(it.topic < 20 && !it.id.trim().is_empty() && !it.author.trim().is_empty());
                     prop_assert!(it.embedding.is_empty() || it.embedding.len() == 4);
                     prop_assert!(it.embedding.iter().all(|v| v.is_finite()));
+                    prop_assert!(it.allowed_regions.iter().chain(&it.blocked_regions)
+                        .all(|g| !g.is_empty() && g.len() <= MAX_GEO_BYTES && !g.chars().any(char::is_control)));
                 }
                 Err(r) => prop_assert!(names_field(&r, "items", i, ITEM_FIELDS), "{r}"),
             }
@@ -300,12 +335,14 @@ mod tests {
         fn users_and_actions_rejections_name_a_field(i in 0usize..5000, id in any_string(), geo in any_string(),
                                                      signup in any_time_secs(),
                                                      follows in prop::collection::vec(any_string(), 0..4),
+                                                     hidden_topics in prop::collection::vec(0u32..40, 0..4),
                                                      raw in any::<i32>()) {
-            let u = UserRecord { id, geo, signup_at: signup, follows, blocked_authors: vec![] };
+            let u = UserRecord { id, geo, signup_at: signup, follows, blocked_authors: vec![], hidden_topics };
             if let Err(r) = user(i, &u, &lim()) {
                 prop_assert!(names_field(&r, "users", i, USER_FIELDS), "{r}");
             } else {
                 prop_assert!(u.signup_at == 0 || u.signup_at >= EARLIEST_SECS);
+                prop_assert!(u.hidden_topics.iter().all(|t| *t < 20));
             }
             match action(i, raw) {
                 Ok(_) => prop_assert!((1..=6).contains(&raw)),
@@ -329,10 +366,18 @@ mod tests {
             created_at: NOW / 1000,
             embedding: vec![],
             deleted: false,
+            allowed_regions: vec![],
+            blocked_regions: vec![],
         };
         assert_eq!(item(3, &it, &lim()).unwrap_err().to_string(), "items[3].quality: 7 is outside [0, 1]");
         it.quality = 0.5;
         it.id = "   ".into();
         assert_eq!(item(0, &it, &lim()).unwrap_err().field, "item_id");
+        it.id = "i1".into();
+        it.blocked_regions = vec!["de".into(), "x\u{7}".into()];
+        assert_eq!(
+            item(2, &it, &lim()).unwrap_err().to_string(),
+            "items[2].blocked_regions[1]: must not contain control characters"
+        );
     }
 }

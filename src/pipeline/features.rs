@@ -5,15 +5,16 @@
 use std::sync::Arc;
 
 use super::{Coverage, Pipeline, Request};
-use crate::features::shard::{ItemFeatureRows, ItemMeta, UserSnapshot};
+use crate::features::shard::{ItemBrief, ItemFeatureRows, ItemMeta, UserSnapshot};
 use crate::features::{self, CrossFeat, FeatureKind};
 use crate::generators::Candidate;
 use crate::ids::{key_of, Key, KeyMap};
 
-/// Item feature rows fetched with the item state: per item, its cross-feature inputs and its row
-/// in the block its partition returned.
+/// What the hydrators fetched, by item key: item state (for the filters) and item feature rows
+/// (per item, its cross-feature inputs and its row in the block its partition returned).
 #[derive(Default)]
-pub(super) struct Hydrated {
+pub struct Hydrated {
+    pub briefs: KeyMap<ItemBrief>,
     pub rows: KeyMap<(ItemMeta, Arc<ItemFeatureRows>, u32)>,
 }
 

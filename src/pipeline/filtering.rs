@@ -1,30 +1,22 @@
-//! Stage 2: filters. The seen filter runs on the profile's bloom filter; the rest on item state
-//! (deleted, out of stock, blocked author) looked up in the items' feature partitions. A filter
-//! is one entry in `FILTERS` plus its test in `reason`.
-use std::sync::Arc;
+//! Stage 2: filters (`filters/`) around the hydrators (`hydrators/`). Filters that need only the
+//! request and profile run first, so what they remove is never fetched; the hydrators then fetch
+//! item state and item feature rows (one call per node); the filters on item state run last.
+//! Each removal is counted by the filter that made it.
 use std::time::Instant;
 
-use super::features::Hydrated;
+use super::components::{self, Batch, FilterPhase, Hydrated, Keep, Query, FILTERS, HYDRATORS};
 use super::{Coverage, Pipeline};
-use crate::features::shard::{BriefWants, ItemBrief, UserSnapshot};
+use crate::features::shard::{BriefWants, ItemBrief};
 use crate::generators::Candidate;
-use crate::ids::{self, Key, KeyMap};
-use crate::transport::{ReadQuery, ReadReply};
+use crate::ids::{Key, KeyMap};
 
-/// Filters in the order they are applied (and counted in coverage).
-pub const FILTERS: [&str; 5] = ["seen", "deleted", "out_of_stock", "blocked_author", "unverified"];
-
-/// Why item state removes a candidate (an index into `FILTERS`), if it does.
-fn reason(b: &ItemBrief, profile: &UserSnapshot) -> Option<usize> {
-    if b.deleted {
-        Some(1)
-    } else if !b.in_stock {
-        Some(2)
-    } else if profile.blocked.binary_search(&b.author_key).is_ok() {
-        Some(3)
-    } else {
-        None
-    }
+/// Keeps the candidates `keep` kept.
+fn retain_kept(cands: &mut Vec<Candidate>, keep: &Keep) {
+    let mut i = 0;
+    cands.retain(|_| {
+        i += 1;
+        keep.is_kept(i - 1)
+    });
 }
 
 impl Pipeline {
@@ -42,86 +34,51 @@ impl Pipeline {
         briefs
     }
 
-    /// Filters the candidates; the same call per partition brings the survivors' feature rows.
+    /// Filters the candidates; the hydration between the two filter phases brings the
+    /// survivors' feature rows too.
     pub(super) async fn filter(
         &self,
-        cands: Vec<Candidate>,
-        profile: &UserSnapshot,
-        now: i64,
+        q: &Query<'_>,
+        mut cands: Vec<Candidate>,
         deadline: Instant,
         cov: &mut Coverage,
     ) -> (Vec<Candidate>, Hydrated) {
-        let mut removed = [0u32; FILTERS.len()];
-        let cands: Vec<Candidate> = match &profile.seen {
-            Some(seen) => cands
-                .into_iter()
-                .filter(|c| {
-                    let s = seen.contains(c.item);
-                    removed[0] += u32::from(s);
-                    !s
-                })
-                .collect(),
-            None => cands,
-        };
-        let (briefs, mut hydrated) = self.hydrate(&cands, profile, now, deadline, cov).await;
-        let kept: Vec<Candidate> = cands
-            .into_iter()
-            .filter(|c| {
-                // Unverifiable (unknown item, or its partition missing on every replica): never shown.
-                let why = briefs.get(&c.item).map_or(Some(4), |b| reason(b, profile));
-                if let Some(w) = why {
-                    removed[w] += 1;
-                }
-                why.is_none()
-            })
-            .collect();
-        for (name, n) in FILTERS.into_iter().zip(removed) {
-            metrics::counter!("recsys_filter_removed_total", "filter" => name).increment(u64::from(n));
-            cov.filter_removed.push((name, n));
-        }
-        if kept.len() < hydrated.rows.len() {
-            let keep: std::collections::HashSet<Key> = kept.iter().map(|c| c.item).collect();
-            hydrated.rows.retain(|k, _| keep.contains(k));
-        }
-        (kept, hydrated)
-    }
-
-    /// Item state and item feature rows of the candidates, one call per node.
-    async fn hydrate(
-        &self,
-        cands: &[Candidate],
-        profile: &UserSnapshot,
-        now: i64,
-        deadline: Instant,
-        cov: &mut Coverage,
-    ) -> (KeyMap<ItemBrief>, Hydrated) {
-        let user_emb: Arc<[f32]> = Arc::from(profile.embedding.as_slice());
-        let feats = &self.plan.item_feats;
-        let (replies, c) = self
-            .transport
-            .read_keyed("filtering", ids::ITEM, cands.iter().map(|c| c.item), deadline, |keys| ReadQuery::Hydrate {
-                keys,
-                feats: feats.clone(),
-                user_emb: user_emb.clone(),
-                now,
-            })
-            .await;
-        cov.stage(c);
-        let mut briefs = KeyMap::with_capacity_and_hasher(cands.len(), Default::default());
+        let mut removed = vec![0u32; FILTERS.len()];
+        let mut keep = Keep::default();
+        keep.reset(cands.len());
+        components::run_filters(
+            FilterPhase::BeforeHydration,
+            q,
+            &Batch { cands: &cands, briefs: &[] },
+            &mut keep,
+            &mut removed,
+        );
+        retain_kept(&mut cands, &keep);
         let mut hydrated = Hydrated::default();
-        hydrated.rows.reserve(cands.len());
-        for (keys, reply) in replies {
-            let ReadReply::Hydrate(bs, mut rows) = reply else { continue };
-            // Moved, not cloned: each clone of the block is an atomic increment on a shared line.
-            let metas = std::mem::take(&mut rows.meta);
-            let block = Arc::new(rows);
-            for (j, ((k, b), m)) in keys.into_iter().zip(bs).zip(metas).enumerate() {
-                if let (Some(b), Some(m)) = (b, m) {
-                    briefs.insert(k, b);
-                    hydrated.rows.insert(k, (m, block.clone(), j as u32));
-                }
+        for h in HYDRATORS {
+            if !h.enable(q) {
+                continue;
+            }
+            if let Err(e) = h.hydrate(self, q, &cands, deadline, cov, &mut hydrated).await {
+                components::failed(components::STAGE_HYDRATION, h.name(), &e);
             }
         }
-        (briefs, hydrated)
+        keep.reset(cands.len());
+        {
+            let briefs: Vec<Option<&ItemBrief>> = cands.iter().map(|c| hydrated.briefs.get(&c.item)).collect();
+            let batch = Batch { cands: &cands, briefs: &briefs };
+            components::run_filters(FilterPhase::OnItemState, q, &batch, &mut keep, &mut removed);
+        }
+        for (i, c) in cands.iter().enumerate() {
+            if !keep.is_kept(i) {
+                hydrated.rows.remove(&c.item);
+            }
+        }
+        retain_kept(&mut cands, &keep);
+        for (f, n) in FILTERS.iter().zip(removed) {
+            metrics::counter!("recsys_filter_removed_total", "filter" => f.name()).increment(u64::from(n));
+            cov.filter_removed.push((f.name(), n));
+        }
+        (cands, hydrated)
     }
 }

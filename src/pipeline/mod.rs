@@ -4,17 +4,25 @@
 //! remains, then recorded in coverage, and the request degrades instead of failing.
 //!
 //! One file per stage: `profile`, `retrieval`, `filtering`, `features`, `scoring`, `ranking`,
-//! and `paging` (later pages, on whichever node holds the list).
+//! and `paging` (later pages, on whichever node holds the list). The stages run lists of
+//! components (`components`): `sources/`, `hydrators/`, `filters/`, `scorers/`.
+mod components;
 mod features;
 mod filtering;
+mod filters;
+mod hydrators;
 mod paging;
 mod profile;
 mod ranking;
 mod retrieval;
+mod scorers;
 mod scoring;
+mod sources;
 
-pub use filtering::FILTERS;
-pub use retrieval::GENERATORS;
+pub use components::{
+    register_zero_series, source_names, Filter, FilterPhase, Hydrator, Query, Scorer, Source, FILTERS, HYDRATORS,
+    SCORERS, SOURCES,
+};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,17 +38,6 @@ use crate::logging::FeatureLogger;
 use crate::ranking::{PageCache, PageTokens, RankedList, Scored};
 use crate::scoring::Models;
 use crate::transport::Transport;
-
-/// Exports the pipeline's own labelled series at zero from start-up, one per generator and per
-/// filter (the lists live here; `metrics::install` registers the series it knows itself).
-pub fn register_zero_series() {
-    for (g, _) in GENERATORS {
-        metrics::counter!("recsys_generator_candidates_total", "generator" => g).absolute(0);
-    }
-    for f in FILTERS {
-        metrics::counter!("recsys_filter_removed_total", "filter" => f).absolute(0);
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -200,6 +197,9 @@ impl Pipeline {
         if r.geo.len() > 64 {
             return bad("context.geo: longer than 64 bytes".into());
         }
+        if r.geo.chars().any(char::is_control) {
+            return bad("context.geo: must not contain control characters".into());
+        }
         if r.k == 0 {
             return bad("k: must be at least 1".into());
         }
@@ -267,18 +267,19 @@ impl Pipeline {
             self.profile(&r.user_id, budget.until(0), &mut cov).instrument(tracing::info_span!("profile")).await;
         record_stage(&mut timings, "profile", t);
 
+        let geo = if !r.geo.is_empty() { r.geo.as_str() } else { profile.geo.as_str() };
+        let query = Query { request: &r, profile: &profile, geo, now, cfg: &self.cfg, scorers: &scorers };
+
         let t = Instant::now();
-        let candidates = self
-            .retrieve(&r, &profile, now, budget.until(1), &mut cov)
-            .instrument(tracing::info_span!("retrieval"))
-            .await;
+        let candidates =
+            self.retrieve(&query, budget.until(1), &mut cov).instrument(tracing::info_span!("retrieval")).await;
         record_stage(&mut timings, "retrieval", t);
 
         // Filtering fetches item state and item feature rows in one call per node; it may use the
         // features stage's share of the deadline too.
         let t = Instant::now();
         let (candidates, hydrated) = self
-            .filter(candidates, &profile, now, budget.until(3), &mut cov)
+            .filter(&query, candidates, budget.until(3), &mut cov)
             .instrument(tracing::info_span!("filtering"))
             .await;
         record_stage(&mut timings, "filtering", t);
@@ -296,16 +297,17 @@ impl Pipeline {
 
         let t = Instant::now();
         let input = scoring::ScoreInput { cands: &candidates, rows: &rows, metas: &metas, defaulted: &defaulted };
-        let scored = self
-            .score(&rid, &scorers, input, budget.until(4), &mut cov)
-            .instrument(tracing::info_span!("scoring"))
-            .await;
+        let scored =
+            self.score(&query, &rid, input, budget.until(4), &mut cov).instrument(tracing::info_span!("scoring")).await;
         record_stage(&mut timings, "scoring", t);
 
         let t = Instant::now();
         let ranking_deadline = budget.until(5).max(Instant::now() + Duration::from_millis(2));
-        let (ranked, relaxed, kept_rows) =
-            self.rank(scored, &rows, ranking_deadline, &mut cov).instrument(tracing::info_span!("ranking")).await;
+        let region = filters::geo_licence::region(geo);
+        let (ranked, relaxed, kept_rows) = self
+            .rank(scored, &rows, region, ranking_deadline, &mut cov)
+            .instrument(tracing::info_span!("ranking"))
+            .await;
         record_stage(&mut timings, "ranking", t);
 
         let (v1, v2, head_names) = match scorers.manifest.as_ref() {
@@ -322,6 +324,7 @@ impl Pipeline {
             head_names: head_names.clone(),
             created: Instant::now(),
             features: kept_rows,
+            region,
         });
         let end = r.k.min(list.items.len());
         let items: Vec<(u32, Scored)> =

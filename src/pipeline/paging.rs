@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::filters::geo_licence;
 use super::{Coverage, Pipeline, PipelineError, Reply, Request};
 use crate::features::shard::BriefWants;
 use crate::ids::{key_of, Key};
@@ -39,10 +40,25 @@ impl Pipeline {
             TokenError::Expired => PipelineError::NotFound(format!("page_token: {e}")),
             _ => PipelineError::InvalidArgument(format!("page_token: {e}")),
         })?;
+        // Geo licensing of later pages: the holder re-filters for the region its list was built
+        // for, or for this request's own `context.geo` when it names one; a remote holder does
+        // not see this request's geo, so its page is checked here as well.
+        let region = geo_licence::region(&r.geo);
         let wire = if node == self.transport.node_id {
-            self.page_local(&rid, &r.user_id, offset, r.k, &r.surface, deadline).await?
+            self.page_local(&rid, &r.user_id, offset, r.k, &r.surface, region, deadline).await?
         } else {
-            self.page_remote(&node, &rid, r, offset, deadline).await?
+            let mut wire = self.page_remote(&node, &rid, r, offset, deadline).await?;
+            if region.is_some() && !wire.items.is_empty() {
+                let keys: Vec<Key> = wire.items.iter().map(|(_, s)| key_of(&s.item)).collect();
+                let mut cov = Coverage::default();
+                let briefs = self.briefs(&keys, BriefWants::default(), deadline, "page_refilter", &mut cov).await;
+                let before = wire.items.len();
+                wire.items
+                    .retain(|(_, s)| briefs.get(&key_of(&s.item)).is_some_and(|b| geo_licence::admits(b, region)));
+                wire.refiltered += (before - wire.items.len()) as u32;
+                wire.degraded |= cov.degraded;
+            }
+            wire
         };
         let items: Vec<(u32, Scored)> = wire.items.into_iter().map(|(rank, s)| (rank, Scored::from(s))).collect();
         let mut coverage = Coverage { degraded: wire.degraded, ..Default::default() };
@@ -111,12 +127,21 @@ impl Pipeline {
     /// The Page call of a peer.
     pub async fn page_here(&self, req: &pb::PageRequest, timeout: Duration) -> Result<PageWire, tonic::Status> {
         let k = (req.k as usize).clamp(1, self.cfg.serving.max_k as usize);
-        self.page_local(&req.request_id, &req.user_id, req.offset as usize, k, &req.surface, Instant::now() + timeout)
-            .await
-            .map_err(tonic::Status::from)
+        self.page_local(
+            &req.request_id,
+            &req.user_id,
+            req.offset as usize,
+            k,
+            &req.surface,
+            None,
+            Instant::now() + timeout,
+        )
+        .await
+        .map_err(tonic::Status::from)
     }
 
     /// Cuts a page from a list held here, re-filtering its items against current item state.
+    #[allow(clippy::too_many_arguments)]
     async fn page_local(
         &self,
         rid: &str,
@@ -124,6 +149,7 @@ impl Pipeline {
         offset: usize,
         k: usize,
         surface: &str,
+        region: Option<Key>,
         deadline: Instant,
     ) -> Result<PageWire, PipelineError> {
         let list = self.pages.get(rid).ok_or_else(|| {
@@ -138,6 +164,7 @@ impl Pipeline {
         let mut positions = Vec::with_capacity(k);
         let mut pos = offset.min(list.items.len());
         let mut refiltered = 0u32;
+        let region = region.or(list.region);
         // Check a little more than a page at a time: most items pass.
         while positions.len() < k && pos < list.items.len() {
             let end = (pos + (k - positions.len()) * 2).min(list.items.len());
@@ -149,7 +176,7 @@ impl Pipeline {
                     break;
                 }
                 match briefs.get(&key) {
-                    Some(b) if !b.deleted && b.in_stock => positions.push(i),
+                    Some(b) if !b.deleted && b.in_stock && geo_licence::admits(b, region) => positions.push(i),
                     _ => refiltered += 1,
                 }
                 pos = i + 1;

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::filters::geo_licence;
 use super::scoring::Pending;
 use super::{Coverage, Pipeline};
 use crate::features::shard::BriefWants;
@@ -15,6 +16,7 @@ impl Pipeline {
         &self,
         scored: Vec<Pending>,
         rows: &[f32],
+        region: Option<Key>,
         deadline: Instant,
         cov: &mut Coverage,
     ) -> (Vec<Scored>, bool, Vec<Vec<f32>>) {
@@ -22,7 +24,8 @@ impl Pipeline {
         let mut scored = scored;
         scored.sort_by(|a, b| b.score.total_cmp(&a.score));
         scored.truncate(self.cfg.serving.ranked_list_len);
-        // Final re-filter: item state may have changed while the request ran (deleted, sold out).
+        // Final re-filter: item state may have changed while the request ran (deleted, sold out,
+        // licensed elsewhere).
         let keys: Vec<Key> = scored.iter().map(|p| p.key).collect();
         let wants = BriefWants { embedding: false, names: true };
         let mut briefs = self.briefs(&keys, wants, deadline, "final_refilter", cov).await;
@@ -30,7 +33,10 @@ impl Pipeline {
         let mut row_of: HashMap<Arc<str>, usize> = HashMap::with_capacity(scored.len());
         let mut kept: Vec<Scored> = Vec::with_capacity(scored.len());
         for p in scored {
-            let names = briefs.remove(&p.key).filter(|b| !b.deleted && b.in_stock).and_then(|b| b.names);
+            let names = briefs
+                .remove(&p.key)
+                .filter(|b| !b.deleted && b.in_stock && geo_licence::admits(b, region))
+                .and_then(|b| b.names);
             let Some((item, author)) = names else {
                 removed += 1;
                 continue;

@@ -1,26 +1,45 @@
-//! Stage 4: multi-stage scoring. Stage 1 (light GBDT) on every candidate, stage 2 (multi-head
-//! net) on the best `stage2_top_n`, the value model Σ wₕ·p(h) as the final score. Scorers are a
-//! role on the ring: the coordinator scores on its own node when it hosts scorers, else ships the
-//! matrix in one call to a live scorer node (trying the next one on failure). Fallbacks: stage-1
-//! scores when stage 2 fails, popularity × freshness when no scorer answers or no model is deployed.
+//! Stage 4: scoring, by the first scorer of `scorers/` that succeeds: the models (stage 1, light
+//! GBDT, on every candidate; stage 2, multi-head net, on the best `stage2_top_n`; the value model
+//! Σ wₕ·p(h) as the final score; stage-1 scores when stage 2 fails), else popularity × freshness.
+//! Scorers are a role on the ring: the coordinator scores on its own node when it hosts scorers,
+//! else ships the matrix in one call to a live scorer node (trying the next one on failure).
 use std::time::{Duration, Instant};
 
-use super::{now_secs, Coverage, Pipeline};
+use super::components::{self, Query, SCORERS};
+use super::{Coverage, Pipeline};
 use crate::features::shard::ItemMeta;
 use crate::generators::Candidate;
 use crate::ids::{key_of, Key};
 use crate::scoring::{ScorerPool, Stage};
 use crate::transport::pb;
 
-pub(super) struct ScoreInput<'a> {
+pub struct ScoreInput<'a> {
     pub cands: &'a [Candidate],
+    /// The feature matrix, row-major, one row per candidate.
     pub rows: &'a [f32],
     pub metas: &'a [Option<ItemMeta>],
     pub defaulted: &'a [u32],
 }
 
+impl ScoreInput<'_> {
+    /// Candidate `i` scored; None when its item row was not fetched (it is not served).
+    pub fn pending(&self, i: usize, score: f32, stage1: f32, heads: Vec<f32>, by: &'static str) -> Option<Pending> {
+        self.metas[i].as_ref()?;
+        Some(Pending {
+            row: i,
+            key: self.cands[i].item,
+            score,
+            sources: self.cands[i].source,
+            stage1,
+            heads,
+            scored_by: by,
+            defaulted: self.defaulted[i],
+        })
+    }
+}
+
 /// A scored candidate before the final re-filter gives it its id and author name.
-pub(super) struct Pending {
+pub struct Pending {
     /// Index into the request's candidates and feature rows.
     pub row: usize,
     pub key: Key,
@@ -35,7 +54,7 @@ pub(super) struct Pending {
 impl Pipeline {
     /// Runs one model stage here or on a scorer node.
     #[allow(clippy::too_many_arguments)]
-    async fn run_model(
+    pub(super) async fn run_model(
         &self,
         rid: &str,
         scorers: &ScorerPool,
@@ -123,104 +142,28 @@ impl Pipeline {
             .map_err(|e| tonic::Status::unavailable(format!("scorers: {e}")))
     }
 
+    /// Runs the first enabled scorer of `SCORERS` that succeeds (the models, else the heuristic);
+    /// a failed scorer degrades the reply.
     pub(super) async fn score(
         &self,
+        q: &Query<'_>,
         rid: &str,
-        scorers: &ScorerPool,
         input: ScoreInput<'_>,
         deadline: Instant,
         cov: &mut Coverage,
     ) -> Vec<Pending> {
-        let ScoreInput { cands, rows, metas, defaulted } = input;
-        let width = self.plan.len();
-        let n = cands.len();
-        let make = |i: usize, score: f32, stage1: f32, heads: Vec<f32>, by: &'static str| -> Option<Pending> {
-            metas[i].as_ref()?;
-            Some(Pending {
-                row: i,
-                key: cands[i].item,
-                score,
-                sources: cands[i].source,
-                stage1,
-                heads,
-                scored_by: by,
-                defaulted: defaulted[i],
-            })
-        };
-        let heuristic = |i: usize| -> f32 {
-            // Popularity × freshness from the candidate's own signals.
-            let m = metas[i].as_ref();
-            let age_h = m.map(|m| ((now_secs() - m.created_at).max(0) as f32) / 3600.0).unwrap_or(1000.0);
-            (1.0 + cands[i].score.max(0.0)).ln() / (1.0 + age_h / 24.0)
-        };
-        let Some(manifest) = scorers.manifest.clone() else {
-            cov.fallback("heuristic_scores");
-            return (0..n).filter_map(|i| make(i, heuristic(i), 0.0, vec![], "heuristic")).collect();
-        };
-        let mut present: Vec<usize> = (0..n).filter(|i| metas[*i].is_some()).collect();
-        if !manifest.stage1_order.is_empty() && manifest.stage1_native.is_none() {
-            // Same scores in any order; sorted rows run faster (see ModelSpec::batch_order).
-            let key = |i: usize, c: usize| rows[i * width + c];
-            present.sort_unstable_by(|&a, &b| {
-                manifest
-                    .stage1_order
-                    .iter()
-                    .map(|&c| key(a, c).total_cmp(&key(b, c)))
-                    .find(|o| o.is_ne())
-                    .unwrap_or(a.cmp(&b))
-            });
-        }
-        let gather = |idx: &[usize], cols: &[usize]| -> Vec<f32> {
-            let mut m = Vec::with_capacity(idx.len() * cols.len());
-            for &i in idx {
-                let row = &rows[i * width..(i + 1) * width];
-                m.extend(cols.iter().map(|c| row[*c]));
+        for s in SCORERS {
+            if !s.enable(q) {
+                continue;
             }
-            m
-        };
-        if present.is_empty() {
-            return vec![];
-        }
-        let m1 = gather(&present, &manifest.stage1_columns);
-        let c1 = manifest.stage1_columns.len();
-        let s1 = match self.run_model(rid, scorers, Stage::Light, present.len(), c1, m1, deadline).await {
-            Ok(s) if s.len() == present.len() => s,
-            res => {
-                let e = res.err().unwrap_or_else(|| "wrong number of scores".into());
-                tracing::warn!(error = %e, "stage 1 scoring failed; heuristic fallback");
-                cov.degraded = true;
-                cov.fallback("heuristic_scores");
-                return present.iter().filter_map(|&i| make(i, heuristic(i), 0.0, vec![], "heuristic")).collect();
-            }
-        };
-        let mut order: Vec<(usize, f32)> = present.iter().copied().zip(s1).collect();
-        // Ties by candidate index, so the stage-2 cut does not depend on the batch order.
-        order.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        order.truncate(self.cfg.scoring.stage2_top_n);
-        let top: Vec<usize> = order.iter().map(|(i, _)| *i).collect();
-        let m2 = gather(&top, &manifest.stage2_columns);
-        let heads = &manifest.stage2.heads;
-        let c2 = manifest.stage2_columns.len();
-        match self.run_model(rid, scorers, Stage::Heavy, top.len(), c2, m2, deadline).await {
-            Ok(h) if h.len() == top.len() * heads.len() => {
-                let weights: Vec<f32> =
-                    heads.iter().map(|n| self.cfg.scoring.value_model.get(n).copied().unwrap_or(0.0)).collect();
-                order
-                    .iter()
-                    .zip(h.chunks(heads.len()))
-                    .filter_map(|((i, s1), ph)| {
-                        let value: f32 = ph.iter().zip(&weights).map(|(p, w)| p * w).sum();
-                        make(*i, value, *s1, ph.to_vec(), "value_model")
-                    })
-                    .collect()
-            }
-            res => {
-                let e = res.err().unwrap_or_else(|| "wrong number of scores".into());
-                tracing::warn!(error = %e, "stage 2 scoring failed; stage-1 scores kept");
-                cov.degraded = true;
-                cov.fallback("stage1_only");
-                order.iter().filter_map(|(i, s1)| make(*i, *s1, *s1, vec![], "stage1")).collect()
+            match s.score(self, q, rid, &input, deadline, cov).await {
+                Ok(scored) => return scored,
+                Err(e) => {
+                    components::failed(components::STAGE_SCORING, s.name(), &e);
+                    cov.degraded = true;
+                }
             }
         }
+        vec![]
     }
 }

@@ -21,6 +21,9 @@ impl FeatureShardState {
                 Op::UpsertUser { user, .. } => {
                     upserted.insert(key_of(&user.id));
                 }
+                Op::UpsertUserV1 { user, .. } => {
+                    upserted.insert(key_of(&user.id));
+                }
                 Op::UserEvent(e) => {
                     eventful.insert(e.user);
                 }
@@ -83,15 +86,8 @@ impl FeatureShardState {
         };
         let version = Op::version(o).unwrap_or((o.at, 0, o.id));
         match &o.op {
-            Op::UpsertItem { item: it, .. } => {
-                let k = key_of(&it.id);
-                if newer(&mut self.item_versions, k, version) {
-                    self.upsert_item(it);
-                    if self.item_deletes.get(&k).is_some_and(|d| *d > version) {
-                        self.delete_items(&[k]);
-                    }
-                }
-            }
+            Op::UpsertItem { item: it, .. } => self.apply_item_upsert(it, version),
+            Op::UpsertItemV1 { item: it, .. } => self.apply_item_upsert(&ItemRecord::from(it), version),
             Op::DeleteItem { item: k, .. } => {
                 // Versioned like an upsert: an older upsert arriving later does not bring it back.
                 if newer(&mut self.item_deletes, *k, version) && self.item_versions.get(k).is_none_or(|u| *u < version)
@@ -104,13 +100,36 @@ impl FeatureShardState {
                     self.upsert_user(u);
                 }
             }
+            Op::UpsertUserV1 { user: u, .. } => {
+                if newer(&mut self.user_versions, key_of(&u.id), version) {
+                    self.upsert_user(&UserRecord::from(u));
+                }
+            }
             Op::ItemEvent { item, action, ts } => {
                 self.events += 1;
                 self.apply_item_event(*item, *action, *ts)
             }
             Op::UserEvent(e) => self.apply_user_event(e),
-            Op::AuthorItem { .. } | Op::Engagement { .. } | Op::Pair { .. } => {
+            Op::AuthorItem { .. } | Op::Engagement { .. } | Op::Pair { .. } | Op::TopicItem { .. } => {
                 debug_assert!(false, "generator op sent to a feature partition");
+            }
+        }
+    }
+
+    /// An item upsert with its version: last writer wins, a newer delete still holds.
+    fn apply_item_upsert(&mut self, it: &ItemRecord, version: Version) {
+        let k = key_of(&it.id);
+        let newer = match self.item_versions.get(&k) {
+            Some(old) if *old >= version => false,
+            _ => {
+                self.item_versions.insert(k, version);
+                true
+            }
+        };
+        if newer {
+            self.upsert_item(it);
+            if self.item_deletes.get(&k).is_some_and(|d| *d > version) {
+                self.delete_items(&[k]);
             }
         }
     }
@@ -133,6 +152,7 @@ impl FeatureShardState {
         h.author_key = key_of(&it.author);
         h.geo_key = key_of(&it.geo);
         h.created_at = it.created_at;
+        h.regions = ItemRegions::of(&it.allowed_regions, &it.blocked_regions);
         h.flags = (if it.deleted { FLAG_DELETED } else { 0 }) | (if it.in_stock { FLAG_IN_STOCK } else { 0 });
         let a = &mut self.attrs[row * w..(row + 1) * w];
         a[A_PRICE] = it.price;
@@ -190,6 +210,8 @@ impl FeatureShardState {
                 full.emb_weight = old.emb_weight;
                 full.author_affinity = old.author_affinity;
                 full.counters = old.counters;
+                full.topic_hides = old.topic_hides;
+                full.author_hides = old.author_hides;
                 full.seen = old.seen;
                 if self.admit.is_none() {
                     // The light filter cannot be widened: rebuild so it is the full one.
@@ -208,6 +230,9 @@ impl FeatureShardState {
         state.blocked = u.blocked_authors.iter().map(|a| key_of(a)).collect();
         state.blocked.sort_unstable();
         state.blocked.dedup();
+        state.hidden_topics = u.hidden_topics.clone();
+        state.hidden_topics.sort_unstable();
+        state.hidden_topics.dedup();
     }
 
     /// Counts an engagement. An item not upserted yet gets a placeholder row, so the order in
@@ -216,7 +241,13 @@ impl FeatureShardState {
         let r = self.row_for(item);
         let base = r * ITEM_COUNTER_WIDTH + action.counter() * counters::WIDTH;
         counters::add(&mut self.counters[base..base + counters::WIDTH], ts, 1);
-        self.heads[r].sums_at = SUMS_STALE;
+        let h = &mut self.heads[r];
+        h.sums_at = SUMS_STALE;
+        match action {
+            Action::Impression => h.impressions = h.impressions.saturating_add(1),
+            Action::Report => h.reports = h.reports.saturating_add(1),
+            _ => {}
+        }
     }
 
     pub fn apply_user_event(&mut self, e: &UserEvent) {
@@ -265,6 +296,28 @@ impl FeatureShardState {
             Action::Share => 3,
             Action::Hide | Action::Report => -3,
         };
+        if e.action == Action::Hide {
+            if u.topic_hides.is_empty() {
+                u.topic_hides = vec![0; s.topics];
+            }
+            if let Some(t) = u.topic_hides.get_mut(e.topic as usize) {
+                *t = t.saturating_add(1);
+            }
+            // Bounded like the affinities: the authors of smallest rank are kept.
+            let admitted = u.author_hides.contains_key(&e.author_key)
+                || u.author_hides.len() < AUTHOR_AFFINITY_CAP
+                || match u.author_hides.keys().map(|a| rank(*a)).max() {
+                    Some(l) if rank(e.author_key) < l => {
+                        u.author_hides.remove(&l.1);
+                        true
+                    }
+                    _ => false,
+                };
+            if admitted {
+                let n = u.author_hides.entry(e.author_key).or_insert(0);
+                *n = n.saturating_add(1);
+            }
+        }
         if let Some(t) = u.topic_affinity.get_mut(e.topic as usize) {
             *t += i64::from(weight);
         }

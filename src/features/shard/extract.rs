@@ -23,6 +23,11 @@ pub struct ItemBrief {
     pub embedding: Option<Arc<[f32]>>,
     /// Item id and author name, only when asked for (the final re-filter of the ranked list).
     pub names: Option<(Arc<str>, Arc<str>)>,
+    /// Geo licensing (None: served everywhere).
+    pub regions: Option<Arc<ItemRegions>>,
+    /// Lifetime impressions and reports (the report-rate filter).
+    pub impressions: u32,
+    pub reports: u32,
     /// (`at` ms, `seq`) of the upsert the item's row comes from: a coordinator deleting the
     /// item observes it first (`domain::ops::Hlc`), so the delete's version is above the upsert
     /// it saw even when its own clock is behind the clock that versioned the upsert.
@@ -82,6 +87,9 @@ impl FeatureShardState {
                 .embedding
                 .then(|| Arc::from(&self.attrs[r * self.attr_width() + A_FIXED..(r + 1) * self.attr_width()])),
             names: wants.names.then(|| (self.heads[r].id.clone(), self.heads[r].author.clone())),
+            regions: self.heads[r].regions.clone(),
+            impressions: self.heads[r].impressions,
+            reports: self.heads[r].reports,
             version: self.item_versions.get(&key).map_or((0, 0), |v| (v.0, v.1)),
         })
     }
@@ -100,6 +108,9 @@ impl FeatureShardState {
             signup_at: u.signup_at,
             follows: u.follows.clone(),
             blocked: u.blocked.clone(),
+            hidden_topics: u.hidden_topics.clone(),
+            topic_hides: u.topic_hides.clone(),
+            author_hides: u.author_hides.clone(),
             recent_likes: u.recent_likes.iter().map(|(_, k)| *k).collect(),
             seen: Some(u.seen.clone()),
             topic_affinity: u.topic_affinity.iter().map(|v| *v as f32).collect(),

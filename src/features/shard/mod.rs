@@ -17,7 +17,7 @@ pub use actor::{FeatureActorState, FeatureMsg, FeatureShard, FeatureShardArgs};
 pub use extract::{BriefWants, ItemBrief, ItemFeatureRows, ItemMeta};
 pub use profile::{UserSnapshot, UserState, AUTHOR_AFFINITY_CAP, EMB_SCALE};
 pub use seen::{SeenFilter, SEEN_GENERATION_SECS};
-pub use state::{FeatureShardState, ShardCounts, ShardSettings};
+pub use state::{FeatureShardState, ItemRegions, ShardCounts, ShardSettings};
 
 #[cfg(test)]
 mod tests;

@@ -22,6 +22,13 @@ pub struct UserState {
     pub upserted: bool,
     pub follows: Vec<Key>,
     pub blocked: Vec<Key>,
+    /// Topics the user asked not to see (`User.hidden_topics`), sorted.
+    pub hidden_topics: Vec<u32>,
+    /// Hide events per topic (empty until the first hide) and per author (at most
+    /// `AUTHOR_AFFINITY_CAP` authors, by rank like `author_affinity`): counts, so the same in any
+    /// order; the filters compare them with `filters.hide_topic_after` / `hide_author_after`.
+    pub topic_hides: Vec<u32>,
+    pub author_hides: KeyMap<u32>,
     /// Liked items with their event time, newest first: the order follows event time, not the
     /// order ops arrive in, so replay, catch-up and live writes give the same list.
     pub recent_likes: VecDeque<(i64, Key)>,
@@ -57,6 +64,9 @@ pub struct UserSnapshot {
     pub signup_at: Option<i64>,
     pub follows: Vec<Key>,
     pub blocked: Vec<Key>,
+    pub hidden_topics: Vec<u32>,
+    pub topic_hides: Vec<u32>,
+    pub author_hides: KeyMap<u32>,
     pub recent_likes: Vec<Key>,
     pub seen: Option<SeenFilter>,
     pub topic_affinity: Vec<f32>,
@@ -73,6 +83,9 @@ impl UserSnapshot {
             signup_at: None,
             follows: vec![],
             blocked: vec![],
+            hidden_topics: vec![],
+            topic_hides: vec![],
+            author_hides: KeyMap::default(),
             recent_likes: vec![],
             seen: None,
             topic_affinity: vec![],
@@ -113,6 +126,9 @@ pub(super) fn new_user(id: &str, s: &ShardSettings, upserted: bool) -> Box<UserS
         upserted,
         follows: vec![],
         blocked: vec![],
+        hidden_topics: vec![],
+        topic_hides: vec![],
+        author_hides: KeyMap::default(),
         recent_likes: VecDeque::new(),
         seen: SeenFilter::new(seen, s.seen_fp),
         topic_affinity: vec![0; s.topics],

@@ -108,12 +108,52 @@ pub(super) struct Admit {
     pub(super) unknown: KeySet,
 }
 
+/// Geo licensing of an item, as region keys (`key_of(geo)`), sorted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemRegions {
+    /// Not empty: served only to these regions.
+    pub allowed: Vec<Key>,
+    pub blocked: Vec<Key>,
+}
+
+impl ItemRegions {
+    /// The rules of a record; None when it has none (most items).
+    pub fn of(allowed: &[String], blocked: &[String]) -> Option<Arc<Self>> {
+        let keys = |l: &[String]| {
+            let mut v: Vec<Key> = l.iter().map(|g| crate::ids::key_of(g)).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let r = Self { allowed: keys(allowed), blocked: keys(blocked) };
+        (!r.allowed.is_empty() || !r.blocked.is_empty()).then(|| Arc::new(r))
+    }
+
+    /// Whether the item may be served to `geo` (a region key; None: the request's region is
+    /// unknown, which an allow-list never admits).
+    pub fn admits(&self, geo: Option<Key>) -> bool {
+        match geo {
+            Some(g) => {
+                self.blocked.binary_search(&g).is_err()
+                    && (self.allowed.is_empty() || self.allowed.binary_search(&g).is_ok())
+            }
+            None => self.allowed.is_empty(),
+        }
+    }
+}
+
 pub(super) struct ItemHead {
     pub(super) id: Arc<str>,
     pub(super) author: Arc<str>,
     pub(super) author_key: Key,
     pub(super) geo_key: Key,
     pub(super) created_at: i64,
+    /// Geo licensing (None: served everywhere).
+    pub(super) regions: Option<Arc<ItemRegions>>,
+    /// Lifetime impressions and reports of the item (sums: the same in any order), for the
+    /// report-rate filter (the windowed counters fold reports into negative feedback).
+    pub(super) impressions: u32,
+    pub(super) reports: u32,
     /// The 5-minute bucket `window_sums` of this row is valid for.
     pub(super) sums_at: i64,
     pub(super) flags: u8,
@@ -176,6 +216,17 @@ impl FeatureShardState {
             h.update(hd.geo_key.to_le_bytes());
             h.update(hd.created_at.to_le_bytes());
             h.update([hd.flags]);
+            match &hd.regions {
+                Some(r) => {
+                    for list in [&r.allowed, &r.blocked] {
+                        h.update((list.len() as u64).to_le_bytes());
+                        list.iter().for_each(|k| h.update(k.to_le_bytes()));
+                    }
+                }
+                None => h.update([0u8]),
+            }
+            h.update(hd.impressions.to_le_bytes());
+            h.update(hd.reports.to_le_bytes());
             for v in &self.attrs[r * w..(r + 1) * w] {
                 h.update(v.to_bits().to_le_bytes());
             }
@@ -211,6 +262,17 @@ impl FeatureShardState {
             for list in [&u.follows, &u.blocked] {
                 h.update((list.len() as u64).to_le_bytes());
                 list.iter().for_each(|a| h.update(a.to_le_bytes()));
+            }
+            for list in [&u.hidden_topics, &u.topic_hides] {
+                h.update((list.len() as u64).to_le_bytes());
+                list.iter().for_each(|t| h.update(t.to_le_bytes()));
+            }
+            let mut hides: Vec<_> = u.author_hides.iter().collect();
+            hides.sort_unstable_by_key(|(k, _)| **k);
+            h.update((hides.len() as u64).to_le_bytes());
+            for (a, n) in hides {
+                h.update(a.to_le_bytes());
+                h.update(n.to_le_bytes());
             }
             h.update((u.recent_likes.len() as u64).to_le_bytes());
             for (t, i) in &u.recent_likes {
@@ -272,6 +334,9 @@ impl FeatureShardState {
             author_key: 0,
             geo_key: 0,
             created_at: 0,
+            regions: None,
+            impressions: 0,
+            reports: 0,
             sums_at: SUMS_STALE,
             flags: FLAG_PLACEHOLDER,
         });

@@ -25,6 +25,8 @@ fn item(id: &str) -> ItemRecord {
         created_at: 1000,
         embedding: vec![1.0, 0.0, 0.0, 0.0],
         deleted: false,
+        allowed_regions: vec![],
+        blocked_regions: vec![],
     }
 }
 
@@ -168,6 +170,7 @@ fn unknown_users_are_capped_by_rank_and_upserted_ones_stay() {
         signup_at: 0,
         follows: vec![],
         blocked_authors: vec![],
+        hidden_topics: vec![],
     });
     s.apply_user_event(&like("known", "i1", 100));
     for u in 0..10 {
@@ -190,6 +193,7 @@ fn unknown_users_are_capped_by_rank_and_upserted_ones_stay() {
         signup_at: 0,
         follows: vec![],
         blocked_authors: vec![],
+        hidden_topics: vec![],
     });
     r.apply_user_event(&like("known", "i1", 100));
     for u in (0..10).rev() {
