@@ -196,11 +196,20 @@ pub async fn divergent(
             }
         }
         if out.len() == before && copies.len() > 1 {
-            same_ops.push(part);
+            same_ops.push((part, copies.len()));
         }
     }
     if !same_ops.is_empty() {
-        let hashes = state_hashes(nodes, &same_ops, secret).await?;
+        let parts: Vec<Part> = same_ops.iter().map(|(p, _)| *p).collect();
+        let hashes = state_hashes(nodes, &parts, secret).await?;
+        // A copy that holds the ops but gave no hash (a pending rebuild, a timeout) is not
+        // converged: leaving it out would compare fewer copies than exist.
+        for (part, n) in &same_ops {
+            let got = hashes.get(part).map_or(0, Vec::len);
+            if got < *n {
+                out.push(format!("{part}: {got} of its {n} copies answered a state hash"));
+            }
+        }
         out.extend(differing_states(&hashes).into_iter().map(|d| format!("same ops, different state: {d}")));
     }
     Ok(out)

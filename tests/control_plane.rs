@@ -475,6 +475,7 @@ async fn write_quorum_of_two_refuses_what_one_owner_alone_took() {
     let parts: Vec<recsys::domain::Part> =
         (0..PARTITIONS).map(|p| recsys::domain::Part::new(recsys::domain::Role::Feature, p)).collect();
     let hashes = recsys::verify::state_hashes(&nodes, &parts, None).await.unwrap();
+    assert_eq!(hashes.len(), PARTITIONS as usize, "every feature partition answered: {hashes:?}");
     assert!(hashes.values().all(|c| c.len() == 2), "every feature partition has its two copies hashed: {hashes:?}");
     assert!(recsys::verify::differing_states(&hashes).is_empty());
 }

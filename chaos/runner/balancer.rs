@@ -99,7 +99,8 @@ impl Balancer {
     /// gives no sign before then), the same call goes to another node and the first answer
     /// wins; a call that never reached a server (refused, reset) is tried once more on another
     /// node within the same `deadline`. The client-side wait is 3 × the deadline. Recommend is a
-    /// read, so sending it twice is safe.
+    /// read, so sending it twice is safe; an event batch is idempotent by event id (both
+    /// coordinators may count an event new; the ledger check is by op id).
     pub async fn call_twice<T, F, Fut>(&self, deadline: Duration, call: F) -> Result<Result<T, tonic::Status>, Elapsed>
     where
         F: Fn(usize, Duration) -> Fut,

@@ -779,8 +779,18 @@ impl MetaLog {
         });
         for (peer, reply) in futures::future::join_all(calls).await {
             let Ok(MetaReply::Log { genesis: theirs, entries, .. }) = reply else { continue };
-            if theirs != *genesis {
+            if theirs.members.is_empty() {
                 continue;
+            }
+            if theirs != *genesis {
+                // The cluster runs from another genesis than the one this node would form (a
+                // config changed since, or a legacy table): forming it would split the cluster.
+                return Err(MetaError::Invalid(format!(
+                    "{peer}'s metadata log starts from another genesis ({}) than this node's config forms ({}); \
+                     start this node with an empty data dir and --join",
+                    theirs.digest(),
+                    genesis.digest()
+                )));
             }
             if let Some(d) =
                 entries.iter().find(|d| matches!(&d.proposal.entry, Entry::Addr { node, .. } if node == me))
@@ -818,30 +828,17 @@ impl MetaLog {
                 tracing::warn!("waiting for gossip to show a node of the cluster (check --seeds)");
                 last_log = Instant::now();
             }
-            for (node, addr) in known {
-                match probe.call(&node, Some(&addr), MetaMsg::Read { after: 0 }).await {
+            // Every peer gossip shows is asked; the longest log counts, once a majority of its
+            // ring's members answered: one stale peer cannot hide that this node is a member.
+            let calls = known.iter().map(|(node, addr)| {
+                let probe = probe.clone();
+                async move { (node.clone(), probe.call(node, Some(addr), MetaMsg::Read { after: 0 }).await) }
+            });
+            let mut logs = Vec::new();
+            for (node, reply) in futures::future::join_all(calls).await {
+                match reply {
                     Ok(MetaReply::Log { genesis, entries, .. }) if !genesis.members.is_empty() => {
-                        tracing::info!(peer = %node, entries = entries.len(), "learned the cluster's metadata log");
-                        let ring = ring_of(&Persisted {
-                            genesis: genesis.clone(),
-                            log: entries.clone(),
-                            slots: BTreeMap::new(),
-                        });
-                        if ring.members.iter().chain(ring.target.iter().flatten()).any(|m| m == me) {
-                            return Err(MetaError::Forgotten {
-                                node: me.to_string(),
-                                peer: node,
-                                index: entries.len() as u64,
-                            });
-                        }
-                        let (me, cluster, path, key) =
-                            (me.to_string(), cluster.to_string(), path.to_path_buf(), key.clone());
-                        // Writing the learned log fsyncs: off the async workers.
-                        return tokio::task::spawn_blocking(move || {
-                            Self::from_learned(&me, &cluster, &path, genesis, entries, key)
-                        })
-                        .await
-                        .map_err(|e| MetaError::Invalid(format!("learning stopped: {e}")))?;
+                        logs.push((node, genesis, entries))
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -850,6 +847,43 @@ impl MetaLog {
                             last_log = Instant::now();
                         }
                     }
+                }
+            }
+            for (node, genesis, entries) in &logs {
+                let ring =
+                    ring_of(&Persisted { genesis: genesis.clone(), log: entries.clone(), slots: BTreeMap::new() });
+                if ring.members.iter().chain(ring.target.iter().flatten()).any(|m| m == me) {
+                    let index = entries
+                        .iter()
+                        .rev()
+                        .find(|d| matches!(&d.proposal.entry, Entry::Ring(r) if r.members.iter().any(|m| m == me)))
+                        .map_or(0, |d| d.index);
+                    return Err(MetaError::Forgotten { node: me.to_string(), peer: node.clone(), index });
+                }
+            }
+            if let Some(longest) = logs.iter().max_by_key(|(_, _, e)| e.len()) {
+                let (node, genesis, entries) = longest.clone();
+                let ring =
+                    ring_of(&Persisted { genesis: genesis.clone(), log: entries.clone(), slots: BTreeMap::new() });
+                let answered = logs.iter().filter(|(n, _, _)| ring.members.contains(n)).count();
+                if answered >= quorum(ring.members.len()) {
+                    tracing::info!(peer = %node, entries = entries.len(), answered, "learned the cluster's metadata log");
+                    let (me, cluster, path, key) =
+                        (me.to_string(), cluster.to_string(), path.to_path_buf(), key.clone());
+                    // Writing the learned log fsyncs: off the async workers.
+                    return tokio::task::spawn_blocking(move || {
+                        Self::from_learned(&me, &cluster, &path, genesis, entries, key)
+                    })
+                    .await
+                    .map_err(|e| MetaError::Invalid(format!("learning stopped: {e}")))?;
+                }
+                if last_log.elapsed() > Duration::from_secs(5) {
+                    tracing::warn!(
+                        answered,
+                        of = ring.members.len(),
+                        "waiting for a majority of the members to share the metadata log"
+                    );
+                    last_log = Instant::now();
                 }
             }
             tokio::time::sleep(Duration::from_millis(300)).await;

@@ -538,7 +538,10 @@ impl Actor for GeneratorShard {
                 let _ = reply.send(out);
             }
             GeneratorMsg::StateHash(reply) => {
-                let _ = reply.send(st.state_hash());
+                if !reply.is_closed() {
+                    // Hashing the whole partition is CPU work: off the async worker's slot.
+                    let _ = reply.send(tokio::task::block_in_place(|| st.state_hash()));
+                }
             }
             GeneratorMsg::Crash => panic!("crash requested for a supervision test"),
         }

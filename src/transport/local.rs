@@ -169,7 +169,10 @@ impl LocalPartitions {
     /// A hash of the partition's whole state (read-only checks; the partition must be open).
     pub async fn state_hash(&self, part: Part, timeout: Duration) -> Result<[u8; 32], CallError> {
         match part.role {
-            Role::Feature => self.feature(part, timeout, FeatureMsg::StateHash).await,
+            Role::Feature => self
+                .feature(part, timeout, FeatureMsg::StateHash)
+                .await?
+                .map_err(|reason| CallError::Unavailable { part, reason }),
             Role::Generator => {
                 let actor = self.generator_actor(part.partition).ok_or_else(|| self.not_here(part))?;
                 call(&actor, part, timeout, GeneratorMsg::StateHash).await

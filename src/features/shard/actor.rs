@@ -38,9 +38,13 @@ pub enum FeatureMsg {
     },
     /// Records held by the partition and its unknown-user bookkeeping.
     Counts(RpcReplyPort<ShardCounts>),
-    /// A hash of the whole partition state (`FeatureShardState::state_hash`), after a pending
-    /// rebuild: copies holding one op set answer the same (read-only checks compare them).
-    StateHash(RpcReplyPort<[u8; 32]>),
+    /// A hash of the whole partition state (`FeatureShardState::state_hash`) as it is served:
+    /// copies holding one op set answer the same (read-only checks compare them). An error while
+    /// a rebuild is pending (the state is not yet the op set's).
+    StateHash(RpcReplyPort<Result<[u8; 32], String>>),
+    /// Runs a rebuild deferred by `REBUILD_SPACING` (sent to itself, so a partition that stops
+    /// receiving writes still gets it).
+    Rebuild,
     /// Test hook for supervision: the handler panics, the supervisor restarts the partition.
     Crash,
 }
@@ -67,6 +71,8 @@ pub struct FeatureActorState {
     /// When the state was last rebuilt for `needs_rebuild` (rebuilds are spaced by
     /// `REBUILD_SPACING`; the flag stays set in between).
     rebuilt_at: Option<std::time::Instant>,
+    /// A `Rebuild` is on its way (sent to itself after the spacing).
+    rebuild_scheduled: bool,
 }
 
 /// Least time between two rebuilds of one partition for `needs_rebuild` (each replays the
@@ -127,7 +133,7 @@ impl Actor for FeatureShard {
             }
         };
         metrics::gauge!("recsys_unknown_users").increment(state.unknown_live as f64);
-        Ok(FeatureActorState { state, log, partition, load, rebuilt_at: None })
+        Ok(FeatureActorState { state, log, partition, load, rebuilt_at: None, rebuild_scheduled: false })
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, actor: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -137,7 +143,7 @@ impl Actor for FeatureShard {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         actor: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -158,7 +164,21 @@ impl Actor for FeatureShard {
                     metrics::counter!("recsys_unknown_users_evicted_total")
                         .increment(st.unknown_evicted.saturating_sub(before.1));
                 }
-                if st.needs_rebuild() && actor.rebuilt_at.is_none_or(|t| t.elapsed() >= REBUILD_SPACING) {
+                if st.needs_rebuild() {
+                    match actor.rebuilt_at.map(|t| t.elapsed()) {
+                        Some(since) if since < REBUILD_SPACING => {
+                            if !actor.rebuild_scheduled {
+                                actor.rebuild_scheduled = true;
+                                myself.send_after(REBUILD_SPACING - since, || FeatureMsg::Rebuild);
+                            }
+                        }
+                        _ => actor.rebuild(),
+                    }
+                }
+            }
+            FeatureMsg::Rebuild => {
+                actor.rebuild_scheduled = false;
+                if st.needs_rebuild() {
                     actor.rebuild();
                 }
             }
@@ -191,10 +211,16 @@ impl Actor for FeatureShard {
                 let _ = reply.send(st.counts());
             }
             FeatureMsg::StateHash(reply) => {
-                if st.needs_rebuild() {
-                    actor.rebuild();
+                if reply.is_closed() {
+                    return Ok(());
                 }
-                let _ = reply.send(actor.state.state_hash());
+                let r = if st.needs_rebuild() {
+                    Err("a rebuild is pending (the state is not yet its op set's)".to_string())
+                } else {
+                    // Hashing the whole partition is CPU work of a few ms per 10k records.
+                    Ok(tokio::task::block_in_place(|| st.state_hash()))
+                };
+                let _ = reply.send(r);
             }
             FeatureMsg::Crash => panic!("crash requested for a supervision test"),
         }
