@@ -33,6 +33,15 @@ fn overrides(secret: Option<&str>) -> String {
     )
 }
 
+/// Waits (bounded, polling status) until the node at `via` sees `node` with the given liveness.
+async fn sees_node(via: &str, node: &str, live: bool) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !status(via).await.nodes.iter().any(|n| n.node_id == node && n.live == live) {
+        assert!(Instant::now() < end, "{via} never saw {node} live={live}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A gossip participant outside the cluster: chitchat with the cluster's name.
 async fn forger(id: ChitchatId, seeds: Vec<String>, kvs: Vec<(String, String)>) -> chitchat::ChitchatHandle {
     let listen = id.gossip_advertise_addr;
@@ -224,20 +233,7 @@ async fn a_join_while_a_replica_is_down_loses_no_acknowledged_write() {
     let world = Arc::new(World::generate(synthetic_spec(37, 1500, 150, 6000)));
     load_world(recsys::cli::connect(&cluster.addrs[2]).await.unwrap(), world.clone(), 2000, true).await.unwrap();
     let via = cluster.addrs[2].clone();
-    let sees = |node: &'static str, live: bool| {
-        let via = via.clone();
-        async move {
-            let end = Instant::now() + Duration::from_secs(30);
-            loop {
-                let s = status(&via).await;
-                if s.nodes.iter().any(|n| n.node_id == node && n.live == live) {
-                    return;
-                }
-                assert!(Instant::now() < end, "n3 never saw {node} live={live}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let sees = |node: &'static str, live: bool| sees_node(&via, node, live);
     cluster.signal(0, "STOP");
     sees("n1", false).await;
     let mut ing = IngestClient::new(recsys::cli::connect(&via).await.unwrap());
@@ -291,11 +287,7 @@ async fn hints_for_a_down_replica_are_durable_and_survive_the_coordinators_resta
         .collect();
     assert!(!with_n2.is_empty(), "some feature partition lives on n1 and n2");
     cluster.signal(0, "STOP");
-    let end = Instant::now() + Duration::from_secs(30);
-    while status(&cluster.addrs[2]).await.nodes.iter().any(|n| n.node_id == "n1" && n.live) {
-        assert!(Instant::now() < end, "n3 never saw n1 down");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sees_node(&cluster.addrs[2], "n1", false).await;
     let mut ing = IngestClient::new(recsys::cli::connect(&cluster.addrs[2]).await.unwrap());
     let mut ledger = Vec::new();
     for batch in 0..15 {
@@ -437,11 +429,7 @@ async fn write_quorum_of_two_refuses_what_one_owner_alone_took() {
     let world = Arc::new(World::generate(synthetic_spec(43, 1000, 100, 2000)));
     load_world(recsys::cli::connect(&cluster.addrs[2]).await.unwrap(), world.clone(), 2000, true).await.unwrap();
     cluster.signal(0, "STOP");
-    let end = Instant::now() + Duration::from_secs(30);
-    while status(&cluster.addrs[2]).await.nodes.iter().any(|n| n.node_id == "n1" && n.live) {
-        assert!(Instant::now() < end, "n3 never saw n1 down");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sees_node(&cluster.addrs[2], "n1", false).await;
     let mut ing = IngestClient::new(recsys::cli::connect(&cluster.addrs[2]).await.unwrap());
     let evs = common::ledger_events(&world, "dp-write-quorum", 0);
     let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
@@ -450,11 +438,7 @@ async fn write_quorum_of_two_refuses_what_one_owner_alone_took() {
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("write_quorum") && e.message().contains("partition"), "{}", e.message());
     cluster.signal(0, "CONT");
-    let end = Instant::now() + Duration::from_secs(30);
-    while !status(&cluster.addrs[2]).await.nodes.iter().any(|n| n.node_id == "n1" && n.live) {
-        assert!(Instant::now() < end, "n3 never saw n1 back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sees_node(&cluster.addrs[2], "n1", true).await;
     let mut r = tonic::Request::new(pb::LogEventsRequest { events: evs.clone() });
     r.set_timeout(Duration::from_secs(10));
     ing.log_events(r).await.expect("both owners up: acknowledged");
