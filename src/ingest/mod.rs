@@ -239,15 +239,20 @@ impl Writer {
     }
 
     /// Looks items up in their feature partitions (validation and the user-side update). A
-    /// partition no replica answers for is asked again a few times within the write's deadline
-    /// (a copy catching up after a start or a freeze answers a moment later); still missing, it
-    /// fails the batch: its events cannot be checked.
+    /// partition no replica answers for is asked again, for its keys only, a few times within
+    /// one replica timeout (a copy catching up after a start or a freeze answers a moment
+    /// later); still missing, it fails the batch: its events cannot be checked.
     async fn briefs(&self, keys: &[Key], wants: BriefWants) -> Result<KeyMap<ItemBrief>, IngestError> {
         let deadline = Instant::now() + self.timeout();
         let mut attempt = 0u32;
+        let mut found = KeyMap::default();
+        let mut ask = keys.to_vec();
         loop {
-            let (found, cov) = self.transport.briefs("ingest", keys, wants, deadline).await;
+            let (got, cov) = self.transport.briefs("ingest", &ask, wants, deadline).await;
+            found.extend(got);
             let Some(p) = cov.missing.first() else { return Ok(found) };
+            let parts = self.transport.ring().partitions;
+            ask.retain(|k| cov.missing.contains(&ids::partition_of(ids::ITEM, *k, parts)));
             attempt += 1;
             let pause = Duration::from_millis(50 * u64::from(attempt));
             if attempt >= 5 || Instant::now() + pause >= deadline {
